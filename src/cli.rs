@@ -1,0 +1,146 @@
+//! Command-line definitions. Doc comments are the help text.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::timing::Format;
+
+/// Live-migrate running Podman containers to another host with CRIU, over SSH.
+///
+/// Start `migrate receive` on the target host, then run `migrate send --to TARGET
+/// CONTAINER...` on the source host. Each side prints one record per migration on
+/// stdout (CSV with a header, or JSON lines); everything for humans goes to stderr.
+#[derive(Debug, Parser)]
+#[command(name = "migrate", version, propagate_version = true, max_term_width = 100)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Wait for migrations on this (target) host and restore what arrives.
+    Receive(ReceiveArgs),
+    /// Move running containers from this host to the target host.
+    Send(SendArgs),
+    /// Print a shell completion script to stdout.
+    Completions {
+        /// The shell to complete for.
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff) to stdout.
+    Man,
+}
+
+/// Options of `migrate receive`.
+#[derive(Debug, Args)]
+pub struct ReceiveArgs {
+    /// Address and port of the control connection to listen on.
+    #[arg(long, value_name = "ADDR:PORT", default_value = "0.0.0.0:12345", env = "MIGRATE_LISTEN")]
+    pub listen: SocketAddr,
+
+    /// Folder for incoming archives (one sub-folder per migration, root-only).
+    #[arg(long, value_name = "DIR", default_value = "/var/lib/migrate", env = "MIGRATE_WORKDIR")]
+    pub workdir: PathBuf,
+
+    /// Keep serving migrations one after another instead of exiting after one.
+    #[arg(long)]
+    pub serve: bool,
+
+    /// Record format on stdout.
+    #[arg(long, value_enum, default_value_t = Format::Csv)]
+    pub format: Format,
+
+    /// Leave out the CSV header line (for appending to a file).
+    #[arg(long)]
+    pub no_header: bool,
+}
+
+/// Archive compression: `auto` picks from the measured link rate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CompressChoice {
+    Auto,
+    None,
+    Zstd,
+    Gzip,
+}
+
+/// Options of `migrate send`.
+#[derive(Debug, Args)]
+pub struct SendArgs {
+    /// Target host, reached over SSH as root (or a user allowed to run podman).
+    #[arg(long, value_name = "[USER@]HOST")]
+    pub to: String,
+
+    /// SSH port on the target.
+    #[arg(long, value_name = "N")]
+    pub ssh_port: Option<u16>,
+
+    /// SSH private key to use (default: ssh's own choice, e.g. ~/.ssh/id_ed25519).
+    #[arg(long, value_name = "FILE")]
+    pub identity: Option<PathBuf>,
+
+    /// TCP port of the receiver's control connection on the target.
+    #[arg(long, value_name = "N", default_value_t = 12345)]
+    pub control_port: u16,
+
+    /// Local folder for checkpoint archives (kept until the target confirms).
+    #[arg(long, value_name = "DIR", default_value = "/var/lib/migrate", env = "MIGRATE_WORKDIR")]
+    pub workdir: PathBuf,
+
+    /// Data folder to sync to the same path on the target (repeatable): synced while the
+    /// containers run, then again (only what changed) after the freeze.
+    #[arg(long, value_name = "PATH")]
+    pub data: Vec<PathBuf>,
+
+    /// Checkpoint and restore established TCP connections.
+    #[arg(long)]
+    pub tcp_established: bool,
+
+    /// Checkpoint archive compression.
+    #[arg(long, value_enum, default_value_t = CompressChoice::Auto)]
+    pub compress: CompressChoice,
+
+    /// Record format on stdout.
+    #[arg(long, value_enum, default_value_t = Format::Csv)]
+    pub format: Format,
+
+    /// Leave out the CSV header line (for appending to a file).
+    #[arg(long)]
+    pub no_header: bool,
+
+    /// Free text copied into the record's label column.
+    #[arg(long, value_name = "TEXT", default_value = "")]
+    pub label: String,
+
+    /// Containers to move, in start order (dependencies first).
+    #[arg(value_name = "CONTAINER", required = true)]
+    pub containers: Vec<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn definitions_are_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn defaults_match_the_contract() {
+        let cli = Cli::try_parse_from(["migrate", "send", "--to", "root@b", "db", "web"]).unwrap();
+        let Command::Send(s) = cli.command else { panic!() };
+        assert_eq!(s.control_port, 12345);
+        assert_eq!(s.workdir, PathBuf::from("/var/lib/migrate"));
+        assert_eq!(s.format, Format::Csv);
+        assert_eq!(s.containers, vec!["db", "web"]);
+        let cli = Cli::try_parse_from(["migrate", "receive"]).unwrap();
+        let Command::Receive(r) = cli.command else { panic!() };
+        assert_eq!(r.listen.to_string(), "0.0.0.0:12345");
+        assert!(!r.serve);
+    }
+}

@@ -1,0 +1,2 @@
+//! The container engine: podman with CRIU underneath.
+pub mod podman;

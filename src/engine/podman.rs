@@ -1,0 +1,386 @@
+//! Checkpoint, restore and inspect through the `podman` command line.
+
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::exec::{self, ExecError, args};
+
+/// How long one podman call may take before it is treated as hung.
+const PODMAN_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// What podman said went wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum PodmanError {
+    #[error("no container named {0:?} exists here; `podman ps -a` lists the containers")]
+    NoSuchContainer(String),
+    #[error("{source}{}", criu_hint(.criu_log))]
+    Command {
+        #[source]
+        source: ExecError,
+        /// CRIU's own log and the lines of it that say why, when podman names one.
+        criu_log: Option<(String, String)>,
+    },
+    #[error("cannot read `podman inspect` output: {0}")]
+    Parse(String),
+}
+
+fn criu_hint(log: &Option<(String, String)>) -> String {
+    match log {
+        Some((path, lines)) if !lines.is_empty() => format!(" (CRIU log {path}: {lines})"),
+        Some((path, _)) => format!(" (see CRIU log {path})"),
+        None => String::new(),
+    }
+}
+
+impl From<ExecError> for PodmanError {
+    fn from(source: ExecError) -> Self {
+        let criu_log = criu_log_excerpt(source.stderr());
+        PodmanError::Command { source, criu_log }
+    }
+}
+
+/// Finds a CRIU log path (dump.log / restore.log) in podman's stderr and reads the lines
+/// of it that explain the failure.
+pub fn criu_log_excerpt(stderr: &str) -> Option<(String, String)> {
+    let path = stderr
+        .split(|c: char| c.is_whitespace() || c == '"' || c == '\'' || c == ',')
+        .find(|w| w.starts_with('/') && (w.ends_with("dump.log") || w.ends_with("restore.log")))?
+        .trim_end_matches(['.', ':', ')'])
+        .to_string();
+    let lines = std::fs::read_to_string(&path)
+        .map(|text| criu_error_lines(&text))
+        .unwrap_or_default();
+    Some((path, lines))
+}
+
+/// The lines of a CRIU log that report errors, at most the last five.
+pub fn criu_error_lines(log: &str) -> String {
+    let errs: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("Error (") || l.contains("Error:") || l.contains("err:"))
+        .map(str::trim)
+        .collect();
+    errs[errs.len().saturating_sub(5)..].join(" | ")
+}
+
+/// A mount of a container as inspect reports it.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct Mount {
+    #[serde(rename = "Type")]
+    pub kind: String,
+    #[serde(rename = "Source")]
+    pub source: String,
+    #[serde(rename = "Destination")]
+    pub destination: String,
+}
+
+#[derive(Debug, Deserialize)]
+struct RawState {
+    #[serde(rename = "Status")]
+    status: String,
+    #[serde(rename = "Running")]
+    running: bool,
+    #[serde(rename = "Pid")]
+    pid: i64,
+}
+
+#[derive(Debug, Deserialize)]
+struct RawInspect {
+    #[serde(rename = "Id")]
+    id: String,
+    #[serde(rename = "Name")]
+    name: String,
+    #[serde(rename = "Image")]
+    image: String,
+    #[serde(rename = "ImageName", default)]
+    image_name: String,
+    #[serde(rename = "State")]
+    state: RawState,
+    #[serde(rename = "Mounts", default)]
+    mounts: Vec<Mount>,
+}
+
+/// What we need to know about a container.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ContainerInfo {
+    pub id: String,
+    pub name: String,
+    pub image_id: String,
+    pub image_name: String,
+    pub status: String,
+    pub running: bool,
+    pub pid: i64,
+    pub mounts: Vec<Mount>,
+}
+
+/// Parses `podman container inspect` JSON.
+pub fn parse_inspect(json: &str) -> Result<Vec<ContainerInfo>, PodmanError> {
+    let raw: Vec<RawInspect> = serde_json::from_str(json).map_err(|e| PodmanError::Parse(e.to_string()))?;
+    Ok(raw
+        .into_iter()
+        .map(|r| ContainerInfo {
+            id: r.id,
+            name: r.name,
+            image_id: r.image,
+            image_name: r.image_name,
+            status: r.state.status,
+            running: r.state.running,
+            pid: r.state.pid,
+            mounts: r.mounts,
+        })
+        .collect())
+}
+
+/// Options that both checkpoint and restore must agree on.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CriuOptions {
+    pub file_locks: bool,
+    pub tcp_established: bool,
+}
+
+impl CriuOptions {
+    fn push(&self, a: &mut Vec<String>) {
+        if self.file_locks {
+            a.push("--file-locks".into());
+        }
+        if self.tcp_established {
+            a.push("--tcp-established".into());
+        }
+    }
+}
+
+/// Archive compression podman applies on export.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Compression {
+    None,
+    Zstd,
+    Gzip,
+}
+
+impl Compression {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Compression::None => "none",
+            Compression::Zstd => "zstd",
+            Compression::Gzip => "gzip",
+        }
+    }
+    /// File name ending for an exported archive.
+    pub fn extension(self) -> &'static str {
+        match self {
+            Compression::None => "tar",
+            Compression::Zstd => "tar.zst",
+            Compression::Gzip => "tar.gz",
+        }
+    }
+}
+
+/// `podman container inspect` arguments.
+pub fn inspect_args(names: &[String]) -> Vec<String> {
+    let mut a = args(["container", "inspect"]);
+    a.extend(names.iter().cloned());
+    a
+}
+
+/// `podman container checkpoint` arguments: export to `archive`, keep CRIU's files so
+/// the container can be restored in place on the source if the migration fails.
+pub fn checkpoint_args(name: &str, archive: &Path, opts: CriuOptions, compress: Compression) -> Vec<String> {
+    let mut a = args(["container", "checkpoint", "--keep", "--print-stats"]);
+    a.push("--compress".into());
+    a.push(compress.as_str().into());
+    a.push("--export".into());
+    a.push(archive.display().to_string());
+    opts.push(&mut a);
+    a.push(name.into());
+    a
+}
+
+/// `podman container restore --import` arguments.
+pub fn restore_import_args(archive: &Path, opts: CriuOptions) -> Vec<String> {
+    let mut a = args(["container", "restore", "--print-stats", "--import"]);
+    a.push(archive.display().to_string());
+    opts.push(&mut a);
+    a
+}
+
+/// `podman container restore NAME` (in place, from the kept checkpoint) arguments.
+pub fn restore_in_place_args(name: &str, opts: CriuOptions) -> Vec<String> {
+    let mut a = args(["container", "restore", "--keep"]);
+    opts.push(&mut a);
+    a.push(name.into());
+    a
+}
+
+/// The local podman.
+#[derive(Debug, Clone, Default)]
+pub struct Podman;
+
+impl Podman {
+    async fn run(&self, a: Vec<String>) -> Result<String, PodmanError> {
+        Ok(exec::run("podman", &a, PODMAN_TIMEOUT).await?.stdout)
+    }
+
+    /// Inspects containers by name; a missing one is [`PodmanError::NoSuchContainer`].
+    pub async fn inspect(&self, names: &[String]) -> Result<Vec<ContainerInfo>, PodmanError> {
+        let mut found = Vec::new();
+        for name in names {
+            match exec::run("podman", &inspect_args(std::slice::from_ref(name)), PODMAN_TIMEOUT).await {
+                Ok(out) => found.extend(parse_inspect(&out.stdout)?),
+                Err(e) if is_no_such_container(e.stderr()) => {
+                    return Err(PodmanError::NoSuchContainer(name.clone()));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(found)
+    }
+
+    /// True when a container of that name exists.
+    pub async fn exists(&self, name: &str) -> Result<bool, PodmanError> {
+        match self.inspect(&[name.to_string()]).await {
+            Ok(_) => Ok(true),
+            Err(PodmanError::NoSuchContainer(_)) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub async fn checkpoint(
+        &self,
+        name: &str,
+        archive: &Path,
+        opts: CriuOptions,
+        compress: Compression,
+    ) -> Result<(), PodmanError> {
+        self.run(checkpoint_args(name, archive, opts, compress)).await.map(drop)
+    }
+
+    pub async fn restore_import(&self, archive: &Path, opts: CriuOptions) -> Result<(), PodmanError> {
+        self.run(restore_import_args(archive, opts)).await.map(drop)
+    }
+
+    pub async fn restore_in_place(&self, name: &str, opts: CriuOptions) -> Result<(), PodmanError> {
+        self.run(restore_in_place_args(name, opts)).await.map(drop)
+    }
+
+    /// Removes a container, stopping it first if needed.
+    pub async fn remove(&self, name: &str) -> Result<(), PodmanError> {
+        self.run(args(["rm", "--force", "--time", "5", name])).await.map(drop)
+    }
+
+}
+
+/// podman's wording for a missing container, across 4.x versions.
+pub fn is_no_such_container(stderr: &str) -> bool {
+    stderr.contains("no such container") || stderr.contains("no container with name or ID")
+}
+
+/// True when any process in the pid namespace of `pid` holds a POSIX or flock lock
+/// (`/proc/locks`). Such a container needs `--file-locks` at checkpoint and restore.
+pub fn holds_file_locks(pid: i64) -> std::io::Result<bool> {
+    if pid <= 0 {
+        return Ok(false);
+    }
+    let ns = std::fs::read_link(format!("/proc/{pid}/ns/pid"))?;
+    let locks = std::fs::read_to_string("/proc/locks")?;
+    Ok(lock_pids(&locks).into_iter().any(|p| {
+        std::fs::read_link(format!("/proc/{p}/ns/pid"))
+            .map(|n| n == ns)
+            .unwrap_or(false)
+    }))
+}
+
+/// The pids that `/proc/locks` lists as lock holders.
+pub fn lock_pids(locks: &str) -> Vec<i64> {
+    locks
+        .lines()
+        .filter(|l| !l.contains("->"))
+        .filter_map(|l| l.split_whitespace().nth(4)?.parse().ok())
+        .collect()
+}
+
+/// Resident memory of all processes in the pid namespace of `pid`, in bytes: an estimate
+/// of how large an uncompressed checkpoint will be.
+pub fn resident_bytes(pid: i64) -> u64 {
+    let Ok(ns) = std::fs::read_link(format!("/proc/{pid}/ns/pid")) else {
+        return 0;
+    };
+    let page = 4096u64;
+    let Ok(dir) = std::fs::read_dir("/proc") else { return 0 };
+    dir.filter_map(Result::ok)
+        .filter_map(|e| e.file_name().to_str()?.parse::<u64>().ok())
+        .filter(|p| {
+            std::fs::read_link(format!("/proc/{p}/ns/pid"))
+                .map(|n| n == ns)
+                .unwrap_or(false)
+        })
+        .filter_map(|p| {
+            let statm = std::fs::read_to_string(format!("/proc/{p}/statm")).ok()?;
+            statm.split_whitespace().nth(1)?.parse::<u64>().ok()
+        })
+        .sum::<u64>()
+        * page
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_inspect() {
+        let json = r#"[{"Id":"abc","Name":"db","Image":"img1","ImageName":"localhost/m:latest",
+            "State":{"Status":"running","Running":true,"Pid":123,"Other":1},
+            "Mounts":[{"Type":"bind","Source":"/srv/app/mysql","Destination":"/var/lib/mysql","Options":["rbind"]}],
+            "Config":{}}]"#;
+        let c = &parse_inspect(json).unwrap()[0];
+        assert_eq!(c.name, "db");
+        assert_eq!(c.image_id, "img1");
+        assert!(c.running);
+        assert_eq!(c.mounts[0].source, "/srv/app/mysql");
+    }
+
+    #[test]
+    fn builds_checkpoint_and_restore_lines() {
+        let opts = CriuOptions {
+            file_locks: true,
+            tcp_established: false,
+        };
+        let a = checkpoint_args("db", Path::new("/w/db.tar"), opts, Compression::None);
+        assert_eq!(
+            a.join(" "),
+            "container checkpoint --keep --print-stats --compress none --export /w/db.tar --file-locks db"
+        );
+        let r = restore_import_args(Path::new("/w/db.tar"), opts);
+        assert!(r.contains(&"--file-locks".to_string()));
+    }
+
+    #[test]
+    fn reads_lock_holders() {
+        let locks = "1: POSIX  ADVISORY  WRITE 4242 00:2f:1234 0 EOF\n\
+                     1: -> POSIX  ADVISORY  WRITE 99 00:2f:1234 0 EOF\n\
+                     2: FLOCK  ADVISORY  WRITE 17 fd:00:55 0 EOF\n";
+        assert_eq!(lock_pids(locks), vec![4242, 17]);
+    }
+
+    #[test]
+    fn criu_log_lines() {
+        let log = "(00.1) foo\n(00.2) Error (criu/files-reg.c:1234): Can't open file\n(00.3) bar\n";
+        assert_eq!(criu_error_lines(log), "(00.2) Error (criu/files-reg.c:1234): Can't open file");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("restore.log");
+        std::fs::write(&path, log).unwrap();
+        let stderr = format!("Error: criu failed: type RESTORE errno 0\nlog file: {}\n", path.display());
+        let (p, lines) = criu_log_excerpt(&stderr).unwrap();
+        assert_eq!(p, path.display().to_string());
+        assert!(lines.contains("Can't open file"));
+    }
+
+    #[test]
+    fn no_such_container_wording() {
+        assert!(is_no_such_container(
+            "Error: no such container nope"
+        ));
+        assert!(is_no_such_container("Error: inspecting object: no such container \"x\""));
+    }
+}

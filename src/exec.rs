@@ -1,0 +1,214 @@
+//! Running local programs: every failure says what ran, how it ended and what it printed.
+
+use std::fmt;
+use std::process::{ExitStatus, Stdio};
+use std::time::Duration;
+
+use tokio::process::Command;
+
+/// How many lines of a failed program's stderr go into an error message.
+const STDERR_TAIL_LINES: usize = 12;
+
+/// A program that did not do what was asked.
+#[derive(Debug, thiserror::Error)]
+pub enum ExecError {
+    /// The program could not be started at all (missing binary, permissions).
+    #[error("could not run `{cmd}`: {source}")]
+    Spawn {
+        cmd: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The program ran and failed.
+    #[error("`{cmd}` {status}{}", stderr_suffix(.stderr))]
+    Failed {
+        cmd: String,
+        status: StatusText,
+        stderr: String,
+    },
+    /// The program ran past its deadline and was killed.
+    #[error("`{cmd}` did not finish within {}s and was killed", .after.as_secs())]
+    Timeout { cmd: String, after: Duration },
+}
+
+impl ExecError {
+    /// The stderr the program printed, if it ran.
+    pub fn stderr(&self) -> &str {
+        match self {
+            ExecError::Failed { stderr, .. } => stderr,
+            _ => "",
+        }
+    }
+}
+
+/// Exit status in words: "exited with status 3" or "was killed by signal 9".
+#[derive(Debug, Clone)]
+pub struct StatusText(pub String);
+
+impl fmt::Display for StatusText {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl From<ExitStatus> for StatusText {
+    fn from(status: ExitStatus) -> Self {
+        use std::os::unix::process::ExitStatusExt;
+        match (status.code(), status.signal()) {
+            (Some(code), _) => StatusText(format!("exited with status {code}")),
+            (None, Some(sig)) => StatusText(format!("was killed by signal {sig}")),
+            _ => StatusText("ended abnormally".into()),
+        }
+    }
+}
+
+fn stderr_suffix(stderr: &str) -> String {
+    let tail = tail_lines(stderr, STDERR_TAIL_LINES);
+    if tail.is_empty() {
+        String::new()
+    } else {
+        format!(": {tail}")
+    }
+}
+
+/// The last `n` non-empty lines of `text`, joined with " | " so an error stays on one line.
+pub fn tail_lines(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    let start = lines.len().saturating_sub(n);
+    lines[start..].join(" | ")
+}
+
+/// Quotes one word for a POSIX shell (used for display and for remote command lines).
+pub fn shell_quote(word: &str) -> String {
+    if !word.is_empty()
+        && word
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_./=:@,+%".contains(&b))
+    {
+        word.to_string()
+    } else {
+        format!("'{}'", word.replace('\'', r"'\''"))
+    }
+}
+
+/// A command line as a user could paste it.
+pub fn display_command(program: &str, args: &[String]) -> String {
+    std::iter::once(program.to_string())
+        .chain(args.iter().map(|a| shell_quote(a)))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// What a finished program printed.
+#[derive(Debug, Clone, Default)]
+pub struct Output {
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs `program args…` to the end (or until `timeout`), capturing stdout and stderr.
+/// A non-zero exit is an error carrying the command line, status and stderr.
+pub async fn run(program: &str, args: &[String], timeout: Duration) -> Result<Output, ExecError> {
+    let cmd = display_command(program, args);
+    let child = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|source| ExecError::Spawn {
+            cmd: cmd.clone(),
+            source,
+        })?;
+    let out = match tokio::time::timeout(timeout, child.wait_with_output()).await {
+        Ok(res) => res.map_err(|source| ExecError::Spawn {
+            cmd: cmd.clone(),
+            source,
+        })?,
+        Err(_) => {
+            return Err(ExecError::Timeout {
+                cmd,
+                after: timeout,
+            });
+        }
+    };
+    let output = Output {
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    };
+    if out.status.success() {
+        Ok(output)
+    } else {
+        Err(ExecError::Failed {
+            cmd,
+            status: out.status.into(),
+            stderr: output.stderr,
+        })
+    }
+}
+
+/// Builds an argument vector from string slices.
+pub fn args<I, S>(items: I) -> Vec<String>
+where
+    I: IntoIterator<Item = S>,
+    S: Into<String>,
+{
+    items.into_iter().map(Into::into).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quoting_keeps_plain_words_and_escapes_the_rest() {
+        assert_eq!(shell_quote("podman"), "podman");
+        assert_eq!(shell_quote("/var/lib/migrate"), "/var/lib/migrate");
+        assert_eq!(shell_quote("a b"), "'a b'");
+        assert_eq!(shell_quote("it's"), r"'it'\''s'");
+        assert_eq!(shell_quote(""), "''");
+        assert_eq!(shell_quote("$(rm -rf /)"), "'$(rm -rf /)'");
+    }
+
+    #[test]
+    fn tail_keeps_last_lines_on_one_line() {
+        assert_eq!(tail_lines("a\n\nb\nc\n", 2), "b | c");
+        assert_eq!(tail_lines("", 3), "");
+    }
+
+    #[tokio::test]
+    async fn failure_names_command_status_and_stderr() {
+        let err = run(
+            "sh",
+            &args(["-c", "echo boom >&2; exit 3"]),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("sh -c"), "{text}");
+        assert!(text.contains("exited with status 3"), "{text}");
+        assert!(text.contains("boom"), "{text}");
+    }
+
+    #[tokio::test]
+    async fn timeout_kills() {
+        let err = run("sleep", &args(["5"]), Duration::from_millis(100))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, ExecError::Timeout { .. }), "{err}");
+    }
+
+    #[tokio::test]
+    async fn missing_program_is_a_spawn_error() {
+        let err = run("no-such-program-xyz", &[], Duration::from_secs(1))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, ExecError::Spawn { .. }), "{err}");
+    }
+}

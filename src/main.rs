@@ -1,0 +1,142 @@
+//! `migrate`: live migration of Podman containers between hosts with CRIU over SSH.
+#![deny(unsafe_code)]
+
+mod check;
+mod cli;
+mod engine;
+mod exec;
+mod plan;
+mod progress;
+mod protocol;
+mod receive;
+mod secret;
+mod send;
+mod sync;
+mod timing;
+mod transport;
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{CommandFactory, Parser};
+
+use crate::cli::{Cli, Command};
+use crate::progress::Ui;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("migrate: cannot start: {e}");
+            return ExitCode::from(3);
+        }
+    };
+    ExitCode::from(runtime.block_on(dispatch(cli)))
+}
+
+async fn dispatch(cli: Cli) -> u8 {
+    match cli.command {
+        Command::Receive(args) => {
+            let ui = Arc::new(Ui::new("receive"));
+            match receive::run(args, ui.clone()).await {
+                Ok(code) => code,
+                Err(e) => {
+                    ui.finish();
+                    eprintln!("migrate receive: error: {e:#}");
+                    2
+                }
+            }
+        }
+        Command::Send(args) => {
+            let ui = Arc::new(Ui::new("send"));
+            let plan = match plan::SendPlan::resolve(&args) {
+                Ok(p) => p,
+                Err(e) => {
+                    eprintln!("migrate send: error: {e}");
+                    return send::Exit::Refused as u8;
+                }
+            };
+            let mut signals = match Signals::new() {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("migrate send: error: {e:#}");
+                    return send::Exit::Refused as u8;
+                }
+            };
+            let (record, result) = send::run(&plan, &ui, &mut signals).await;
+            ui.finish();
+            let mut stdout = std::io::stdout().lock();
+            if let Err(e) = record.write(&mut stdout, plan.format, plan.no_header) {
+                eprintln!("migrate send: cannot write the record: {e}");
+            }
+            match result {
+                Ok(()) => send::Exit::Migrated as u8,
+                Err(f) => {
+                    eprintln!("migrate send: error: {:#}", f.error);
+                    f.exit as u8
+                }
+            }
+        }
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "migrate", &mut std::io::stdout());
+            0
+        }
+        Command::Man => match clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout()) {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("migrate man: {e}");
+                3
+            }
+        },
+    }
+}
+
+/// This host's name, for records and messages.
+pub fn hostname() -> String {
+    std::env::var("MIGRATE_HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()
+                .map(|h| h.trim().to_string())
+        })
+        .unwrap_or_else(|| "localhost".into())
+}
+
+/// SIGINT and SIGTERM, seen as one "stop" event.
+pub struct Signals {
+    rx: tokio::sync::watch::Receiver<u64>,
+}
+
+impl Signals {
+    pub fn new() -> anyhow::Result<Signals> {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut int = signal(SignalKind::interrupt())?;
+        let mut term = signal(SignalKind::terminate())?;
+        let (tx, rx) = tokio::sync::watch::channel(0u64);
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = int.recv() => {}
+                    _ = term.recv() => {}
+                }
+                tx.send_modify(|n| *n += 1);
+            }
+        });
+        Ok(Signals { rx })
+    }
+
+    /// True once any signal has arrived.
+    pub fn fired(&self) -> bool {
+        *self.rx.borrow() > 0
+    }
+
+    /// Waits for the next signal.
+    pub async fn changed(&mut self) {
+        if self.rx.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}

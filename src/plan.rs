@@ -1,0 +1,187 @@
+//! Resolves what the user typed into a checked plan, before anything is touched.
+//! Every error names the flag or argument at fault and what to do.
+
+use std::collections::HashSet;
+use std::path::{Component, Path, PathBuf};
+
+use crate::cli::{CompressChoice, SendArgs};
+use crate::protocol::valid_container_name;
+use crate::timing::Format;
+use crate::transport::ssh::Destination;
+
+/// A bad argument, described in one line.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct PlanError(pub String);
+
+fn bad<T>(msg: impl Into<String>) -> Result<T, PlanError> {
+    Err(PlanError(msg.into()))
+}
+
+/// A checked `send`.
+#[derive(Debug, Clone)]
+pub struct SendPlan {
+    pub run_id: String,
+    pub dest: Destination,
+    pub control_port: u16,
+    pub workdir: PathBuf,
+    pub data: Vec<PathBuf>,
+    pub containers: Vec<String>,
+    pub tcp_established: bool,
+    pub compress: CompressChoice,
+    pub format: Format,
+    pub no_header: bool,
+    pub label: String,
+}
+
+/// Splits `[user@]host`.
+pub fn parse_destination(to: &str) -> Result<(Option<String>, String), PlanError> {
+    let (user, host) = match to.rsplit_once('@') {
+        Some((u, h)) => (Some(u.to_string()), h.to_string()),
+        None => (None, to.to_string()),
+    };
+    if let Some(u) = &user
+        && (u.is_empty() || u.contains(char::is_whitespace))
+    {
+        return bad(format!("--to {to:?}: the user name is empty or has spaces; use --to USER@HOST"));
+    }
+    let host_ok = !host.is_empty()
+        && !host.starts_with('-')
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-._:[]".contains(&b));
+    if !host_ok {
+        return bad(format!("--to {to:?}: not a host name or address; use --to [USER@]HOST"));
+    }
+    if host.contains(':') && !host.starts_with('[') && host.matches(':').count() == 1 {
+        return bad(format!(
+            "--to {to:?}: put the SSH port in --ssh-port, not in the host name"
+        ));
+    }
+    Ok((user, host.trim_start_matches('[').trim_end_matches(']').to_string()))
+}
+
+/// Checks one `--data` folder: absolute, an existing directory, not `/`, no `..`.
+pub fn check_data_path(p: &Path) -> Result<PathBuf, PlanError> {
+    let shown = p.display();
+    if !p.is_absolute() {
+        return bad(format!("--data {shown}: must be an absolute path (it lands at the same path on the target)"));
+    }
+    if p.components().any(|c| matches!(c, Component::ParentDir)) {
+        return bad(format!("--data {shown}: must not contain `..`"));
+    }
+    let clean: PathBuf = p.components().collect();
+    if clean == Path::new("/") {
+        return bad("--data /: refusing to mirror the whole file system; name the application's data folder");
+    }
+    match std::fs::metadata(&clean) {
+        Ok(m) if m.is_dir() => Ok(clean),
+        Ok(_) => bad(format!("--data {shown}: is not a directory")),
+        Err(e) => bad(format!("--data {shown}: {e}")),
+    }
+}
+
+/// A fresh id for one migration: sortable time plus randomness.
+pub fn new_run_id() -> String {
+    let mut rnd = [0u8; 4];
+    crate::secret::fill_random(&mut rnd);
+    format!("{}-{}", chrono::Utc::now().format("%Y%m%dT%H%M%SZ"), hex::encode(rnd))
+}
+
+impl SendPlan {
+    pub fn resolve(a: &SendArgs) -> Result<SendPlan, PlanError> {
+        let (user, host) = parse_destination(&a.to)?;
+        if let Some(id) = &a.identity
+            && !id.is_file()
+        {
+            return bad(format!("--identity {}: no such file", id.display()));
+        }
+        if !a.workdir.is_absolute() {
+            return bad(format!("--workdir {}: must be an absolute path", a.workdir.display()));
+        }
+        if a.control_port == 0 {
+            return bad("--control-port 0: give the port `migrate receive --listen` uses (default 12345)");
+        }
+        let mut seen = HashSet::new();
+        for c in &a.containers {
+            if !valid_container_name(c) {
+                return bad(format!("container {c:?}: not a valid container name"));
+            }
+            if !seen.insert(c) {
+                return bad(format!("container {c:?} is named twice"));
+            }
+        }
+        let mut data: Vec<PathBuf> = Vec::new();
+        for p in &a.data {
+            let clean = check_data_path(p)?;
+            for other in &data {
+                if clean.starts_with(other) || other.starts_with(&clean) {
+                    return bad(format!(
+                        "--data {} and --data {} overlap; name each folder once",
+                        clean.display(),
+                        other.display()
+                    ));
+                }
+            }
+            data.push(clean);
+        }
+        Ok(SendPlan {
+            run_id: new_run_id(),
+            dest: Destination {
+                user,
+                host,
+                port: a.ssh_port,
+                identity: a.identity.clone(),
+            },
+            control_port: a.control_port,
+            workdir: a.workdir.clone(),
+            data,
+            containers: a.containers.clone(),
+            tcp_established: a.tcp_established,
+            compress: a.compress,
+            format: a.format,
+            no_header: a.no_header,
+            label: a.label.clone(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn destinations() {
+        assert_eq!(parse_destination("root@10.0.0.2").unwrap(), (Some("root".into()), "10.0.0.2".into()));
+        assert_eq!(parse_destination("lab-b").unwrap(), (None, "lab-b".into()));
+        assert_eq!(parse_destination("[fe80::1]").unwrap().1, "fe80::1");
+        assert!(parse_destination("").is_err());
+        assert!(parse_destination("@host").is_err());
+        assert!(parse_destination("host:22").unwrap_err().0.contains("--ssh-port"));
+        assert!(parse_destination("-oProxyCommand=x").is_err());
+        assert!(parse_destination("a b").is_err());
+    }
+
+    #[test]
+    fn data_paths() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().join("data");
+        std::fs::create_dir(&d).unwrap();
+        assert_eq!(check_data_path(&d.join("")).unwrap(), d);
+        assert!(check_data_path(Path::new("relative")).unwrap_err().0.contains("absolute"));
+        assert!(check_data_path(Path::new("/")).is_err());
+        assert!(check_data_path(&d.join("missing")).is_err());
+        assert!(check_data_path(&d.join("../data")).is_err());
+        let f = dir.path().join("file");
+        std::fs::write(&f, "x").unwrap();
+        assert!(check_data_path(&f).unwrap_err().0.contains("not a directory"));
+    }
+
+    #[test]
+    fn run_ids_are_valid_and_distinct() {
+        let a = new_run_id();
+        let b = new_run_id();
+        assert!(crate::protocol::valid_run_id(&a), "{a}");
+        assert_ne!(a, b);
+    }
+}

@@ -1,0 +1,419 @@
+//! The target side: wait for a sender, check what it shipped, restore, answer.
+
+use std::net::SocketAddr;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use sha2::{Digest, Sha256};
+use tokio::io::BufReader;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Mutex, mpsc};
+
+use crate::cli::ReceiveArgs;
+use crate::engine::podman::{CriuOptions, Podman};
+use crate::protocol::{
+    Auth, Channel, Direction, Manifest, PROTOCOL_VERSION, ProtocolError, TargetOutcome, ToReceiver, ToSender,
+    valid_run_id,
+};
+use crate::timing::{Format, Outcome, Record, Stopwatch, now_us};
+use crate::progress::Ui;
+
+/// How long a new connection may take to say hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long between `Welcome` and the first authenticated frame (the sender places the
+/// secret over SSH in between).
+const AUTH_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long an authenticated sender may stay silent (pre-sync of big folders).
+const IDLE_TIMEOUT: Duration = Duration::from_secs(12 * 3600);
+
+/// File names inside a run folder, shared with the sender.
+pub const SECRET_FILE: &str = "secret";
+pub const RESULT_FILE: &str = "result.json";
+pub const PID_FILE: &str = "receiver.pid";
+
+/// Folder of one migration under the work folder.
+pub fn run_dir(workdir: &Path, run_id: &str) -> PathBuf {
+    workdir.join("runs").join(run_id)
+}
+
+struct Ctx {
+    workdir: PathBuf,
+    hostname: String,
+    busy: Mutex<()>,
+    ui: Arc<Ui>,
+    format: Format,
+    header_done: AtomicBool,
+}
+
+/// What one finished migration means for the receiver's exit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Done {
+    Restored,
+    NotRestored,
+}
+
+/// Runs the receiver; returns the process exit code.
+pub async fn run(args: ReceiveArgs, ui: Arc<Ui>) -> anyhow::Result<u8> {
+    let runs = args.workdir.join("runs");
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&runs)
+        .with_context(|| format!("cannot create work folder {}: pass a writable --workdir", runs.display()))?;
+    let listener = TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}: is another receiver running? pick another --listen", args.listen))?;
+    let ctx = Arc::new(Ctx {
+        workdir: args.workdir.clone(),
+        hostname: crate::hostname(),
+        busy: Mutex::new(()),
+        ui: ui.clone(),
+        format: args.format,
+        header_done: AtomicBool::new(args.no_header),
+    });
+    ui.info(&format!(
+        "listening on {} (work folder {}){}",
+        args.listen,
+        args.workdir.display(),
+        if args.serve { ", serving until stopped" } else { ", for one migration" }
+    ));
+    let (done_tx, mut done_rx) = mpsc::channel::<Done>(4);
+    let mut signals = crate::Signals::new()?;
+    let mut stopping = false;
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (sock, peer) = match accepted {
+                    Ok(x) => x,
+                    Err(e) => { ui.warn(&format!("accept failed: {e}")); continue; }
+                };
+                let ctx = ctx.clone();
+                let done_tx = done_tx.clone();
+                tokio::spawn(async move {
+                    if let Some(done) = handle(sock, peer, &ctx).await {
+                        let _ = done_tx.send(done).await;
+                    }
+                });
+            }
+            Some(done) = done_rx.recv() => {
+                if !args.serve || stopping {
+                    return Ok(if done == Done::Restored { 0 } else { 1 });
+                }
+                ui.info("waiting for the next migration");
+            }
+            _ = signals.changed() => {
+                if ctx.busy.try_lock().is_ok() {
+                    ui.info("stopped by signal");
+                    return Ok(130);
+                }
+                ui.warn("signal received: finishing the migration in progress first");
+                stopping = true;
+            }
+        }
+    }
+}
+
+/// One control connection. Returns `Some` when it carried an authenticated migration
+/// that reached an end which counts (restored, failed, or rolled back after a freeze).
+async fn handle(sock: TcpStream, peer: SocketAddr, ctx: &Ctx) -> Option<Done> {
+    let _ = sock.set_nodelay(true);
+    let (r, w) = sock.into_split();
+    let mut ch = Channel::new(BufReader::new(r), w, Direction::ToSender);
+    let hello = match tokio::time::timeout(HELLO_TIMEOUT, ch.recv::<ToReceiver>()).await {
+        Ok(Ok(h)) => h,
+        Ok(Err(e)) => {
+            ctx.ui.warn(&format!("refused connection from {peer}: {e}"));
+            return None;
+        }
+        Err(_) => {
+            ctx.ui.warn(&format!("refused connection from {peer}: no hello within {}s", HELLO_TIMEOUT.as_secs()));
+            return None;
+        }
+    };
+    let ToReceiver::Hello {
+        protocol,
+        run_id,
+        source_host,
+        label,
+        ..
+    } = hello
+    else {
+        ctx.ui.warn(&format!("refused connection from {peer}: it did not start with hello"));
+        return None;
+    };
+    if protocol != PROTOCOL_VERSION || !valid_run_id(&run_id) {
+        let reason = format!("protocol {protocol} / run id {run_id:?} not accepted (this receiver speaks protocol {PROTOCOL_VERSION})");
+        ctx.ui.warn(&format!("refused connection from {peer}: {reason}"));
+        let _ = ch.send(&ToSender::Refused { reason }).await;
+        return None;
+    }
+    let nonce = crate::secret::random_hex(16);
+    let welcome = ToSender::Welcome {
+        protocol: PROTOCOL_VERSION,
+        receiver_version: env!("CARGO_PKG_VERSION").into(),
+        hostname: ctx.hostname.clone(),
+        workdir: ctx.workdir.display().to_string(),
+        nonce: nonce.clone(),
+    };
+    if ch.send(&welcome).await.is_err() {
+        return None;
+    }
+    // Authenticate: the first frame after Welcome must carry a MAC made with the secret
+    // the sender placed in the run folder over SSH.
+    match tokio::time::timeout(AUTH_TIMEOUT, ch.wait_for_data()).await {
+        Ok(Ok(())) => {}
+        _ => return None,
+    }
+    let dir = run_dir(&ctx.workdir, &run_id);
+    let secret = match read_secret(&dir) {
+        Ok(s) => s,
+        Err(e) => {
+            ctx.ui.warn(&format!("refused message from {peer} for run {run_id}: {e:#}"));
+            return None;
+        }
+    };
+    ch.authenticate(Auth::new(secret, nonce));
+    let first = match ch.recv::<ToReceiver>().await {
+        Ok(m) => m,
+        Err(e) => {
+            ctx.ui.warn(&format!("refused message from {peer} for run {run_id}: {e}; not acted on"));
+            return None;
+        }
+    };
+    let Ok(_guard) = ctx.busy.try_lock() else {
+        let _ = ch
+            .send(&ToSender::Refused {
+                reason: "busy with another migration".into(),
+            })
+            .await;
+        return None;
+    };
+    let _ = std::fs::write(dir.join(PID_FILE), std::process::id().to_string());
+    ctx.ui.info(&format!("migration {run_id} from {source_host} ({peer}) authenticated"));
+
+    let mut msg = first;
+    loop {
+        let got_us = now_us();
+        match msg {
+            ToReceiver::TimeProbe { t0 } => {
+                if ch.send(&ToSender::TimeReply { t0, t1: got_us, t2: now_us() }).await.is_err() {
+                    break;
+                }
+            }
+            ToReceiver::Abort { reason, frozen } => {
+                ctx.ui.warn(&format!("sender aborted migration {run_id}: {reason}"));
+                remove_archives(&dir);
+                return frozen.then_some(Done::NotRestored);
+            }
+            ToReceiver::Ready { manifest } => {
+                ctx.ui.info("OK received: verifying and restoring");
+                let outcome = restore(&manifest, &run_id, &dir, got_us, ctx).await;
+                if let Err(e) = write_result(&dir, &outcome) {
+                    ctx.ui.warn(&format!("cannot write {}: {e}", dir.join(RESULT_FILE).display()));
+                }
+                remove_archives(&dir);
+                let restored = outcome.restored;
+                if let Err(e) = ch.send(&ToSender::Outcome(outcome.clone())).await {
+                    ctx.ui.warn(&format!("could not tell the sender the outcome ({e}); it will read {RESULT_FILE} over SSH"));
+                }
+                print_record(ctx, &run_id, &label, &source_host, &manifest, &outcome);
+                return Some(if restored { Done::Restored } else { Done::NotRestored });
+            }
+            ToReceiver::Hello { .. } => {
+                ctx.ui.warn(&format!("migration {run_id}: unexpected second hello; closing"));
+                break;
+            }
+        }
+        msg = match tokio::time::timeout(IDLE_TIMEOUT, ch.recv::<ToReceiver>()).await {
+            Ok(Ok(m)) => m,
+            Ok(Err(ProtocolError::Closed)) => {
+                ctx.ui.warn(&format!("sender of {run_id} went away before OK; nothing was restored"));
+                break;
+            }
+            Ok(Err(e)) => {
+                ctx.ui.warn(&format!("migration {run_id}: {e}; not acted on, closing"));
+                break;
+            }
+            Err(_) => {
+                ctx.ui.warn(&format!("migration {run_id}: sender silent for {}h; closing", IDLE_TIMEOUT.as_secs() / 3600));
+                break;
+            }
+        };
+    }
+    remove_archives(&dir);
+    None
+}
+
+/// Reads the per-migration secret; it must be a root-only file.
+fn read_secret(dir: &Path) -> anyhow::Result<Vec<u8>> {
+    let path = dir.join(SECRET_FILE);
+    let meta = std::fs::metadata(&path).with_context(|| format!("no secret at {} (it is placed over SSH by the sender)", path.display()))?;
+    if meta.permissions().mode() & 0o077 != 0 {
+        bail!("{} is readable by others; refusing it", path.display());
+    }
+    let text = std::fs::read_to_string(&path)?;
+    let secret = hex::decode(text.trim()).context("secret is not hex")?;
+    if secret.len() < 16 {
+        bail!("secret too short");
+    }
+    Ok(secret)
+}
+
+/// Verifies the shipped archives and restores the containers in manifest order; on a
+/// failure removes what it had restored.
+async fn restore(manifest: &Manifest, run_id: &str, dir: &Path, ready_us: i64, ctx: &Ctx) -> TargetOutcome {
+    let mut out = TargetOutcome {
+        restored: false,
+        error: None,
+        ready_us,
+        up_us: None,
+        verify_s: 0.0,
+        restore_s: 0.0,
+        container_restore_s: Vec::new(),
+    };
+    let verify = Stopwatch::start();
+    if let Err(e) = verify_archives(manifest, run_id, dir).await {
+        ctx.ui.warn(&format!("{e:#}"));
+        out.error = Some(format!("{e:#}"));
+        return out;
+    }
+    out.verify_s = verify.secs();
+    let podman = Podman;
+    for c in &manifest.containers {
+        match podman.exists(&c.name).await {
+            Ok(false) => {}
+            Ok(true) => {
+                out.error = Some(format!(
+                    "a container named {} already exists on {}; remove it there first",
+                    c.name, ctx.hostname
+                ));
+                return out;
+            }
+            Err(e) => {
+                out.error = Some(format!("podman on {}: {e}", ctx.hostname));
+                return out;
+            }
+        }
+    }
+    let restore = Stopwatch::start();
+    let mut restored: Vec<&str> = Vec::new();
+    for c in &manifest.containers {
+        let sw = Stopwatch::start();
+        let opts = CriuOptions {
+            file_locks: c.file_locks,
+            tcp_established: c.tcp_established,
+        };
+        ctx.ui.phase(&format!("restoring {}", c.name));
+        match podman.restore_import(&dir.join(&c.archive), opts).await {
+            Ok(()) => {
+                restored.push(&c.name);
+                out.container_restore_s.push((c.name.clone(), sw.secs()));
+                ctx.ui.info(&format!("restored {} in {:.3}s", c.name, sw.secs()));
+            }
+            Err(e) => {
+                let msg = format!("restoring {} failed: {e}", c.name);
+                ctx.ui.warn(&msg);
+                // Whatever podman left of the failed one, and all that came up before it.
+                for name in std::iter::once(c.name.as_str()).chain(restored.iter().rev().copied()) {
+                    if podman.exists(name).await.unwrap_or(true)
+                        && let Err(e) = podman.remove(name).await
+                    {
+                        ctx.ui.warn(&format!("could not remove {name} after the failed restore: {e}"));
+                    }
+                }
+                out.error = Some(msg);
+                out.restore_s = restore.secs();
+                return out;
+            }
+        }
+    }
+    out.restore_s = restore.secs();
+    out.up_us = Some(now_us());
+    out.restored = true;
+    ctx.ui.info(&format!("UP: {} running", restored.join(", ")));
+    out
+}
+
+async fn verify_archives(manifest: &Manifest, run_id: &str, dir: &Path) -> anyhow::Result<()> {
+    manifest.validate(run_id)?;
+    for c in &manifest.containers {
+        let path = dir.join(&c.archive);
+        let size = std::fs::metadata(&path)
+            .with_context(|| format!("archive {} of {} is missing", path.display(), c.name))?
+            .len();
+        if size != c.size {
+            bail!("archive {} is {size} bytes, the manifest says {}", path.display(), c.size);
+        }
+        let p = path.clone();
+        let digest = tokio::task::spawn_blocking(move || -> std::io::Result<String> {
+            let mut f = std::fs::File::open(&p)?;
+            let mut h = Sha256::new();
+            let mut buf = vec![0u8; 1 << 20];
+            loop {
+                let n = std::io::Read::read(&mut f, &mut buf)?;
+                if n == 0 {
+                    break;
+                }
+                h.update(&buf[..n]);
+            }
+            Ok(hex::encode(h.finalize()))
+        })
+        .await??;
+        if digest != c.sha256 {
+            bail!("archive {} does not match its SHA-256 in the manifest", path.display());
+        }
+    }
+    Ok(())
+}
+
+/// Writes `result.json` so a sender that lost the control connection can read it over SSH.
+fn write_result(dir: &Path, outcome: &TargetOutcome) -> std::io::Result<()> {
+    let tmp = dir.join(format!("{RESULT_FILE}.tmp"));
+    std::fs::write(&tmp, serde_json::to_vec(outcome)?)?;
+    std::fs::rename(tmp, dir.join(RESULT_FILE))
+}
+
+/// Archives hold process memory (keys included): delete them once used.
+fn remove_archives(dir: &Path) {
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            if name.contains(".tar") || name == SECRET_FILE {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+}
+
+fn print_record(ctx: &Ctx, run_id: &str, label: &str, source: &str, m: &Manifest, o: &TargetOutcome) {
+    // Receiver times are moved onto the sender's clock with the sender's offset estimate.
+    let to_sender = |us: i64| us - m.clock_offset_us;
+    let rec = Record {
+        run_id: run_id.into(),
+        label: label.into(),
+        source: source.into(),
+        target: ctx.hostname.clone(),
+        containers: m.containers.iter().map(|c| c.name.clone()).collect(),
+        down_us: Some(m.down_us),
+        up_us: o.up_us.map(to_sender),
+        restore_s: Some(o.restore_s),
+        verify_s: Some(o.verify_s),
+        target_total_s: Some(crate::timing::secs_between(o.ready_us, o.up_us.unwrap_or_else(now_us))),
+        clock_offset_us: Some(m.clock_offset_us),
+        archive_bytes: Some(m.containers.iter().map(|c| c.size).sum()),
+        outcome: Some(if o.restored { Outcome::Ok } else { Outcome::Failed }),
+        role: "receiver",
+        error: o.error.clone().unwrap_or_default(),
+        ..Default::default()
+    };
+    let no_header = ctx.header_done.swap(true, Ordering::SeqCst);
+    let mut stdout = std::io::stdout().lock();
+    if let Err(e) = rec.write(&mut stdout, ctx.format, no_header) {
+        ctx.ui.warn(&format!("cannot write the record: {e}"));
+    }
+}

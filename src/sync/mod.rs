@@ -1,0 +1,2 @@
+//! Moving data folders to the target.
+pub mod rsync;

@@ -1,0 +1,2 @@
+//! How bytes and commands reach the other host.
+pub mod ssh;

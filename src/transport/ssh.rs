@@ -1,0 +1,439 @@
+//! One SSH master connection per migration (the `openssh` crate, `BatchMode`, host keys
+//! checked strictly), shared by remote commands, archive uploads and rsync.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use openssh::{KnownHosts, Session, SessionBuilder, Stdio};
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+
+use crate::exec::{StatusText, display_command, shell_quote, tail_lines};
+
+/// Where to reach the target.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Destination {
+    pub user: Option<String>,
+    pub host: String,
+    pub port: Option<u16>,
+    pub identity: Option<PathBuf>,
+}
+
+impl Destination {
+    /// `[user@]host` as ssh takes it.
+    pub fn ssh_target(&self) -> String {
+        match &self.user {
+            Some(u) => format!("{u}@{}", self.host),
+            None => self.host.clone(),
+        }
+    }
+}
+
+/// Why SSH did not work.
+#[derive(Debug, thiserror::Error)]
+pub enum SshError {
+    #[error(
+        "SSH to {dest} was refused: the key was not accepted ({detail}); install your public key in the target's authorized_keys or pass --identity FILE"
+    )]
+    Auth { dest: String, detail: String },
+    #[error(
+        "SSH host key of {dest} is unknown or has changed ({detail}); verify it and add it to known_hosts (e.g. ssh-keyscan {host} >> ~/.ssh/known_hosts)"
+    )]
+    HostKey {
+        dest: String,
+        host: String,
+        detail: String,
+    },
+    #[error("cannot reach {dest} over SSH ({detail}); check the address, --ssh-port and that sshd runs there")]
+    Unreachable { dest: String, detail: String },
+    #[error("SSH to {dest} failed: {detail}")]
+    Connect { dest: String, detail: String },
+    #[error("on {dest}: `{cmd}` {status}{}", if .stderr.is_empty() { String::new() } else { format!(": {}", .stderr) })]
+    Remote {
+        dest: String,
+        cmd: String,
+        status: StatusText,
+        stderr: String,
+    },
+    #[error("on {dest}: `{cmd}` did not finish within {}s", .after.as_secs())]
+    Timeout {
+        dest: String,
+        cmd: String,
+        after: Duration,
+    },
+    #[error("SSH session to {dest}: {detail}")]
+    Transport { dest: String, detail: String },
+}
+
+/// Turns what `ssh` printed when connecting into a typed error.
+pub fn classify_connect_error(dest: &str, host: &str, stderr: &str) -> SshError {
+    let detail = tail_lines(stderr, 3);
+    let d = dest.to_string();
+    if stderr.contains("Host key verification failed")
+        || stderr.contains("REMOTE HOST IDENTIFICATION HAS CHANGED")
+        || stderr.contains("No ED25519 host key is known")
+        || stderr.contains("host key is known")
+    {
+        SshError::HostKey {
+            dest: d,
+            host: host.into(),
+            detail,
+        }
+    } else if stderr.contains("Permission denied (") || stderr.contains("Too many authentication failures") {
+        SshError::Auth { dest: d, detail }
+    } else if [
+        "Connection refused",
+        "Connection timed out",
+        "No route to host",
+        "Network is unreachable",
+        "Could not resolve hostname",
+        "Name or service not known",
+        "Connection closed by",
+        "Operation timed out",
+    ]
+    .iter()
+    .any(|s| stderr.contains(s))
+    {
+        SshError::Unreachable { dest: d, detail }
+    } else {
+        SshError::Connect { dest: d, detail }
+    }
+}
+
+/// An open master connection.
+pub struct Ssh {
+    session: Session,
+    dest: Destination,
+    label: String,
+}
+
+/// Result of a remote command that ran to the end.
+#[derive(Debug, Clone, Default)]
+pub struct RemoteOutput {
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Ssh {
+    /// Opens the master connection; never prompts.
+    pub async fn connect(dest: &Destination, timeout: Duration) -> Result<Ssh, SshError> {
+        let label = dest.ssh_target();
+        let mut b = SessionBuilder::default();
+        b.known_hosts_check(KnownHosts::Strict)
+            .connect_timeout(timeout)
+            .server_alive_interval(Duration::from_secs(5));
+        if let Some(u) = &dest.user {
+            b.user(u.clone());
+        }
+        if let Some(p) = dest.port {
+            b.port(p);
+        }
+        if let Some(k) = &dest.identity {
+            b.keyfile(k);
+        }
+        let session = match tokio::time::timeout(timeout + Duration::from_secs(5), b.connect(&dest.host)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                let text = error_text(&e);
+                return Err(classify_connect_error(&label, &dest.host, &text));
+            }
+            Err(_) => {
+                return Err(SshError::Unreachable {
+                    dest: label,
+                    detail: format!("no answer within {}s", timeout.as_secs()),
+                });
+            }
+        };
+        Ok(Ssh {
+            session,
+            dest: dest.clone(),
+            label,
+        })
+    }
+
+    /// `[user@]host` for messages.
+    pub fn label(&self) -> &str {
+        &self.label
+    }
+
+    /// The `-e` argument for rsync so it rides on this master connection.
+    pub fn rsync_shell(&self) -> String {
+        let mut parts = vec![
+            "ssh".to_string(),
+            "-o".into(),
+            format!("ControlPath={}", self.session.control_socket().display()),
+            "-o".into(),
+            "BatchMode=yes".into(),
+        ];
+        if let Some(p) = self.dest.port {
+            parts.push("-p".into());
+            parts.push(p.to_string());
+        }
+        parts.iter().map(|p| shell_quote(p)).collect::<Vec<_>>().join(" ")
+    }
+
+    /// `[user@]host:` prefix for rsync destinations.
+    pub fn rsync_target(&self) -> String {
+        self.dest.ssh_target()
+    }
+
+    /// Runs `program args…` on the target; a non-zero exit is an error with its stderr.
+    pub async fn run(&self, program: &str, args: &[String], timeout: Duration) -> Result<RemoteOutput, SshError> {
+        let cmd = display_command(program, args);
+        let mut command = self.session.command(program);
+        command.args(args).stdin(Stdio::null());
+        let out = match tokio::time::timeout(timeout, command.output()).await {
+            Ok(Ok(o)) => o,
+            Ok(Err(e)) => return Err(self.transport(e)),
+            Err(_) => {
+                return Err(SshError::Timeout {
+                    dest: self.label.clone(),
+                    cmd,
+                    after: timeout,
+                });
+            }
+        };
+        let output = RemoteOutput {
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        };
+        if out.status.success() {
+            Ok(output)
+        } else {
+            Err(SshError::Remote {
+                dest: self.label.clone(),
+                cmd,
+                status: out.status.into(),
+                stderr: tail_lines(&output.stderr, 12),
+            })
+        }
+    }
+
+    /// Runs a POSIX shell script on the target.
+    pub async fn sh(&self, script: &str, timeout: Duration) -> Result<RemoteOutput, SshError> {
+        self.run("sh", &["-c".to_string(), script.to_string()], timeout).await
+    }
+
+    /// Streams `reader` into `remote_path` on the target (written to a temporary name and
+    /// renamed when complete). Returns the bytes sent and their SHA-256.
+    pub async fn upload<R: AsyncRead + Unpin>(
+        &self,
+        reader: R,
+        remote_path: &str,
+        timeout: Duration,
+    ) -> Result<(u64, String), SshError> {
+        let part = format!("{remote_path}.part");
+        let script = format!(
+            "umask 077 && cat > {p} && mv -f {p} {f}",
+            p = shell_quote(&part),
+            f = shell_quote(remote_path)
+        );
+        self.stream_into(reader, &script, timeout).await
+    }
+
+    /// Streams `reader` into the stdin of a remote shell `script`. Returns the bytes sent
+    /// and their SHA-256.
+    pub async fn stream_into<R: AsyncRead + Unpin>(
+        &self,
+        mut reader: R,
+        script: &str,
+        timeout: Duration,
+    ) -> Result<(u64, String), SshError> {
+        let cmd = format!("sh -c {}", shell_quote(script));
+        let work = async {
+            let mut child = self
+                .session
+                .command("sh")
+                .arg("-c")
+                .arg(script)
+                .stdin(Stdio::piped())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .await
+                .map_err(|e| self.transport(e))?;
+            let mut stdin = child.stdin().take().expect("stdin is piped");
+            let mut hasher = Sha256::new();
+            let mut total = 0u64;
+            let mut buf = vec![0u8; 1 << 20];
+            let copy: std::io::Result<()> = async {
+                loop {
+                    let n = reader.read(&mut buf).await?;
+                    if n == 0 {
+                        break;
+                    }
+                    hasher.update(&buf[..n]);
+                    stdin.write_all(&buf[..n]).await?;
+                    total += n as u64;
+                }
+                stdin.shutdown().await?;
+                Ok(())
+            }
+            .await;
+            drop(stdin);
+            let out = child.wait_with_output().await.map_err(|e| self.transport(e))?;
+            if let Err(e) = copy {
+                return Err(SshError::Transport {
+                    dest: self.label.clone(),
+                    detail: format!("streaming into `{cmd}`: {e}"),
+                });
+            }
+            if !out.status.success() {
+                return Err(SshError::Remote {
+                    dest: self.label.clone(),
+                    cmd: cmd.clone(),
+                    status: out.status.into(),
+                    stderr: tail_lines(&String::from_utf8_lossy(&out.stderr), 12),
+                });
+            }
+            Ok((total, hex::encode(hasher.finalize())))
+        };
+        match tokio::time::timeout(timeout, work).await {
+            Ok(r) => r,
+            Err(_) => Err(SshError::Timeout {
+                dest: self.label.clone(),
+                cmd,
+                after: timeout,
+            }),
+        }
+    }
+
+    /// Pipes a local program's stdout into a remote program's stdin (e.g. podman save |
+    /// podman load).
+    pub async fn pipe_from_local(
+        &self,
+        local: &str,
+        local_args: &[String],
+        remote: &str,
+        remote_args: &[String],
+        timeout: Duration,
+    ) -> anyhow::Result<()> {
+        use anyhow::Context;
+        let local_cmd = display_command(local, local_args);
+        let mut src = tokio::process::Command::new(local)
+            .args(local_args)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("could not run `{local_cmd}`"))?;
+        let mut src_out = src.stdout.take().expect("piped");
+        let mut src_err = src.stderr.take().expect("piped");
+        let remote_cmd = display_command(remote, remote_args);
+        let work = async {
+            let mut dst = self
+                .session
+                .command(remote)
+                .args(remote_args)
+                .stdin(Stdio::piped())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .await
+                .map_err(|e| self.transport(e))?;
+            let mut dst_in = dst.stdin().take().expect("piped");
+            let copied = tokio::io::copy(&mut src_out, &mut dst_in).await;
+            let _ = dst_in.shutdown().await;
+            drop(dst_in);
+            let mut local_err = String::new();
+            let _ = src_err.read_to_string(&mut local_err).await;
+            let status = src.wait().await?;
+            let out = dst.wait_with_output().await.map_err(|e| self.transport(e))?;
+            if !status.success() {
+                anyhow::bail!("`{local_cmd}` {}: {}", StatusText::from(status), tail_lines(&local_err, 8));
+            }
+            copied.with_context(|| format!("piping `{local_cmd}` into `{remote_cmd}` on {}", self.label))?;
+            if !out.status.success() {
+                return Err(SshError::Remote {
+                    dest: self.label.clone(),
+                    cmd: remote_cmd.clone(),
+                    status: out.status.into(),
+                    stderr: tail_lines(&String::from_utf8_lossy(&out.stderr), 8),
+                }
+                .into());
+            }
+            Ok(())
+        };
+        tokio::time::timeout(timeout, work)
+            .await
+            .map_err(|_| anyhow::anyhow!("`{local_cmd} | ssh {} {remote_cmd}` did not finish within {}s", self.label, timeout.as_secs()))?
+    }
+
+    /// Closes the master connection.
+    pub async fn close(self) {
+        let _ = self.session.close().await;
+    }
+
+    fn transport(&self, e: openssh::Error) -> SshError {
+        SshError::Transport {
+            dest: self.label.clone(),
+            detail: error_text(&e),
+        }
+    }
+}
+
+/// The whole chain of an openssh error in one line.
+fn error_text(e: &openssh::Error) -> String {
+    let mut text = e.to_string();
+    let mut src = std::error::Error::source(e);
+    while let Some(s) = src {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        src = s.source();
+    }
+    text
+}
+
+/// Path of a file in a remote folder.
+pub fn remote_join(dir: &str, name: &str) -> String {
+    format!("{}/{}", dir.trim_end_matches('/'), name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Real stderr captured from OpenSSH 9.2 (Debian 12).
+    #[test]
+    fn classifies_real_ssh_errors() {
+        let cases = [
+            ("root@10.77.0.12: Permission denied (publickey).", "auth"),
+            (
+                "No ED25519 host key is known for 10.77.0.12 and you have requested strict checking.\r\nHost key verification failed.",
+                "hostkey",
+            ),
+            (
+                "@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@\r\n@    WARNING: REMOTE HOST IDENTIFICATION HAS CHANGED!     @\r\nHost key verification failed.",
+                "hostkey",
+            ),
+            ("ssh: connect to host 10.77.0.12 port 2222: Connection refused", "unreachable"),
+            ("ssh: connect to host 10.77.0.99 port 22: No route to host", "unreachable"),
+            ("ssh: Could not resolve hostname nosuchhost: Name or service not known", "unreachable"),
+            ("ssh: connect to host 192.0.2.1 port 22: Connection timed out", "unreachable"),
+            ("kex_exchange_identification: something odd", "other"),
+        ];
+        for (stderr, want) in cases {
+            let got = match classify_connect_error("root@b", "b", stderr) {
+                SshError::Auth { .. } => "auth",
+                SshError::HostKey { .. } => "hostkey",
+                SshError::Unreachable { .. } => "unreachable",
+                _ => "other",
+            };
+            assert_eq!(got, want, "{stderr}");
+        }
+    }
+
+    #[test]
+    fn errors_tell_what_to_do() {
+        let e = classify_connect_error("root@b", "b", "root@b: Permission denied (publickey).");
+        assert!(e.to_string().contains("--identity"), "{e}");
+        let e = classify_connect_error("root@b", "b", "Host key verification failed.");
+        assert!(e.to_string().contains("known_hosts"), "{e}");
+    }
+
+    #[test]
+    fn join() {
+        assert_eq!(remote_join("/var/lib/migrate/", "x.tar"), "/var/lib/migrate/x.tar");
+    }
+}
