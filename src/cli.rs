@@ -111,6 +111,23 @@ pub struct SendArgs {
     #[arg(long)]
     pub no_header: bool,
 
+    /// Run a shell command at a point of the migration: WHEN is `pre-freeze` (after the
+    /// pre-sync, before the freeze; a failure stops the migration before anything is
+    /// frozen), `post-up` (after the target confirmed UP; a failure is only reported) or
+    /// `rollback` (after the containers run on this host again). The command sees
+    /// MIGRATE_PHASE, MIGRATE_RUN_ID, MIGRATE_SOURCE, MIGRATE_TARGET, MIGRATE_CONTAINERS.
+    /// Repeatable; hooks of one point run in order.
+    #[arg(long = "hook", value_name = "WHEN=CMD")]
+    pub hooks: Vec<String>,
+
+    /// Like --hook, but the command runs on the target over the migration's SSH connection.
+    #[arg(long = "target-hook", value_name = "WHEN=CMD")]
+    pub target_hooks: Vec<String>,
+
+    /// Seconds a hook may run before it is killed (and counts as failed).
+    #[arg(long, value_name = "SECS", default_value_t = 30)]
+    pub hook_timeout: u64,
+
     /// Free text copied into the record's label column.
     #[arg(long, value_name = "TEXT", default_value = "")]
     pub label: String,

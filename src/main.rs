@@ -5,6 +5,7 @@ mod check;
 mod cli;
 mod engine;
 mod exec;
+mod hooks;
 mod plan;
 mod progress;
 mod protocol;

@@ -4,7 +4,10 @@
 use std::collections::HashSet;
 use std::path::{Component, Path, PathBuf};
 
+use std::time::Duration;
+
 use crate::cli::{CompressChoice, SendArgs};
+use crate::hooks::{Hook, Place, parse_hook};
 use crate::protocol::valid_container_name;
 use crate::timing::Format;
 use crate::transport::ssh::Destination;
@@ -32,6 +35,8 @@ pub struct SendPlan {
     pub format: Format,
     pub no_header: bool,
     pub label: String,
+    pub hooks: Vec<Hook>,
+    pub hook_timeout: Duration,
 }
 
 /// Splits `[user@]host`.
@@ -125,6 +130,16 @@ impl SendPlan {
             }
             data.push(clean);
         }
+        let mut hooks = Vec::new();
+        for h in &a.hooks {
+            hooks.push(parse_hook(h, Place::Source).map_err(PlanError)?);
+        }
+        for h in &a.target_hooks {
+            hooks.push(parse_hook(h, Place::Target).map_err(PlanError)?);
+        }
+        if a.hook_timeout == 0 {
+            return bad("--hook-timeout 0: give the seconds a hook may run");
+        }
         Ok(SendPlan {
             run_id: new_run_id(),
             dest: Destination {
@@ -142,6 +157,8 @@ impl SendPlan {
             format: a.format,
             no_header: a.no_header,
             label: a.label.clone(),
+            hooks,
+            hook_timeout: Duration::from_secs(a.hook_timeout),
         })
     }
 }

@@ -16,6 +16,7 @@ use crate::Signals;
 use crate::cli::CompressChoice;
 use crate::engine::podman::{self, Compression, ContainerInfo, CriuOptions, Podman, PodmanError};
 use crate::exec::shell_quote;
+use crate::hooks::{self, When};
 use crate::plan::SendPlan;
 use crate::progress::Ui;
 use crate::protocol::{
@@ -160,11 +161,24 @@ async fn migrate(plan: &SendPlan, ui: &Arc<Ui>, signals: &mut Signals, rec: &mut
         }
     }
     rec.presync_s = Some(presync.secs());
+    let hook_env = hook_env(plan, rec);
+    ui.phase("pre-freeze hooks");
+    let pre = tokio::select! {
+        r = hooks::run_all(&plan.hooks, When::PreFreeze, &hook_env, Some(&ssh), plan.hook_timeout) => r.map_err(anyhow::Error::from),
+        _ = signals.changed() => Err(anyhow!("interrupted")),
+    };
+    if let Err(e) = pre {
+        abort(&mut control, "pre-freeze hook failed", false).await;
+        ssh.close().await;
+        return Err(refuse(e.context("stopped before the freeze; nothing was frozen")));
+    }
     if signals.fired() {
         abort(&mut control, "interrupted before the freeze", false).await;
         ssh.close().await;
         return Err(refuse(anyhow!("interrupted before the freeze; nothing was frozen")));
     }
+
+    let rb_hooks = (plan.hooks.as_slice(), hook_env.as_slice(), plan.hook_timeout);
 
     // DOWN: checkpoint every container at once.
     let podman = Podman;
@@ -200,7 +214,7 @@ async fn migrate(plan: &SendPlan, ui: &Arc<Ui>, signals: &mut Signals, rec: &mut
     }
     if let Some(e) = first_error {
         abort(&mut control, "checkpoint failed", true).await;
-        return Err(roll_back(&podman, &items, &checkpointed, ui, e, Some(&ssh), &remote_dir).await);
+        return Err(roll_back(&podman, &items, &checkpointed, ui, e, &ssh, &remote_dir, &rb_hooks).await);
     }
 
     // Ship the archives, then the data that changed; give up (and roll back) on a signal.
@@ -251,7 +265,7 @@ async fn migrate(plan: &SendPlan, ui: &Arc<Ui>, signals: &mut Signals, rec: &mut
         }
         Err(e) => {
             abort(&mut control, "shipping failed", true).await;
-            return Err(roll_back(&podman, &items, &checkpointed, ui, e, Some(&ssh), &remote_dir).await);
+            return Err(roll_back(&podman, &items, &checkpointed, ui, e, &ssh, &remote_dir, &rb_hooks).await);
         }
     };
     let archive_bytes: u64 = entries.iter().map(|e| e.size).sum();
@@ -308,7 +322,7 @@ async fn migrate(plan: &SendPlan, ui: &Arc<Ui>, signals: &mut Signals, rec: &mut
     rec.verify_s = Some(outcome.verify_s);
     if !outcome.restored {
         let why = outcome.error.unwrap_or_else(|| "the target did not restore".into());
-        return Err(roll_back(&podman, &items, &checkpointed, ui, anyhow!(why), Some(&ssh), &remote_dir).await);
+        return Err(roll_back(&podman, &items, &checkpointed, ui, anyhow!(why), &ssh, &remote_dir, &rb_hooks).await);
     }
     let up_target = outcome.up_us.unwrap_or_else(|| now_us() + offset_us);
     rec.up_us = Some(up_target - offset_us);
@@ -327,6 +341,10 @@ async fn migrate(plan: &SendPlan, ui: &Arc<Ui>, signals: &mut Signals, rec: &mut
     }
     let _ = std::fs::remove_dir_all(&local_dir);
     let _ = ssh.run("rm", &["-f".into(), remote_join(&remote_dir, PID_FILE)], REMOTE_TIMEOUT).await;
+    if let Err(e) = hooks::run_all(&plan.hooks, When::PostUp, &hook_env, Some(&ssh), plan.hook_timeout).await {
+        ui.warn(&format!("{e}; the migration itself succeeded"));
+        rec.error = e.to_string();
+    }
     ssh.close().await;
     ui.finish();
     Ok(())
@@ -542,6 +560,16 @@ async fn preflight(plan: &SendPlan, ui: &Arc<Ui>, rec: &mut Record) -> Result<Pr
         remote_dir,
         offset_us,
     })
+}
+
+/// The migration's facts for hooks.
+fn hook_env(plan: &SendPlan, rec: &Record) -> Vec<(String, String)> {
+    vec![
+        ("MIGRATE_RUN_ID".into(), plan.run_id.clone()),
+        ("MIGRATE_SOURCE".into(), rec.source.clone()),
+        ("MIGRATE_TARGET".into(), plan.dest.host.clone()),
+        ("MIGRATE_CONTAINERS".into(), plan.containers.join(" ")),
+    ]
 }
 
 fn bracket(host: &str) -> String {
@@ -823,8 +851,9 @@ async fn roll_back(
     checkpointed: &[Item],
     ui: &Arc<Ui>,
     cause: anyhow::Error,
-    ssh: Option<&Ssh>,
+    ssh: &Ssh,
     remote_dir: &str,
+    (hook_list, env, hook_timeout): &(&[hooks::Hook], &[(String, String)], Duration),
 ) -> SendFailure {
     ui.warn(&format!("{cause:#}; rolling back on this host"));
     let mut problems = Vec::new();
@@ -856,10 +885,11 @@ async fn roll_back(
             problems.push(format!("{name}: not running after the rollback"));
         }
     }
-    if let Some(ssh) = ssh {
-        let _ = ssh.run("rm", &["-rf".into(), remote_dir.to_string()], REMOTE_TIMEOUT).await;
-    }
+    let _ = ssh.run("rm", &["-rf".into(), remote_dir.to_string()], REMOTE_TIMEOUT).await;
     if problems.is_empty() {
+        if let Err(e) = hooks::run_all(hook_list, When::Rollback, env, Some(ssh), *hook_timeout).await {
+            ui.warn(&e.to_string());
+        }
         for it in checkpointed {
             let _ = std::fs::remove_file(&it.local_archive);
         }

@@ -1,0 +1,268 @@
+//! Helpers for end-to-end tests on the local lab (scripts/lab): real podman, runc, CRIU,
+//! rsync and OpenSSH on network-namespace hosts. Every command's status, stdout and stderr
+//! are printed when an expectation fails.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub const A: &str = "10.77.0.11";
+pub const B: &str = "10.77.0.12";
+pub const C: &str = "10.77.0.13";
+
+pub fn host_addr(h: &str) -> &'static str {
+    match h {
+        "a" => A,
+        "b" => B,
+        "c" => C,
+        _ => panic!("unknown lab host {h}"),
+    }
+}
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn bin() -> String {
+    env!("CARGO_BIN_EXE_migrate").to_string()
+}
+
+/// A finished command.
+#[derive(Debug)]
+pub struct Out {
+    pub cmd: String,
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Out {
+    pub fn describe(&self) -> String {
+        format!(
+            "command: {}\nexit: {:?}\n--- stdout\n{}\n--- stderr\n{}",
+            self.cmd, self.code, self.stdout, self.stderr
+        )
+    }
+    /// Panics (with everything) unless the command exited 0.
+    pub fn ok(self) -> Out {
+        assert_eq!(self.code, Some(0), "{}", self.describe());
+        self
+    }
+    pub fn expect_code(self, code: i32) -> Out {
+        assert_eq!(self.code, Some(code), "{}", self.describe());
+        self
+    }
+    /// The record the command printed (CSV with header), as column → value.
+    pub fn record(&self) -> std::collections::HashMap<String, String> {
+        let mut rdr = csv::Reader::from_reader(self.stdout.as_bytes());
+        let headers = rdr.headers().expect("csv header").clone();
+        let row = rdr
+            .records()
+            .next()
+            .unwrap_or_else(|| panic!("no record\n{}", self.describe()))
+            .expect("csv row");
+        headers.iter().zip(row.iter()).map(|(h, v)| (h.to_string(), v.to_string())).collect()
+    }
+}
+
+pub fn run(program: &str, args: &[&str]) -> Out {
+    let out = Command::new(program)
+        .args(args)
+        .current_dir(repo())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
+    Out {
+        cmd: format!("{program} {}", args.join(" ")),
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+pub fn lab(args: &[&str]) -> Out {
+    run(repo().join("scripts/lab").to_str().unwrap(), args)
+}
+
+/// Runs a command on a lab host.
+pub fn on(host: &str, cmd: &[&str]) -> Out {
+    let mut a = vec!["exec", host];
+    a.extend_from_slice(cmd);
+    lab(&a)
+}
+
+/// Fails the test at once, with a useful message, when the lab is down.
+pub fn require_lab() {
+    let st = lab(&["status"]);
+    assert_eq!(st.code, Some(0), "the lab is not up: run `scripts/lab up` (or scripts/test)\n{}", st.describe());
+}
+
+/// Both hosts empty, then the thesis pair on `host` with `rows` rows. Also stops any
+/// receiver a previous test left behind.
+pub fn fresh_workload(host: &str, rows: u32) {
+    require_lab();
+    kill_receivers();
+    for h in ["a", "b"] {
+        lab(&["workload", "down", h]).ok();
+        on(h, &["sh", "-c", "rm -rf /var/lib/migrate/runs"]).ok();
+    }
+    lab(&["workload", "up", host, "--rows", &rows.to_string()]).ok();
+}
+
+pub fn rows(host: &str) -> u64 {
+    let out = lab(&["workload", "rows", host]).ok();
+    out.stdout.trim().parse().unwrap_or_else(|_| panic!("rows: {}", out.describe()))
+}
+
+pub fn counter(host: &str) -> u64 {
+    let out = lab(&["workload", "counter", host]).ok();
+    out.stdout.trim().parse().unwrap_or_else(|_| panic!("counter: {}", out.describe()))
+}
+
+/// Names of the running containers on a host.
+pub fn running(host: &str) -> Vec<String> {
+    let out = on(host, &["podman", "ps", "--format", "{{.Names}}"]).ok();
+    let mut v: Vec<String> = out.stdout.lines().map(str::to_string).collect();
+    v.sort();
+    v
+}
+
+/// Names of all containers (any state) on a host.
+pub fn all_containers(host: &str) -> Vec<String> {
+    let out = on(host, &["podman", "ps", "-a", "--format", "{{.Names}}"]).ok();
+    let mut v: Vec<String> = out.stdout.lines().map(str::to_string).collect();
+    v.sort();
+    v
+}
+
+/// Container id and start time: unchanged when nothing froze or restarted it.
+pub fn identity(host: &str, name: &str) -> String {
+    on(host, &["podman", "inspect", "--format", "{{.Id}} {{.State.StartedAt}} {{.State.Checkpointed}}", name])
+        .ok()
+        .stdout
+        .trim()
+        .to_string()
+}
+
+/// The thesis pair runs on `host` with its state: all rows, web answers, the counter
+/// moved on from `before` and is still counting.
+pub fn assert_pair_alive(host: &str, want_rows: u64, before: u64) {
+    assert_eq!(running(host), vec!["db", "web"], "containers on {host}");
+    assert_eq!(rows(host), want_rows, "rows on {host}");
+    let c1 = counter(host);
+    assert!(c1 >= before, "counter on {host} went back: {c1} < {before} (state lost)");
+    std::thread::sleep(Duration::from_millis(400));
+    let c2 = counter(host);
+    assert!(c2 > c1, "counter on {host} stopped: {c1} then {c2}");
+    let page = lab(&["workload", "http", host]).ok();
+    assert!(page.stdout.contains("migrate thesis workload"), "{}", page.describe());
+}
+
+/// `migrate send` on `host`.
+pub fn send(host: &str, args: &[&str]) -> Out {
+    let b = bin();
+    let mut cmd = vec![b.as_str(), "send"];
+    cmd.extend_from_slice(args);
+    on(host, &cmd)
+}
+
+pub fn kill_receivers() {
+    let pattern = format!("{} receive", bin());
+    let _ = Command::new("pkill").args(["-KILL", "-f", &pattern]).status();
+    std::thread::sleep(Duration::from_millis(200));
+}
+
+/// A `migrate receive` running on a lab host, its stderr collected line by line.
+pub struct Receiver {
+    child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+    stdout: Option<std::thread::JoinHandle<String>>,
+}
+
+impl Receiver {
+    pub fn start(host: &str, args: &[&str]) -> Receiver {
+        let b = bin();
+        let mut a = vec!["exec", host, b.as_str(), "receive"];
+        a.extend_from_slice(args);
+        let mut child = Command::new(repo().join("scripts/lab"))
+            .args(&a)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start receiver");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let l = lines.clone();
+        let err = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                eprintln!("[receiver] {line}");
+                l.lock().unwrap().push(line);
+            }
+        });
+        let mut out = child.stdout.take().unwrap();
+        let stdout = std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = std::io::Read::read_to_string(&mut out, &mut s);
+            s
+        });
+        let r = Receiver {
+            child,
+            lines,
+            stdout: Some(stdout),
+        };
+        r.wait_for_line("listening on", Duration::from_secs(10));
+        r
+    }
+
+    pub fn log(&self) -> String {
+        self.lines.lock().unwrap().join("\n")
+    }
+
+    /// Waits until a stderr line contains `needle`.
+    pub fn wait_for_line(&self, needle: &str, timeout: Duration) {
+        let end = Instant::now() + timeout;
+        while Instant::now() < end {
+            if self.lines.lock().unwrap().iter().any(|l| l.contains(needle)) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        panic!("receiver never said {needle:?}; its log:\n{}", self.log());
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+
+    /// Waits for the receiver to exit; returns its exit code and stdout.
+    pub fn wait(mut self, timeout: Duration) -> (Option<i32>, String) {
+        let end = Instant::now() + timeout;
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                let out = self.stdout.take().unwrap().join().unwrap();
+                return (st.code(), out);
+            }
+            assert!(Instant::now() < end, "receiver did not exit; its log:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

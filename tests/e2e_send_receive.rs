@@ -1,0 +1,300 @@
+//! `migrate send` / `migrate receive` end to end on the lab: real podman, runc, CRIU,
+//! rsync and OpenSSH between two network-namespace hosts.
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+const T: Duration = Duration::from_secs(120);
+
+fn to(host: &str) -> String {
+    format!("root@{}", host_addr(host))
+}
+
+/// Moves the thesis pair from `from` to `dest` and checks everything arrived.
+fn migrate_pair(from: &str, dest: &str, rows_expected: u64) {
+    let rx = Receiver::start(dest, &[]);
+    let before = counter(from);
+    let target = to(dest);
+    let out = send(from, &["--to", &target, "--data", "/srv/app", "--label", "e2e", "db", "web"]).ok();
+    let rec = out.record();
+    assert_eq!(rec["outcome"], "ok", "{}", out.describe());
+    assert_eq!(rec["label"], "e2e");
+    let downtime: f64 = rec["downtime_s"].parse().unwrap();
+    let migration: f64 = rec["migration_time_s"].parse().unwrap();
+    assert!(downtime > 0.0 && downtime < migration, "{}", out.describe());
+    assert!(rec["up_ts"] > rec["down_ts"]);
+    let (code, rx_out) = rx.wait(T);
+    assert_eq!(code, Some(0), "receiver exit; stdout:\n{rx_out}");
+    assert!(rx_out.contains(&rec["run_id"]), "receiver record names the run: {rx_out}");
+    assert_pair_alive(dest, rows_expected, before);
+    assert!(all_containers(from).is_empty(), "left on {from}: {:?}", all_containers(from));
+}
+
+#[test]
+fn thesis_pair_moves_a_to_b_and_back_with_state() {
+    fresh_workload("a", 1000);
+    migrate_pair("a", "b", 1000);
+    migrate_pair("b", "a", 1000);
+}
+
+#[test]
+fn json_records_and_receive_serve_mode() {
+    fresh_workload("a", 100);
+    let rx = Receiver::start("b", &["--serve", "--format", "json"]);
+    let out = send("a", &["--to", &to("b"), "--data", "/srv/app", "--format", "json", "db", "web"]).ok();
+    let v: serde_json::Value = serde_json::from_str(out.stdout.trim()).expect("one JSON object");
+    assert_eq!(v["outcome"], "ok");
+    assert!(v["downtime_s"].as_f64().unwrap() > 0.0);
+    // --serve: the receiver is still there for the next one.
+    std::thread::sleep(Duration::from_millis(300));
+    let mut rx = rx;
+    assert!(rx.is_running(), "receiver with --serve exited after one migration");
+    let rx_a = Receiver::start("a", &[]);
+    send("b", &["--to", &to("a"), "--data", "/srv/app", "--no-header", "db", "web"]).ok();
+    drop(rx_a);
+    assert_eq!(running("a"), vec!["db", "web"]);
+    rx.kill();
+}
+
+#[test]
+fn a_file_written_after_the_presync_arrives() {
+    fresh_workload("a", 100);
+    let rx = Receiver::start("b", &[]);
+    // The pre-freeze hook runs after the pre-sync and before the freeze.
+    let out = send(
+        "a",
+        &[
+            "--to",
+            &to("b"),
+            "--data",
+            "/srv/app",
+            "--hook",
+            "pre-freeze=echo written-late > /srv/app/www/late.txt",
+            "db",
+            "web",
+        ],
+    )
+    .ok();
+    assert_eq!(out.record()["outcome"], "ok");
+    rx.wait(T);
+    let late = on("b", &["cat", "/srv/app/www/late.txt"]).ok();
+    assert_eq!(late.stdout.trim(), "written-late");
+    let page = lab(&["workload", "http", "b", "late.txt"]).ok();
+    assert!(page.stdout.contains("written-late"), "{}", page.describe());
+}
+
+/// Nothing was frozen: the containers run with the same identity as before.
+fn assert_untouched(ids: &[(String, String)]) {
+    for (name, id) in ids {
+        assert_eq!(&identity("a", name), id, "{name} was touched");
+    }
+    assert_eq!(running("a"), vec!["db", "web"]);
+}
+
+fn identities() -> Vec<(String, String)> {
+    ["db", "web"].iter().map(|n| (n.to_string(), identity("a", n))).collect()
+}
+
+#[test]
+fn refusals_exit_2_before_anything_is_frozen() {
+    fresh_workload("a", 100);
+    let ids = identities();
+
+    // Unknown container.
+    let rx = Receiver::start("b", &[]);
+    let out = send("a", &["--to", &to("b"), "--data", "/srv/app", "db", "nosuch"]).expect_code(2);
+    assert!(out.stderr.contains("\"nosuch\" does not exist"), "{}", out.describe());
+    assert_eq!(out.record()["outcome"], "refused");
+    assert_untouched(&ids);
+    drop(rx);
+
+    // No receiver listening.
+    kill_receivers();
+    let out = send("a", &["--to", &to("b"), "--data", "/srv/app", "db", "web"]).expect_code(2);
+    assert!(out.stderr.contains("no receiver listening"), "{}", out.describe());
+    assert!(out.stderr.contains("migrate receive"), "says what to do: {}", out.describe());
+    assert_untouched(&ids);
+
+    // Unreachable host.
+    let out = send("a", &["--to", "root@10.77.0.99", "db", "web"]).expect_code(2);
+    assert!(out.stderr.contains("cannot reach"), "{}", out.describe());
+    assert_untouched(&ids);
+
+    // Bad input is one line naming the flag.
+    let out = send("a", &["--to", &to("b"), "--data", "relative/path", "db"]).expect_code(2);
+    assert!(out.stderr.contains("--data relative/path"), "{}", out.describe());
+    assert_eq!(out.stderr.trim().lines().count(), 1, "{}", out.describe());
+
+    // A data folder that does not cover a bind mount missing on the target.
+    let rx = Receiver::start("b", &[]);
+    on("b", &["rm", "-rf", "/srv/app"]).ok();
+    let out = send("a", &["--to", &to("b"), "--data", "/srv/app/www", "db", "web"]).expect_code(2);
+    assert!(out.stderr.contains("/srv/app/mysql") && out.stderr.contains("--data"), "{}", out.describe());
+    assert_untouched(&ids);
+    drop(rx);
+}
+
+#[test]
+fn strangers_on_the_control_port_do_not_trigger_a_restore() {
+    fresh_workload("a", 100);
+    let mut rx = Receiver::start("b", &[]);
+    // Plain bytes, the thesis's bare "OK", a forged hello followed by a forged (unsigned)
+    // Ready, and a frame far larger than allowed.
+    let forged = r#"{"v":1,"seq":0,"msg":"{\"type\":\"hello\",\"protocol\":1,\"run_id\":\"evil\",\"sender_version\":\"x\",\"source_host\":\"x\",\"label\":\"\"}","mac":null}
+{"v":1,"seq":1,"msg":"{\"type\":\"ready\",\"manifest\":{\"run_id\":\"evil\",\"containers\":[{\"name\":\"db\",\"archive\":\"../../x.tar\",\"size\":1,\"sha256\":\"00\",\"image_id\":\"x\",\"file_locks\":false,\"tcp_established\":false}],\"data\":[],\"down_us\":0,\"clock_offset_us\":0}}","mac":"00"}
+"#;
+    let forged_file = format!("{}/forged.txt", env!("CARGO_TARGET_TMPDIR"));
+    std::fs::write(&forged_file, forged).unwrap();
+    let port = "/dev/tcp/10.77.0.12/12345";
+    let scripts = [
+        format!("printf OK > {port}"),
+        format!("cat {forged_file} > {port}; sleep 1"),
+        format!("head -c 200000 /dev/zero | tr '\\0' x > {port}"),
+    ];
+    for s in &scripts {
+        on("c", &["timeout", "10", "bash", "-c", s]);
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(rx.is_running(), "receiver exited on a stranger's bytes:\n{}", rx.log());
+    assert!(rx.log().contains("refused"), "refusals are logged:\n{}", rx.log());
+    assert!(all_containers("b").is_empty(), "something was restored on b");
+    // The next real migration still works with the same receiver.
+    let before = counter("a");
+    send("a", &["--to", &to("b"), "--data", "/srv/app", "db", "web"]).ok();
+    let (code, _) = rx.wait(T);
+    assert_eq!(code, Some(0));
+    assert_pair_alive("b", 100, before);
+}
+
+/// Makes CRIU on host b fail whenever it is asked to work (swrk: what runc uses for
+/// checkpoint and restore), while `criu check` still passes: a CRIU that fails only at
+/// restore.
+struct BrokenCriuOnB;
+
+impl BrokenCriuOnB {
+    fn install() -> BrokenCriuOnB {
+        let script = "cp /usr/local/sbin/criu /tmp/criu.real && cat > /tmp/criu.fake <<'FAKE'
+#!/bin/sh
+if [ \"$1\" = swrk ]; then echo 'injected restore failure' >&2; exit 1; fi
+exec /tmp/criu.real \"$@\"
+FAKE
+chmod +x /tmp/criu.fake && mount --bind /tmp/criu.fake /usr/local/sbin/criu";
+        on("b", &["sh", "-c", script]).ok();
+        BrokenCriuOnB
+    }
+}
+
+impl Drop for BrokenCriuOnB {
+    fn drop(&mut self) {
+        on("b", &["umount", "/usr/local/sbin/criu"]);
+    }
+}
+
+#[test]
+fn restore_failing_on_the_target_rolls_back_to_the_source() {
+    fresh_workload("a", 100);
+    let broken = BrokenCriuOnB::install();
+    let rx = Receiver::start("b", &[]);
+    let before = counter("a");
+    let out = send("a", &["--to", &to("b"), "--data", "/srv/app", "db", "web"]).expect_code(1);
+    assert_eq!(out.record()["outcome"], "rolled_back", "{}", out.describe());
+    let (code, _) = rx.wait(T);
+    assert_ne!(code, Some(0), "receiver must not report success");
+    drop(broken);
+    assert!(all_containers("b").is_empty(), "half-restored on b: {:?}", all_containers("b"));
+    assert_pair_alive("a", 100, before);
+}
+
+#[test]
+fn partial_restore_is_removed_on_the_target_and_rolled_back() {
+    fresh_workload("a", 100);
+    // Something else holds web's port on b: db restores, web cannot.
+    let mut blocker = Guard(
+        std::process::Command::new(repo().join("scripts/lab"))
+            .args(["exec", "b", "busybox", "nc", "-l", "-p", "8080"])
+            .spawn()
+            .unwrap(),
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let rx = Receiver::start("b", &[]);
+    let before = counter("a");
+    let out = send("a", &["--to", &to("b"), "--data", "/srv/app", "db", "web"]).expect_code(1);
+    assert_eq!(out.record()["outcome"], "rolled_back", "{}", out.describe());
+    rx.wait(T);
+    blocker.kill();
+    assert!(all_containers("b").is_empty(), "left on b: {:?}", all_containers("b"));
+    assert_pair_alive("a", 100, before);
+}
+
+/// Kills a helper process when the test ends, however it ends.
+struct Guard(std::process::Child);
+
+impl Guard {
+    fn kill(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+#[test]
+fn receiver_killed_after_ok_leaves_exactly_one_copy() {
+    fresh_workload("a", 100);
+    let rx = Receiver::start("b", &[]);
+    let before = counter("a");
+    let rx_pid = rx.pid();
+    let target = to("b");
+    let sender = std::thread::spawn(move || send("a", &["--to", &target, "--data", "/srv/app", "db", "web"]));
+    rx.wait_for_line("OK received", Duration::from_secs(60));
+    // SIGKILL: no chance to clean up or answer.
+    std::process::Command::new("kill").args(["-KILL", &rx_pid.to_string()]).status().unwrap();
+    let out = sender.join().unwrap();
+    let code = out.code;
+    assert!(code == Some(0) || code == Some(1), "{}", out.describe());
+    let on_a = running("a");
+    let on_b = running("b");
+    if code == Some(0) {
+        assert!(all_containers("a").is_empty(), "split brain: a={on_a:?} b={on_b:?}");
+        assert_pair_alive("b", 100, before);
+    } else {
+        assert_eq!(out.record()["outcome"], "rolled_back");
+        assert!(all_containers("b").is_empty(), "split brain: a={on_a:?} b={on_b:?}");
+        assert_pair_alive("a", 100, before);
+    }
+}
+
+#[test]
+fn sigterm_before_the_freeze_leaves_everything_running() {
+    fresh_workload("a", 100);
+    let ids = identities();
+    let _rx = Receiver::start("b", &[]);
+    let target = to("b");
+    let sender = std::thread::spawn(move || {
+        send(
+            "a",
+            &["--to", &target, "--data", "/srv/app", "--hook", "pre-freeze=sleep 20", "db", "web"],
+        )
+    });
+    // Wait for the hook to be running, then SIGTERM the sender.
+    let pattern = format!("{} send", bin());
+    let mut found = false;
+    for _ in 0..200 {
+        if run("pgrep", &["-f", "sleep 20"]).code == Some(0) {
+            found = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(found, "the pre-freeze hook never started");
+    run("pkill", &["-TERM", "-f", &pattern]);
+    let out = sender.join().unwrap().expect_code(2);
+    assert!(out.stderr.contains("nothing was frozen"), "{}", out.describe());
+    assert_untouched(&ids);
+}
