@@ -32,7 +32,9 @@ impl Facts {
     pub fn parse(text: &str) -> Facts {
         let mut f = Facts::default();
         for line in text.lines() {
-            let Some((k, v)) = line.split_once('=') else { continue };
+            let Some((k, v)) = line.split_once('=') else {
+                continue;
+            };
             let v = Some(v.trim().to_string()).filter(|v| !v.is_empty());
             match k {
                 "podman" => f.podman = v,
@@ -55,10 +57,15 @@ impl Facts {
         }
         match self.criu.as_deref() {
             None | Some("missing") => {
-                return Some("CRIU is not installed; install CRIU 4.2 or newer (scripts/setup builds it)".into());
+                return Some(
+                    "CRIU is not installed; install CRIU 4.2 or newer (scripts/setup builds it)"
+                        .into(),
+                );
             }
             Some(v) if !version_at_least(v, 4, 2) => {
-                return Some(format!("CRIU {v} is too old for this kernel; install CRIU 4.2 or newer"));
+                return Some(format!(
+                    "CRIU {v} is too old for this kernel; install CRIU 4.2 or newer"
+                ));
             }
             _ => {}
         }
@@ -115,15 +122,23 @@ mod tests {
     fn each_missing_piece_is_named() {
         let p = Facts::parse("podman=missing\n").problem().unwrap();
         assert!(p.contains("podman"), "{p}");
-        let p = Facts::parse("podman=4.3.1\nruntime=runc\ncriu=missing\n").problem().unwrap();
-        assert!(p.contains("CRIU is not installed"), "{p}");
-        let p = Facts::parse("podman=4.3.1\nruntime=runc\ncriu=3.17.1\ncriu_check=ok\n").problem().unwrap();
-        assert!(p.contains("too old"), "{p}");
-        let p = Facts::parse("podman=4.3.1\nruntime=runc\ncriu=4.2\ncriu_check=Error (criu/cr-check.c:1): boom\n")
+        let p = Facts::parse("podman=4.3.1\nruntime=runc\ncriu=missing\n")
             .problem()
             .unwrap();
+        assert!(p.contains("CRIU is not installed"), "{p}");
+        let p = Facts::parse("podman=4.3.1\nruntime=runc\ncriu=3.17.1\ncriu_check=ok\n")
+            .problem()
+            .unwrap();
+        assert!(p.contains("too old"), "{p}");
+        let p = Facts::parse(
+            "podman=4.3.1\nruntime=runc\ncriu=4.2\ncriu_check=Error (criu/cr-check.c:1): boom\n",
+        )
+        .problem()
+        .unwrap();
         assert!(p.contains("boom"), "{p}");
-        let p = Facts::parse("podman=4.3.1\nruntime=crun\ncriu=4.2\ncriu_check=ok\n").problem().unwrap();
+        let p = Facts::parse("podman=4.3.1\nruntime=crun\ncriu=4.2\ncriu_check=ok\n")
+            .problem()
+            .unwrap();
         assert!(p.contains("runc"), "{p}");
     }
 

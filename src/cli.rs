@@ -13,7 +13,12 @@ use crate::timing::Format;
 /// CONTAINER...` on the source host. Each side prints one record per migration on
 /// stdout (CSV with a header, or JSON lines); everything for humans goes to stderr.
 #[derive(Debug, Parser)]
-#[command(name = "migrate", version, propagate_version = true, max_term_width = 100)]
+#[command(
+    name = "migrate",
+    version,
+    propagate_version = true,
+    max_term_width = 100
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -25,6 +30,8 @@ pub enum Command {
     Receive(ReceiveArgs),
     /// Move running containers from this host to the target host.
     Send(SendArgs),
+    /// Read a service like a client would, every interval, and report every outage.
+    Probe(crate::probe::ProbeArgs),
     /// Print a shell completion script to stdout.
     Completions {
         /// The shell to complete for.
@@ -38,11 +45,21 @@ pub enum Command {
 #[derive(Debug, Args)]
 pub struct ReceiveArgs {
     /// Address and port of the control connection to listen on.
-    #[arg(long, value_name = "ADDR:PORT", default_value = "0.0.0.0:12345", env = "MIGRATE_LISTEN")]
+    #[arg(
+        long,
+        value_name = "ADDR:PORT",
+        default_value = "0.0.0.0:12345",
+        env = "MIGRATE_LISTEN"
+    )]
     pub listen: SocketAddr,
 
     /// Folder for incoming archives (one sub-folder per migration, root-only).
-    #[arg(long, value_name = "DIR", default_value = "/var/lib/migrate", env = "MIGRATE_WORKDIR")]
+    #[arg(
+        long,
+        value_name = "DIR",
+        default_value = "/var/lib/migrate",
+        env = "MIGRATE_WORKDIR"
+    )]
     pub workdir: PathBuf,
 
     /// Keep serving migrations one after another instead of exiting after one.
@@ -87,7 +104,12 @@ pub struct SendArgs {
     pub control_port: u16,
 
     /// Local folder for checkpoint archives (kept until the target confirms).
-    #[arg(long, value_name = "DIR", default_value = "/var/lib/migrate", env = "MIGRATE_WORKDIR")]
+    #[arg(
+        long,
+        value_name = "DIR",
+        default_value = "/var/lib/migrate",
+        env = "MIGRATE_WORKDIR"
+    )]
     pub workdir: PathBuf,
 
     /// Data folder to sync to the same path on the target (repeatable): synced while the
@@ -150,13 +172,17 @@ mod tests {
     #[test]
     fn defaults_match_the_contract() {
         let cli = Cli::try_parse_from(["migrate", "send", "--to", "root@b", "db", "web"]).unwrap();
-        let Command::Send(s) = cli.command else { panic!() };
+        let Command::Send(s) = cli.command else {
+            panic!()
+        };
         assert_eq!(s.control_port, 12345);
         assert_eq!(s.workdir, PathBuf::from("/var/lib/migrate"));
         assert_eq!(s.format, Format::Csv);
         assert_eq!(s.containers, vec!["db", "web"]);
         let cli = Cli::try_parse_from(["migrate", "receive"]).unwrap();
-        let Command::Receive(r) = cli.command else { panic!() };
+        let Command::Receive(r) = cli.command else {
+            panic!()
+        };
         assert_eq!(r.listen.to_string(), "0.0.0.0:12345");
         assert!(!r.serve);
     }

@@ -52,13 +52,19 @@ pub fn parse_hook(spec: &str, place: Place) -> Result<Hook, String> {
         Place::Target => "--target-hook",
     };
     let Some((when, command)) = spec.split_once('=') else {
-        return Err(format!("{flag} {spec:?}: write WHEN=COMMAND, WHEN being pre-freeze, post-up or rollback"));
+        return Err(format!(
+            "{flag} {spec:?}: write WHEN=COMMAND, WHEN being pre-freeze, post-up or rollback"
+        ));
     };
     let when = match when.trim() {
         "pre-freeze" => When::PreFreeze,
         "post-up" => When::PostUp,
         "rollback" => When::Rollback,
-        other => return Err(format!("{flag}: unknown point {other:?}; use pre-freeze, post-up or rollback")),
+        other => {
+            return Err(format!(
+                "{flag}: unknown point {other:?}; use pre-freeze, post-up or rollback"
+            ));
+        }
     };
     if command.trim().is_empty() {
         return Err(format!("{flag} {spec:?}: the command is empty"));
@@ -157,7 +163,12 @@ async fn run_local(h: &Hook, env: &[(String, String)], timeout: Duration) -> Res
     }
 }
 
-async fn run_remote(h: &Hook, env: &[(String, String)], ssh: &Ssh, timeout: Duration) -> Result<(), HookError> {
+async fn run_remote(
+    h: &Hook,
+    env: &[(String, String)],
+    ssh: &Ssh,
+    timeout: Duration,
+) -> Result<(), HookError> {
     let when = h.when.as_str();
     let mut script = String::new();
     for (k, v) in env {
@@ -171,12 +182,14 @@ async fn run_remote(h: &Hook, env: &[(String, String)], ssh: &Ssh, timeout: Dura
             command: h.command.clone(),
             after: timeout,
         }),
-        Err(crate::transport::ssh::SshError::Remote { status, stderr, .. }) => Err(HookError::Failed {
-            when,
-            command: h.command.clone(),
-            status,
-            stderr,
-        }),
+        Err(crate::transport::ssh::SshError::Remote { status, stderr, .. }) => {
+            Err(HookError::Failed {
+                when,
+                command: h.command.clone(),
+                status,
+                stderr,
+            })
+        }
         Err(e) => Err(HookError::Spawn {
             when,
             command: h.command.clone(),
@@ -205,8 +218,15 @@ mod tests {
         let h = parse_hook("post-up=nginx -s reload", Place::Target).unwrap();
         assert_eq!(h.when, When::PostUp);
         assert_eq!(h.command, "nginx -s reload");
-        assert_eq!(parse_hook("pre-freeze=a=b", Place::Source).unwrap().command, "a=b");
-        assert!(parse_hook("later=x", Place::Source).unwrap_err().contains("unknown point"));
+        assert_eq!(
+            parse_hook("pre-freeze=a=b", Place::Source).unwrap().command,
+            "a=b"
+        );
+        assert!(
+            parse_hook("later=x", Place::Source)
+                .unwrap_err()
+                .contains("unknown point")
+        );
         assert!(parse_hook("nothing", Place::Source).is_err());
         assert!(parse_hook("rollback= ", Place::Source).is_err());
     }
@@ -218,14 +238,24 @@ mod tests {
         let hooks = vec![Hook {
             when: When::PreFreeze,
             place: Place::Source,
-            command: format!("echo \"$MIGRATE_PHASE $MIGRATE_TARGET\" > {}", out.display()),
+            command: format!(
+                "echo \"$MIGRATE_PHASE $MIGRATE_TARGET\" > {}",
+                out.display()
+            ),
         }];
         let env = vec![("MIGRATE_TARGET".to_string(), "b".to_string())];
-        run_all(&hooks, When::PreFreeze, &env, None, Duration::from_secs(5)).await.unwrap();
-        assert_eq!(std::fs::read_to_string(&out).unwrap().trim(), "pre-freeze b");
+        run_all(&hooks, When::PreFreeze, &env, None, Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&out).unwrap().trim(),
+            "pre-freeze b"
+        );
         // Hooks of another point do not run.
         std::fs::remove_file(&out).unwrap();
-        run_all(&hooks, When::PostUp, &env, None, Duration::from_secs(5)).await.unwrap();
+        run_all(&hooks, When::PostUp, &env, None, Duration::from_secs(5))
+            .await
+            .unwrap();
         assert!(!out.exists());
 
         let failing = vec![Hook {
@@ -233,15 +263,22 @@ mod tests {
             place: Place::Source,
             command: "echo nope >&2; exit 4".into(),
         }];
-        let e = run_all(&failing, When::PostUp, &[], None, Duration::from_secs(5)).await.unwrap_err();
-        assert!(e.to_string().contains("status 4") && e.to_string().contains("nope"), "{e}");
+        let e = run_all(&failing, When::PostUp, &[], None, Duration::from_secs(5))
+            .await
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("status 4") && e.to_string().contains("nope"),
+            "{e}"
+        );
 
         let slow = vec![Hook {
             when: When::Rollback,
             place: Place::Source,
             command: "sleep 5".into(),
         }];
-        let e = run_all(&slow, When::Rollback, &[], None, Duration::from_millis(200)).await.unwrap_err();
+        let e = run_all(&slow, When::Rollback, &[], None, Duration::from_millis(200))
+            .await
+            .unwrap_err();
         assert!(matches!(e, HookError::Timeout { .. }), "{e}");
     }
 }

@@ -7,6 +7,7 @@ mod engine;
 mod exec;
 mod hooks;
 mod plan;
+mod probe;
 mod progress;
 mod protocol;
 mod receive;
@@ -79,17 +80,25 @@ async fn dispatch(cli: Cli) -> u8 {
                 }
             }
         }
+        Command::Probe(args) => probe::run(args).await,
         Command::Completions { shell } => {
-            clap_complete::generate(shell, &mut Cli::command(), "migrate", &mut std::io::stdout());
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "migrate",
+                &mut std::io::stdout(),
+            );
             0
         }
-        Command::Man => match clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout()) {
-            Ok(()) => 0,
-            Err(e) => {
-                eprintln!("migrate man: {e}");
-                3
+        Command::Man => {
+            match clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout()) {
+                Ok(()) => 0,
+                Err(e) => {
+                    eprintln!("migrate man: {e}");
+                    3
+                }
             }
-        },
+        }
     }
 }
 

@@ -48,7 +48,9 @@ pub fn parse_destination(to: &str) -> Result<(Option<String>, String), PlanError
     if let Some(u) = &user
         && (u.is_empty() || u.contains(char::is_whitespace))
     {
-        return bad(format!("--to {to:?}: the user name is empty or has spaces; use --to USER@HOST"));
+        return bad(format!(
+            "--to {to:?}: the user name is empty or has spaces; use --to USER@HOST"
+        ));
     }
     let host_ok = !host.is_empty()
         && !host.starts_with('-')
@@ -56,28 +58,39 @@ pub fn parse_destination(to: &str) -> Result<(Option<String>, String), PlanError
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"-._:[]".contains(&b));
     if !host_ok {
-        return bad(format!("--to {to:?}: not a host name or address; use --to [USER@]HOST"));
+        return bad(format!(
+            "--to {to:?}: not a host name or address; use --to [USER@]HOST"
+        ));
     }
     if host.contains(':') && !host.starts_with('[') && host.matches(':').count() == 1 {
         return bad(format!(
             "--to {to:?}: put the SSH port in --ssh-port, not in the host name"
         ));
     }
-    Ok((user, host.trim_start_matches('[').trim_end_matches(']').to_string()))
+    Ok((
+        user,
+        host.trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string(),
+    ))
 }
 
 /// Checks one `--data` folder: absolute, an existing directory, not `/`, no `..`.
 pub fn check_data_path(p: &Path) -> Result<PathBuf, PlanError> {
     let shown = p.display();
     if !p.is_absolute() {
-        return bad(format!("--data {shown}: must be an absolute path (it lands at the same path on the target)"));
+        return bad(format!(
+            "--data {shown}: must be an absolute path (it lands at the same path on the target)"
+        ));
     }
     if p.components().any(|c| matches!(c, Component::ParentDir)) {
         return bad(format!("--data {shown}: must not contain `..`"));
     }
     let clean: PathBuf = p.components().collect();
     if clean == Path::new("/") {
-        return bad("--data /: refusing to mirror the whole file system; name the application's data folder");
+        return bad(
+            "--data /: refusing to mirror the whole file system; name the application's data folder",
+        );
     }
     match std::fs::metadata(&clean) {
         Ok(m) if m.is_dir() => Ok(clean),
@@ -90,7 +103,11 @@ pub fn check_data_path(p: &Path) -> Result<PathBuf, PlanError> {
 pub fn new_run_id() -> String {
     let mut rnd = [0u8; 4];
     crate::secret::fill_random(&mut rnd);
-    format!("{}-{}", chrono::Utc::now().format("%Y%m%dT%H%M%SZ"), hex::encode(rnd))
+    format!(
+        "{}-{}",
+        chrono::Utc::now().format("%Y%m%dT%H%M%SZ"),
+        hex::encode(rnd)
+    )
 }
 
 impl SendPlan {
@@ -102,10 +119,15 @@ impl SendPlan {
             return bad(format!("--identity {}: no such file", id.display()));
         }
         if !a.workdir.is_absolute() {
-            return bad(format!("--workdir {}: must be an absolute path", a.workdir.display()));
+            return bad(format!(
+                "--workdir {}: must be an absolute path",
+                a.workdir.display()
+            ));
         }
         if a.control_port == 0 {
-            return bad("--control-port 0: give the port `migrate receive --listen` uses (default 12345)");
+            return bad(
+                "--control-port 0: give the port `migrate receive --listen` uses (default 12345)",
+            );
         }
         let mut seen = HashSet::new();
         for c in &a.containers {
@@ -169,12 +191,20 @@ mod tests {
 
     #[test]
     fn destinations() {
-        assert_eq!(parse_destination("root@10.0.0.2").unwrap(), (Some("root".into()), "10.0.0.2".into()));
+        assert_eq!(
+            parse_destination("root@10.0.0.2").unwrap(),
+            (Some("root".into()), "10.0.0.2".into())
+        );
         assert_eq!(parse_destination("lab-b").unwrap(), (None, "lab-b".into()));
         assert_eq!(parse_destination("[fe80::1]").unwrap().1, "fe80::1");
         assert!(parse_destination("").is_err());
         assert!(parse_destination("@host").is_err());
-        assert!(parse_destination("host:22").unwrap_err().0.contains("--ssh-port"));
+        assert!(
+            parse_destination("host:22")
+                .unwrap_err()
+                .0
+                .contains("--ssh-port")
+        );
         assert!(parse_destination("-oProxyCommand=x").is_err());
         assert!(parse_destination("a b").is_err());
     }
@@ -185,13 +215,23 @@ mod tests {
         let d = dir.path().join("data");
         std::fs::create_dir(&d).unwrap();
         assert_eq!(check_data_path(&d.join("")).unwrap(), d);
-        assert!(check_data_path(Path::new("relative")).unwrap_err().0.contains("absolute"));
+        assert!(
+            check_data_path(Path::new("relative"))
+                .unwrap_err()
+                .0
+                .contains("absolute")
+        );
         assert!(check_data_path(Path::new("/")).is_err());
         assert!(check_data_path(&d.join("missing")).is_err());
         assert!(check_data_path(&d.join("../data")).is_err());
         let f = dir.path().join("file");
         std::fs::write(&f, "x").unwrap();
-        assert!(check_data_path(&f).unwrap_err().0.contains("not a directory"));
+        assert!(
+            check_data_path(&f)
+                .unwrap_err()
+                .0
+                .contains("not a directory")
+        );
     }
 
     #[test]

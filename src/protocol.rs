@@ -560,19 +560,31 @@ mod tests {
         ));
         let plain = encode(&msg, 1, None).unwrap();
         assert!(matches!(
-            decode::<ToReceiver>(&plain[..plain.len() - 1], 1, Some((&a, Direction::ToReceiver))),
+            decode::<ToReceiver>(
+                &plain[..plain.len() - 1],
+                1,
+                Some((&a, Direction::ToReceiver))
+            ),
             Err(ProtocolError::BadMac)
         ));
         // A MAC'd frame whose text was altered after signing.
-        let text = String::from_utf8(line.to_vec()).unwrap().replace("db", "dc");
-        assert!(decode::<ToReceiver>(text.as_bytes(), 1, Some((&a, Direction::ToReceiver))).is_err());
+        let text = String::from_utf8(line.to_vec())
+            .unwrap()
+            .replace("db", "dc");
+        assert!(
+            decode::<ToReceiver>(text.as_bytes(), 1, Some((&a, Direction::ToReceiver))).is_err()
+        );
     }
 
     #[test]
     fn strict_parsing() {
         assert!(decode::<ToReceiver>(b"OK", 0, None).is_err());
-        assert!(decode::<ToReceiver>(b"{\"v\":1,\"seq\":0,\"msg\":\"{}\",\"mac\":null}", 0, None).is_err());
-        let unknown = br#"{"v":1,"seq":0,"msg":"{\"type\":\"time_probe\",\"t0\":1,\"x\":2}","mac":null}"#;
+        assert!(
+            decode::<ToReceiver>(b"{\"v\":1,\"seq\":0,\"msg\":\"{}\",\"mac\":null}", 0, None)
+                .is_err()
+        );
+        let unknown =
+            br#"{"v":1,"seq":0,"msg":"{\"type\":\"time_probe\",\"t0\":1,\"x\":2}","mac":null}"#;
         assert!(decode::<ToReceiver>(unknown, 0, None).is_err());
         let version = br#"{"v":9,"seq":0,"msg":"{\"type\":\"time_probe\",\"t0\":1}","mac":null}"#;
         assert!(matches!(
@@ -585,9 +597,15 @@ mod tests {
     async fn oversized_frames_are_cut_off() {
         let big = vec![b'x'; MAX_FRAME + 10];
         let mut r = BufReader::new(&big[..]);
-        assert!(matches!(read_frame(&mut r).await, Err(ProtocolError::TooLarge)));
+        assert!(matches!(
+            read_frame(&mut r).await,
+            Err(ProtocolError::TooLarge)
+        ));
         let mut r = BufReader::new(&b"abc"[..]);
-        assert!(matches!(read_frame(&mut r).await, Err(ProtocolError::Closed)));
+        assert!(matches!(
+            read_frame(&mut r).await,
+            Err(ProtocolError::Closed)
+        ));
     }
 
     #[tokio::test]
@@ -614,7 +632,9 @@ mod tests {
             let ToReceiver::TimeProbe { t0 } = probe else {
                 panic!("{probe:?}")
             };
-            ch.send(&ToSender::TimeReply { t0, t1: 5, t2: 6 }).await.unwrap();
+            ch.send(&ToSender::TimeReply { t0, t1: 5, t2: 6 })
+                .await
+                .unwrap();
         });
         let sock = tokio::net::TcpStream::connect(addr).await.unwrap();
         let (r, w) = sock.into_split();
@@ -633,7 +653,14 @@ mod tests {
         ch.authenticate(auth());
         ch.send(&ToReceiver::TimeProbe { t0: 1 }).await.unwrap();
         let reply: ToSender = ch.recv().await.unwrap();
-        assert_eq!(reply, ToSender::TimeReply { t0: 1, t1: 5, t2: 6 });
+        assert_eq!(
+            reply,
+            ToSender::TimeReply {
+                t0: 1,
+                t1: 5,
+                t2: 6
+            }
+        );
         server.await.unwrap();
     }
 

@@ -15,12 +15,12 @@ use tokio::sync::{Mutex, mpsc};
 
 use crate::cli::ReceiveArgs;
 use crate::engine::podman::{CriuOptions, Podman};
+use crate::progress::Ui;
 use crate::protocol::{
-    Auth, Channel, Direction, Manifest, PROTOCOL_VERSION, ProtocolError, TargetOutcome, ToReceiver, ToSender,
-    valid_run_id,
+    Auth, Channel, Direction, Manifest, PROTOCOL_VERSION, ProtocolError, TargetOutcome, ToReceiver,
+    ToSender, valid_run_id,
 };
 use crate::timing::{Format, Outcome, Record, Stopwatch, now_us};
-use crate::progress::Ui;
 
 /// How long a new connection may take to say hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -63,10 +63,18 @@ pub async fn run(args: ReceiveArgs, ui: Arc<Ui>) -> anyhow::Result<u8> {
         .recursive(true)
         .mode(0o700)
         .create(&runs)
-        .with_context(|| format!("cannot create work folder {}: pass a writable --workdir", runs.display()))?;
-    let listener = TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}: is another receiver running? pick another --listen", args.listen))?;
+        .with_context(|| {
+            format!(
+                "cannot create work folder {}: pass a writable --workdir",
+                runs.display()
+            )
+        })?;
+    let listener = TcpListener::bind(args.listen).await.with_context(|| {
+        format!(
+            "cannot listen on {}: is another receiver running? pick another --listen",
+            args.listen
+        )
+    })?;
     let ctx = Arc::new(Ctx {
         workdir: args.workdir.clone(),
         hostname: crate::hostname(),
@@ -79,7 +87,11 @@ pub async fn run(args: ReceiveArgs, ui: Arc<Ui>) -> anyhow::Result<u8> {
         "listening on {} (work folder {}){}",
         args.listen,
         args.workdir.display(),
-        if args.serve { ", serving until stopped" } else { ", for one migration" }
+        if args.serve {
+            ", serving until stopped"
+        } else {
+            ", for one migration"
+        }
     ));
     let (done_tx, mut done_rx) = mpsc::channel::<Done>(4);
     let mut signals = crate::Signals::new()?;
@@ -130,7 +142,10 @@ async fn handle(sock: TcpStream, peer: SocketAddr, ctx: &Ctx) -> Option<Done> {
             return None;
         }
         Err(_) => {
-            ctx.ui.warn(&format!("refused connection from {peer}: no hello within {}s", HELLO_TIMEOUT.as_secs()));
+            ctx.ui.warn(&format!(
+                "refused connection from {peer}: no hello within {}s",
+                HELLO_TIMEOUT.as_secs()
+            ));
             return None;
         }
     };
@@ -142,12 +157,17 @@ async fn handle(sock: TcpStream, peer: SocketAddr, ctx: &Ctx) -> Option<Done> {
         ..
     } = hello
     else {
-        ctx.ui.warn(&format!("refused connection from {peer}: it did not start with hello"));
+        ctx.ui.warn(&format!(
+            "refused connection from {peer}: it did not start with hello"
+        ));
         return None;
     };
     if protocol != PROTOCOL_VERSION || !valid_run_id(&run_id) {
-        let reason = format!("protocol {protocol} / run id {run_id:?} not accepted (this receiver speaks protocol {PROTOCOL_VERSION})");
-        ctx.ui.warn(&format!("refused connection from {peer}: {reason}"));
+        let reason = format!(
+            "protocol {protocol} / run id {run_id:?} not accepted (this receiver speaks protocol {PROTOCOL_VERSION})"
+        );
+        ctx.ui
+            .warn(&format!("refused connection from {peer}: {reason}"));
         let _ = ch.send(&ToSender::Refused { reason }).await;
         return None;
     }
@@ -172,7 +192,9 @@ async fn handle(sock: TcpStream, peer: SocketAddr, ctx: &Ctx) -> Option<Done> {
     let secret = match read_secret(&dir) {
         Ok(s) => s,
         Err(e) => {
-            ctx.ui.warn(&format!("refused message from {peer} for run {run_id}: {e:#}"));
+            ctx.ui.warn(&format!(
+                "refused message from {peer} for run {run_id}: {e:#}"
+            ));
             return None;
         }
     };
@@ -180,7 +202,9 @@ async fn handle(sock: TcpStream, peer: SocketAddr, ctx: &Ctx) -> Option<Done> {
     let first = match ch.recv::<ToReceiver>().await {
         Ok(m) => m,
         Err(e) => {
-            ctx.ui.warn(&format!("refused message from {peer} for run {run_id}: {e}; not acted on"));
+            ctx.ui.warn(&format!(
+                "refused message from {peer} for run {run_id}: {e}; not acted on"
+            ));
             return None;
         }
     };
@@ -193,19 +217,30 @@ async fn handle(sock: TcpStream, peer: SocketAddr, ctx: &Ctx) -> Option<Done> {
         return None;
     };
     let _ = std::fs::write(dir.join(PID_FILE), std::process::id().to_string());
-    ctx.ui.info(&format!("migration {run_id} from {source_host} ({peer}) authenticated"));
+    ctx.ui.info(&format!(
+        "migration {run_id} from {source_host} ({peer}) authenticated"
+    ));
 
     let mut msg = first;
     loop {
         let got_us = now_us();
         match msg {
             ToReceiver::TimeProbe { t0 } => {
-                if ch.send(&ToSender::TimeReply { t0, t1: got_us, t2: now_us() }).await.is_err() {
+                if ch
+                    .send(&ToSender::TimeReply {
+                        t0,
+                        t1: got_us,
+                        t2: now_us(),
+                    })
+                    .await
+                    .is_err()
+                {
                     break;
                 }
             }
             ToReceiver::Abort { reason, frozen } => {
-                ctx.ui.warn(&format!("sender aborted migration {run_id}: {reason}"));
+                ctx.ui
+                    .warn(&format!("sender aborted migration {run_id}: {reason}"));
                 remove_archives(&dir);
                 return frozen.then_some(Done::NotRestored);
             }
@@ -213,7 +248,10 @@ async fn handle(sock: TcpStream, peer: SocketAddr, ctx: &Ctx) -> Option<Done> {
                 ctx.ui.info("OK received: verifying and restoring");
                 let outcome = restore(&manifest, &run_id, &dir, got_us, ctx).await;
                 if let Err(e) = write_result(&dir, &outcome) {
-                    ctx.ui.warn(&format!("cannot write {}: {e}", dir.join(RESULT_FILE).display()));
+                    ctx.ui.warn(&format!(
+                        "cannot write {}: {e}",
+                        dir.join(RESULT_FILE).display()
+                    ));
                 }
                 remove_archives(&dir);
                 let restored = outcome.restored;
@@ -221,25 +259,37 @@ async fn handle(sock: TcpStream, peer: SocketAddr, ctx: &Ctx) -> Option<Done> {
                     ctx.ui.warn(&format!("could not tell the sender the outcome ({e}); it will read {RESULT_FILE} over SSH"));
                 }
                 print_record(ctx, &run_id, &label, &source_host, &manifest, &outcome);
-                return Some(if restored { Done::Restored } else { Done::NotRestored });
+                return Some(if restored {
+                    Done::Restored
+                } else {
+                    Done::NotRestored
+                });
             }
             ToReceiver::Hello { .. } => {
-                ctx.ui.warn(&format!("migration {run_id}: unexpected second hello; closing"));
+                ctx.ui.warn(&format!(
+                    "migration {run_id}: unexpected second hello; closing"
+                ));
                 break;
             }
         }
         msg = match tokio::time::timeout(IDLE_TIMEOUT, ch.recv::<ToReceiver>()).await {
             Ok(Ok(m)) => m,
             Ok(Err(ProtocolError::Closed)) => {
-                ctx.ui.warn(&format!("sender of {run_id} went away before OK; nothing was restored"));
+                ctx.ui.warn(&format!(
+                    "sender of {run_id} went away before OK; nothing was restored"
+                ));
                 break;
             }
             Ok(Err(e)) => {
-                ctx.ui.warn(&format!("migration {run_id}: {e}; not acted on, closing"));
+                ctx.ui
+                    .warn(&format!("migration {run_id}: {e}; not acted on, closing"));
                 break;
             }
             Err(_) => {
-                ctx.ui.warn(&format!("migration {run_id}: sender silent for {}h; closing", IDLE_TIMEOUT.as_secs() / 3600));
+                ctx.ui.warn(&format!(
+                    "migration {run_id}: sender silent for {}h; closing",
+                    IDLE_TIMEOUT.as_secs() / 3600
+                ));
                 break;
             }
         };
@@ -251,7 +301,12 @@ async fn handle(sock: TcpStream, peer: SocketAddr, ctx: &Ctx) -> Option<Done> {
 /// Reads the per-migration secret; it must be a root-only file.
 fn read_secret(dir: &Path) -> anyhow::Result<Vec<u8>> {
     let path = dir.join(SECRET_FILE);
-    let meta = std::fs::metadata(&path).with_context(|| format!("no secret at {} (it is placed over SSH by the sender)", path.display()))?;
+    let meta = std::fs::metadata(&path).with_context(|| {
+        format!(
+            "no secret at {} (it is placed over SSH by the sender)",
+            path.display()
+        )
+    })?;
     if meta.permissions().mode() & 0o077 != 0 {
         bail!("{} is readable by others; refusing it", path.display());
     }
@@ -265,7 +320,13 @@ fn read_secret(dir: &Path) -> anyhow::Result<Vec<u8>> {
 
 /// Verifies the shipped archives and restores the containers in manifest order; on a
 /// failure removes what it had restored.
-async fn restore(manifest: &Manifest, run_id: &str, dir: &Path, ready_us: i64, ctx: &Ctx) -> TargetOutcome {
+async fn restore(
+    manifest: &Manifest,
+    run_id: &str,
+    dir: &Path,
+    ready_us: i64,
+    ctx: &Ctx,
+) -> TargetOutcome {
     let mut out = TargetOutcome {
         restored: false,
         error: None,
@@ -312,7 +373,8 @@ async fn restore(manifest: &Manifest, run_id: &str, dir: &Path, ready_us: i64, c
             Ok(()) => {
                 restored.push(&c.name);
                 out.container_restore_s.push((c.name.clone(), sw.secs()));
-                ctx.ui.info(&format!("restored {} in {:.3}s", c.name, sw.secs()));
+                ctx.ui
+                    .info(&format!("restored {} in {:.3}s", c.name, sw.secs()));
             }
             Err(e) => {
                 let msg = format!("restoring {} failed: {e}", c.name);
@@ -322,7 +384,9 @@ async fn restore(manifest: &Manifest, run_id: &str, dir: &Path, ready_us: i64, c
                     if podman.exists(name).await.unwrap_or(true)
                         && let Err(e) = podman.remove(name).await
                     {
-                        ctx.ui.warn(&format!("could not remove {name} after the failed restore: {e}"));
+                        ctx.ui.warn(&format!(
+                            "could not remove {name} after the failed restore: {e}"
+                        ));
                     }
                 }
                 out.error = Some(msg);
@@ -346,7 +410,11 @@ async fn verify_archives(manifest: &Manifest, run_id: &str, dir: &Path) -> anyho
             .with_context(|| format!("archive {} of {} is missing", path.display(), c.name))?
             .len();
         if size != c.size {
-            bail!("archive {} is {size} bytes, the manifest says {}", path.display(), c.size);
+            bail!(
+                "archive {} is {size} bytes, the manifest says {}",
+                path.display(),
+                c.size
+            );
         }
         let p = path.clone();
         let digest = tokio::task::spawn_blocking(move || -> std::io::Result<String> {
@@ -364,7 +432,10 @@ async fn verify_archives(manifest: &Manifest, run_id: &str, dir: &Path) -> anyho
         })
         .await??;
         if digest != c.sha256 {
-            bail!("archive {} does not match its SHA-256 in the manifest", path.display());
+            bail!(
+                "archive {} does not match its SHA-256 in the manifest",
+                path.display()
+            );
         }
     }
     Ok(())
@@ -390,7 +461,14 @@ fn remove_archives(dir: &Path) {
     }
 }
 
-fn print_record(ctx: &Ctx, run_id: &str, label: &str, source: &str, m: &Manifest, o: &TargetOutcome) {
+fn print_record(
+    ctx: &Ctx,
+    run_id: &str,
+    label: &str,
+    source: &str,
+    m: &Manifest,
+    o: &TargetOutcome,
+) {
     // Receiver times are moved onto the sender's clock with the sender's offset estimate.
     let to_sender = |us: i64| us - m.clock_offset_us;
     let rec = Record {
@@ -403,10 +481,17 @@ fn print_record(ctx: &Ctx, run_id: &str, label: &str, source: &str, m: &Manifest
         up_us: o.up_us.map(to_sender),
         restore_s: Some(o.restore_s),
         verify_s: Some(o.verify_s),
-        target_total_s: Some(crate::timing::secs_between(o.ready_us, o.up_us.unwrap_or_else(now_us))),
+        target_total_s: Some(crate::timing::secs_between(
+            o.ready_us,
+            o.up_us.unwrap_or_else(now_us),
+        )),
         clock_offset_us: Some(m.clock_offset_us),
         archive_bytes: Some(m.containers.iter().map(|c| c.size).sum()),
-        outcome: Some(if o.restored { Outcome::Ok } else { Outcome::Failed }),
+        outcome: Some(if o.restored {
+            Outcome::Ok
+        } else {
+            Outcome::Failed
+        }),
         role: "receiver",
         error: o.error.clone().unwrap_or_default(),
         ..Default::default()

@@ -20,8 +20,8 @@ use crate::hooks::{self, When};
 use crate::plan::SendPlan;
 use crate::progress::Ui;
 use crate::protocol::{
-    Auth, Channel, ClockSample, ContainerEntry, Direction, Manifest, PROTOCOL_VERSION, TargetOutcome, ToReceiver,
-    ToSender, estimate_offset,
+    Auth, Channel, ClockSample, ContainerEntry, Direction, Manifest, PROTOCOL_VERSION,
+    TargetOutcome, ToReceiver, ToSender, estimate_offset,
 };
 use crate::receive::{PID_FILE, RESULT_FILE, SECRET_FILE};
 use crate::sync::rsync;
@@ -97,7 +97,11 @@ struct Prepared {
 }
 
 /// Runs one migration and returns its record; `Err` tells how it failed.
-pub async fn run(plan: &SendPlan, ui: &Arc<Ui>, signals: &mut Signals) -> (Record, Result<(), SendFailure>) {
+pub async fn run(
+    plan: &SendPlan,
+    ui: &Arc<Ui>,
+    signals: &mut Signals,
+) -> (Record, Result<(), SendFailure>) {
     let total = Stopwatch::start();
     let mut rec = Record {
         run_id: plan.run_id.clone(),
@@ -120,10 +124,15 @@ pub async fn run(plan: &SendPlan, ui: &Arc<Ui>, signals: &mut Signals) -> (Recor
     (rec, result)
 }
 
-async fn migrate(plan: &SendPlan, ui: &Arc<Ui>, signals: &mut Signals, rec: &mut Record) -> Result<(), SendFailure> {
+async fn migrate(
+    plan: &SendPlan,
+    ui: &Arc<Ui>,
+    signals: &mut Signals,
+    rec: &mut Record,
+) -> Result<(), SendFailure> {
     let prepared = tokio::select! {
         p = preflight(plan, ui, rec) => p?,
-        _ = signals.changed() => return Err(refuse(anyhow!("interrupted before the freeze; nothing was touched"))),
+        _ = signals.changed() => return Err(refuse(anyhow!("interrupted before the freeze; nothing was frozen"))),
     };
     let Prepared {
         ssh,
@@ -135,7 +144,9 @@ async fn migrate(plan: &SendPlan, ui: &Arc<Ui>, signals: &mut Signals, rec: &mut
     } = prepared;
     rec.clock_offset_us = Some(offset_us);
     // rsync compresses only where the archives are compressed too: on slow links.
-    let compress_sync = items.iter().any(|it| compression_of(&it.archive_name) != Compression::None);
+    let compress_sync = items
+        .iter()
+        .any(|it| compression_of(&it.archive_name) != Compression::None);
 
     // Pre-sync while the service runs.
     rec.start_us = Some(now_us());
@@ -156,7 +167,10 @@ async fn migrate(plan: &SendPlan, ui: &Arc<Ui>, signals: &mut Signals, rec: &mut
             Err(e) => {
                 abort(&mut control, "pre-sync failed", false).await;
                 ssh.close().await;
-                return Err(refuse(anyhow!(e).context(format!("pre-sync of {} failed; nothing was frozen", dir.display()))));
+                return Err(refuse(anyhow!(e).context(format!(
+                    "pre-sync of {} failed; nothing was frozen",
+                    dir.display()
+                ))));
             }
         }
     }
@@ -170,18 +184,31 @@ async fn migrate(plan: &SendPlan, ui: &Arc<Ui>, signals: &mut Signals, rec: &mut
     if let Err(e) = pre {
         abort(&mut control, "pre-freeze hook failed", false).await;
         ssh.close().await;
-        return Err(refuse(e.context("stopped before the freeze; nothing was frozen")));
+        return Err(refuse(
+            e.context("stopped before the freeze; nothing was frozen"),
+        ));
     }
     if signals.fired() {
         abort(&mut control, "interrupted before the freeze", false).await;
         ssh.close().await;
-        return Err(refuse(anyhow!("interrupted before the freeze; nothing was frozen")));
+        return Err(refuse(anyhow!(
+            "interrupted before the freeze; nothing was frozen"
+        )));
     }
 
-    let rb_hooks = (plan.hooks.as_slice(), hook_env.as_slice(), plan.hook_timeout);
+    let podman = Podman;
+    let rb = Rollback {
+        podman: &podman,
+        items: &items,
+        ui,
+        ssh: &ssh,
+        remote_dir: &remote_dir,
+        hooks: &plan.hooks,
+        env: &hook_env,
+        hook_timeout: plan.hook_timeout,
+    };
 
     // DOWN: checkpoint every container at once.
-    let podman = Podman;
     let down = now_us();
     rec.down_us = Some(down);
     ui.info("DOWN: checkpointing");
@@ -191,7 +218,12 @@ async fn migrate(plan: &SendPlan, ui: &Arc<Ui>, signals: &mut Signals, rec: &mut
         async move {
             let sw = Stopwatch::start();
             let r = podman
-                .checkpoint(&it.info.name, &it.local_archive, it.opts, compression_of(&it.archive_name))
+                .checkpoint(
+                    &it.info.name,
+                    &it.local_archive,
+                    it.opts,
+                    compression_of(&it.archive_name),
+                )
                 .await;
             (r, sw.secs())
         }
@@ -214,7 +246,7 @@ async fn migrate(plan: &SendPlan, ui: &Arc<Ui>, signals: &mut Signals, rec: &mut
     }
     if let Some(e) = first_error {
         abort(&mut control, "checkpoint failed", true).await;
-        return Err(roll_back(&podman, &items, &checkpointed, ui, e, &ssh, &remote_dir, &rb_hooks).await);
+        return Err(rb.run(&checkpointed, e).await);
     }
 
     // Ship the archives, then the data that changed; give up (and roll back) on a signal.
@@ -265,7 +297,7 @@ async fn migrate(plan: &SendPlan, ui: &Arc<Ui>, signals: &mut Signals, rec: &mut
         }
         Err(e) => {
             abort(&mut control, "shipping failed", true).await;
-            return Err(roll_back(&podman, &items, &checkpointed, ui, e, &ssh, &remote_dir, &rb_hooks).await);
+            return Err(rb.run(&checkpointed, e).await);
         }
     };
     let archive_bytes: u64 = entries.iter().map(|e| e.size).sum();
@@ -304,7 +336,9 @@ async fn migrate(plan: &SendPlan, ui: &Arc<Ui>, signals: &mut Signals, rec: &mut
     let outcome = match answer {
         Ok(Ok(o)) => o,
         Ok(Err(e)) => {
-            ui.warn(&format!("control connection lost after OK ({e:#}); asking the target over SSH"));
+            ui.warn(&format!(
+                "control connection lost after OK ({e:#}); asking the target over SSH"
+            ));
             match settle_over_ssh(&ssh, &remote_dir, &plan.containers, ui).await {
                 Ok(o) => o,
                 Err(e) => return Err(stranded(e, &local_dir)),
@@ -321,8 +355,10 @@ async fn migrate(plan: &SendPlan, ui: &Arc<Ui>, signals: &mut Signals, rec: &mut
     rec.restore_s = Some(outcome.restore_s);
     rec.verify_s = Some(outcome.verify_s);
     if !outcome.restored {
-        let why = outcome.error.unwrap_or_else(|| "the target did not restore".into());
-        return Err(roll_back(&podman, &items, &checkpointed, ui, anyhow!(why), &ssh, &remote_dir, &rb_hooks).await);
+        let why = outcome
+            .error
+            .unwrap_or_else(|| "the target did not restore".into());
+        return Err(rb.run(&checkpointed, anyhow!(why)).await);
     }
     let up_target = outcome.up_us.unwrap_or_else(|| now_us() + offset_us);
     rec.up_us = Some(up_target - offset_us);
@@ -336,12 +372,29 @@ async fn migrate(plan: &SendPlan, ui: &Arc<Ui>, signals: &mut Signals, rec: &mut
     // Commit: the target runs the service; retire it here.
     for it in &items {
         if let Err(e) = podman.remove(&it.info.name).await {
-            ui.warn(&format!("{} runs on the target now, but removing it here failed: {e}", it.info.name));
+            ui.warn(&format!(
+                "{} runs on the target now, but removing it here failed: {e}",
+                it.info.name
+            ));
         }
     }
     let _ = std::fs::remove_dir_all(&local_dir);
-    let _ = ssh.run("rm", &["-f".into(), remote_join(&remote_dir, PID_FILE)], REMOTE_TIMEOUT).await;
-    if let Err(e) = hooks::run_all(&plan.hooks, When::PostUp, &hook_env, Some(&ssh), plan.hook_timeout).await {
+    let _ = ssh
+        .run(
+            "rm",
+            &["-f".into(), remote_join(&remote_dir, PID_FILE)],
+            REMOTE_TIMEOUT,
+        )
+        .await;
+    if let Err(e) = hooks::run_all(
+        &plan.hooks,
+        When::PostUp,
+        &hook_env,
+        Some(&ssh),
+        plan.hook_timeout,
+    )
+    .await
+    {
         ui.warn(&format!("{e}; the migration itself succeeded"));
         rec.error = e.to_string();
     }
@@ -381,15 +434,22 @@ fn stranded(e: anyhow::Error, local_dir: &Path) -> SendFailure {
 }
 
 /// Everything before the freeze. Any failure here is a refusal: nothing was touched.
-async fn preflight(plan: &SendPlan, ui: &Arc<Ui>, rec: &mut Record) -> Result<Prepared, SendFailure> {
+async fn preflight(
+    plan: &SendPlan,
+    ui: &Arc<Ui>,
+    rec: &mut Record,
+) -> Result<Prepared, SendFailure> {
     let podman = Podman;
     ui.phase("preflight: local containers");
-    let infos = podman.inspect(&plan.containers).await.map_err(|e| match e {
-        PodmanError::NoSuchContainer(n) => refuse(anyhow!(
-            "container {n:?} does not exist on this host; `podman ps` lists the running ones"
-        )),
-        e => refuse(anyhow!(e).context("cannot inspect the containers")),
-    })?;
+    let infos = podman
+        .inspect(&plan.containers)
+        .await
+        .map_err(|e| match e {
+            PodmanError::NoSuchContainer(n) => refuse(anyhow!(
+                "container {n:?} does not exist on this host; `podman ps` lists the running ones"
+            )),
+            e => refuse(anyhow!(e).context("cannot inspect the containers")),
+        })?;
     for c in &infos {
         if !c.running {
             return Err(refuse(anyhow!(
@@ -405,11 +465,14 @@ async fn preflight(plan: &SendPlan, ui: &Arc<Ui>, rec: &mut Record) -> Result<Pr
     }
 
     ui.phase(&format!("preflight: SSH to {}", plan.dest.ssh_target()));
-    let ssh = Ssh::connect(&plan.dest, SSH_CONNECT_TIMEOUT).await.map_err(refuse)?;
+    let ssh = Ssh::connect(&plan.dest, SSH_CONNECT_TIMEOUT)
+        .await
+        .map_err(refuse)?;
 
     ui.phase("preflight: receiver");
     let addr = format!("{}:{}", bracket(&plan.dest.host), plan.control_port);
-    let sock = match tokio::time::timeout(CONTROL_CONNECT_TIMEOUT, TcpStream::connect(&addr)).await {
+    let sock = match tokio::time::timeout(CONTROL_CONNECT_TIMEOUT, TcpStream::connect(&addr)).await
+    {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             ssh.close().await;
@@ -447,15 +510,21 @@ async fn preflight(plan: &SendPlan, ui: &Arc<Ui>, rec: &mut Record) -> Result<Pr
         }
         Ok(Ok(other)) => {
             ssh.close().await;
-            return Err(refuse(anyhow!("the receiver on {addr} answered {other:?} to hello")));
+            return Err(refuse(anyhow!(
+                "the receiver on {addr} answered {other:?} to hello"
+            )));
         }
         Ok(Err(e)) => {
             ssh.close().await;
-            return Err(refuse(anyhow!(e).context(format!("{addr} does not speak the migrate protocol"))));
+            return Err(refuse(
+                anyhow!(e).context(format!("{addr} does not speak the migrate protocol")),
+            ));
         }
         Err(_) => {
             ssh.close().await;
-            return Err(refuse(anyhow!("{addr} accepted the connection but never answered; is it a migrate receiver?")));
+            return Err(refuse(anyhow!(
+                "{addr} accepted the connection but never answered; is it a migrate receiver?"
+            )));
         }
     };
     let remote_dir = remote_join(&remote_join(&workdir, "runs"), &plan.run_id);
@@ -470,11 +539,17 @@ async fn preflight(plan: &SendPlan, ui: &Arc<Ui>, rec: &mut Record) -> Result<Pr
     // Place the per-migration secret where only root on the target can read it.
     let secret = crate::secret::random_hex(32);
     if let Err(e) = ssh
-        .upload(secret.as_bytes(), &remote_join(&remote_dir, SECRET_FILE), REMOTE_TIMEOUT)
+        .upload(
+            secret.as_bytes(),
+            &remote_join(&remote_dir, SECRET_FILE),
+            REMOTE_TIMEOUT,
+        )
         .await
     {
         ssh.close().await;
-        return Err(refuse(anyhow!(e).context("cannot place the migration secret on the target")));
+        return Err(refuse(
+            anyhow!(e).context("cannot place the migration secret on the target"),
+        ));
     }
     control.authenticate(Auth::new(hex::decode(&secret).expect("hex"), nonce));
     let mut samples = Vec::new();
@@ -518,14 +593,26 @@ async fn preflight(plan: &SendPlan, ui: &Arc<Ui>, rec: &mut Record) -> Result<Pr
         CompressChoice::Gzip => Compression::Gzip,
         CompressChoice::Auto => {
             let rate = measure_link(&ssh).await.unwrap_or(0.0);
-            let c = if rate >= FAST_LINK_BYTES_PER_S { Compression::None } else { Compression::Zstd };
-            ui.info(&format!("link rate ~{:.0} Mbit/s: compression {}", rate * 8.0 / 1e6, c.as_str()));
+            let c = if rate >= FAST_LINK_BYTES_PER_S {
+                Compression::None
+            } else {
+                Compression::Zstd
+            };
+            ui.info(&format!(
+                "link rate ~{:.0} Mbit/s: compression {}",
+                rate * 8.0 / 1e6,
+                c.as_str()
+            ));
             c
         }
     };
 
     let local_dir = crate::receive::run_dir(&plan.workdir, &plan.run_id);
-    if let Err(e) = std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&local_dir) {
+    if let Err(e) = std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&local_dir)
+    {
         abort(&mut control, "local work folder", false).await;
         ssh.close().await;
         return Err(refuse(anyhow!(e).context(format!(
@@ -538,7 +625,10 @@ async fn preflight(plan: &SendPlan, ui: &Arc<Ui>, rec: &mut Record) -> Result<Pr
         .map(|info| {
             let locks = podman::holds_file_locks(info.pid).unwrap_or(true);
             if locks {
-                ui.info(&format!("{} holds file locks: checkpointing with --file-locks", info.name));
+                ui.info(&format!(
+                    "{} holds file locks: checkpointing with --file-locks",
+                    info.name
+                ));
             }
             let archive_name = format!("{}.{}", info.name, compression.extension());
             Item {
@@ -573,7 +663,11 @@ fn hook_env(plan: &SendPlan, rec: &Record) -> Vec<(String, String)> {
 }
 
 fn bracket(host: &str) -> String {
-    if host.contains(':') { format!("[{host}]") } else { host.to_string() }
+    if host.contains(':') {
+        format!("[{host}]")
+    } else {
+        host.to_string()
+    }
 }
 
 /// Sends a few MB to the target's /dev/null and returns bytes per second.
@@ -584,9 +678,11 @@ async fn measure_link(ssh: &Ssh) -> anyhow::Result<f64> {
         data.copy_within(0..64 * 1024, i * 64 * 1024);
     }
     // Warm up the channel, then time a full probe.
-    ssh.stream_into(&data[..64 * 1024], "cat > /dev/null", REMOTE_TIMEOUT).await?;
+    ssh.stream_into(&data[..64 * 1024], "cat > /dev/null", REMOTE_TIMEOUT)
+        .await?;
     let sw = Stopwatch::start();
-    ssh.stream_into(&data[..], "cat > /dev/null", REMOTE_TIMEOUT).await?;
+    ssh.stream_into(&data[..], "cat > /dev/null", REMOTE_TIMEOUT)
+        .await?;
     Ok(PROBE_BYTES as f64 / sw.secs().max(1e-6))
 }
 
@@ -621,15 +717,24 @@ async fn remote_checks(
     script.push_str(
         "avail() { p=$1; while [ ! -e \"$p\" ]; do p=$(dirname \"$p\"); done; df -Pk \"$p\" | awk 'NR==2 {print $4, $6}'; }\n",
     );
-    script.push_str(&format!("echo \"space=archives=$(avail {d}) 0\"\n", d = shell_quote(remote_dir)));
+    script.push_str(&format!(
+        "echo \"space=archives=$(avail {d}) 0\"\n",
+        d = shell_quote(remote_dir)
+    ));
     for d in &plan.data {
         let d = shell_quote(&d.display().to_string());
         script.push_str(&format!(
             "echo \"space={d}=$(avail {d}) $( [ -e {d} ] && du -sk {d} | cut -f1 || echo 0)\"\n"
         ));
     }
-    script.push_str(&format!("umask 077 && mkdir -p {d} && echo run_dir=ok\n", d = shell_quote(remote_dir)));
-    let out = ssh.sh(&script, REMOTE_TIMEOUT).await.context("checking the target")?;
+    script.push_str(&format!(
+        "umask 077 && mkdir -p {d} && echo run_dir=ok\n",
+        d = shell_quote(remote_dir)
+    ));
+    let out = ssh
+        .sh(&script, REMOTE_TIMEOUT)
+        .await
+        .context("checking the target")?;
     let facts = crate::check::Facts::parse(&out.stdout);
     if let Some(problem) = facts.problem() {
         anyhow::bail!("target {}: {problem}", ssh.label());
@@ -651,7 +756,10 @@ async fn remote_checks(
     }
     let mut needs = vec![(
         "archives".to_string(),
-        infos.iter().map(|c| podman::resident_bytes(c.pid) / 1024).sum::<u64>(),
+        infos
+            .iter()
+            .map(|c| podman::resident_bytes(c.pid) / 1024)
+            .sum::<u64>(),
     )];
     for d in &plan.data {
         needs.push((d.display().to_string(), local_kib(d).await));
@@ -662,34 +770,60 @@ async fn remote_checks(
     if !out.stdout.lines().any(|l| l == "run_dir=ok") {
         anyhow::bail!("cannot create {remote_dir} on {}", ssh.label());
     }
-    let missing: Vec<&str> = out.stdout.lines().filter_map(|l| l.strip_prefix("missing_image=")).collect();
+    let missing: Vec<&str> = out
+        .stdout
+        .lines()
+        .filter_map(|l| l.strip_prefix("missing_image="))
+        .collect();
     for id in missing {
-        let info = infos.iter().find(|c| c.image_id == id).expect("asked for it");
-        let image = if info.image_name.is_empty() { id.to_string() } else { info.image_name.clone() };
-        ui.info(&format!("image {image} is missing on the target: shipping it (podman save | podman load)"));
+        let info = infos
+            .iter()
+            .find(|c| c.image_id == id)
+            .expect("asked for it");
+        let image = if info.image_name.is_empty() {
+            id.to_string()
+        } else {
+            info.image_name.clone()
+        };
+        ui.info(&format!(
+            "image {image} is missing on the target: shipping it (podman save | podman load)"
+        ));
         ssh.pipe_from_local(
             "podman",
-            &["save".into(), "--format".into(), "docker-archive".into(), image.clone()],
+            &[
+                "save".into(),
+                "--format".into(),
+                "docker-archive".into(),
+                image.clone(),
+            ],
             "podman",
             &["load".into()],
             SHIP_TIMEOUT,
         )
         .await
         .with_context(|| format!("shipping image {image} to the target"))?;
-        ssh.run("podman", &["image".into(), "exists".into(), id.into()], REMOTE_TIMEOUT)
-            .await
-            .with_context(|| format!("image {image} was loaded on the target but not with ID {id}"))?;
+        ssh.run(
+            "podman",
+            &["image".into(), "exists".into(), id.into()],
+            REMOTE_TIMEOUT,
+        )
+        .await
+        .with_context(|| format!("image {image} was loaded on the target but not with ID {id}"))?;
     }
     Ok(())
 }
 
 /// Size of a local folder in KiB (`du -sk`).
 async fn local_kib(dir: &Path) -> u64 {
-    crate::exec::run("du", &["-sk".into(), dir.display().to_string()], REMOTE_TIMEOUT)
-        .await
-        .ok()
-        .and_then(|o| o.stdout.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
+    crate::exec::run(
+        "du",
+        &["-sk".into(), dir.display().to_string()],
+        REMOTE_TIMEOUT,
+    )
+    .await
+    .ok()
+    .and_then(|o| o.stdout.split_whitespace().next()?.parse().ok())
+    .unwrap_or(0)
 }
 
 /// Compares what must land on each target file system with what is free there.
@@ -697,15 +831,26 @@ async fn local_kib(dir: &Path) -> u64 {
 pub fn space_problem(report: &str, needs: &[(String, u64)]) -> Option<String> {
     let mut per_mount: BTreeMap<String, (u64, u64, Vec<String>)> = BTreeMap::new();
     for line in report.lines() {
-        let Some(rest) = line.strip_prefix("space=") else { continue };
-        let Some((what, fields)) = rest.rsplit_once('=') else { continue };
+        let Some(rest) = line.strip_prefix("space=") else {
+            continue;
+        };
+        let Some((what, fields)) = rest.rsplit_once('=') else {
+            continue;
+        };
         let mut f = fields.split_whitespace();
-        let (Some(avail), Some(mount)) = (f.next().and_then(|v| v.parse::<u64>().ok()), f.next()) else {
+        let (Some(avail), Some(mount)) = (f.next().and_then(|v| v.parse::<u64>().ok()), f.next())
+        else {
             continue;
         };
         let present: u64 = f.next().and_then(|v| v.parse().ok()).unwrap_or(0);
-        let need = needs.iter().find(|(w, _)| w == what).map(|(_, n)| *n).unwrap_or(0);
-        let e = per_mount.entry(mount.to_string()).or_insert((avail, 0, Vec::new()));
+        let need = needs
+            .iter()
+            .find(|(w, _)| w == what)
+            .map(|(_, n)| *n)
+            .unwrap_or(0);
+        let e = per_mount
+            .entry(mount.to_string())
+            .or_insert((avail, 0, Vec::new()));
         e.1 += need.saturating_sub(present);
         e.2.push(what.to_string());
     }
@@ -749,7 +894,10 @@ pub enum Settle {
 /// The container states on the target decide, never the receiver's word alone: the
 /// service must run on exactly one host.
 pub fn decide_settle(states: &BTreeMap<String, String>, names: &[String]) -> Settle {
-    if names.iter().all(|n| states.get(n).map(String::as_str) == Some("true")) {
+    if names
+        .iter()
+        .all(|n| states.get(n).map(String::as_str) == Some("true"))
+    {
         Settle::Commit
     } else {
         Settle::RollBack {
@@ -764,18 +912,28 @@ pub fn decide_settle(states: &BTreeMap<String, String>, names: &[String]) -> Set
 
 /// After losing the control connection: waits for the receiver to finish or die, stops
 /// any restore still in flight, looks at the containers on the target and decides.
-async fn settle_over_ssh(ssh: &Ssh, remote_dir: &str, names: &[String], ui: &Arc<Ui>) -> anyhow::Result<TargetOutcome> {
+async fn settle_over_ssh(
+    ssh: &Ssh,
+    remote_dir: &str,
+    names: &[String],
+    ui: &Arc<Ui>,
+) -> anyhow::Result<TargetOutcome> {
     let result = remote_join(remote_dir, RESULT_FILE);
     let pid = remote_join(remote_dir, PID_FILE);
     let probe = format!(
-        "if [ -f {r} ]; then echo result; cat {r}; elif [ -f {p} ] && kill -0 \"$(cat {p})\" 2>/dev/null; then echo busy; else echo gone; fi",
+        "if [ -f {r} ]; then echo result; cat {r}; \
+         elif [ -f {p} ] && [ \"$(sed -n 's/^State:[[:space:]]*\\(.\\).*/\\1/p' /proc/$(cat {p})/status 2>/dev/null)\" != Z ] \
+              && [ -d /proc/$(cat {p}) ]; then echo busy; else echo gone; fi",
         r = shell_quote(&result),
         p = shell_quote(&pid)
     );
     let deadline = tokio::time::Instant::now() + RESTORE_TIMEOUT;
     let mut reported: Option<TargetOutcome> = None;
     loop {
-        let out = ssh.sh(&probe, REMOTE_TIMEOUT).await.context("asking the target over SSH")?;
+        let out = ssh
+            .sh(&probe, REMOTE_TIMEOUT)
+            .await
+            .context("asking the target over SSH")?;
         let mut lines = out.stdout.lines();
         match lines.next() {
             Some("result") => {
@@ -790,7 +948,13 @@ async fn settle_over_ssh(ssh: &Ssh, remote_dir: &str, names: &[String], ui: &Arc
     }
     // A receiver that died may have left a restore running: stop it before looking.
     let _ = ssh
-        .sh(&format!("pkill -f -- {} || true", shell_quote(remote_dir)), REMOTE_TIMEOUT)
+        .sh(
+            &format!(
+                "pkill -f -- {} || true",
+                shell_quote(&self_excluding_pattern(remote_dir))
+            ),
+            REMOTE_TIMEOUT,
+        )
         .await;
     let mut script = String::new();
     for n in names {
@@ -799,7 +963,10 @@ async fn settle_over_ssh(ssh: &Ssh, remote_dir: &str, names: &[String], ui: &Arc
             n = shell_quote(n)
         ));
     }
-    let out = ssh.sh(&script, REMOTE_TIMEOUT).await.context("inspecting the containers on the target")?;
+    let out = ssh
+        .sh(&script, REMOTE_TIMEOUT)
+        .await
+        .context("inspecting the containers on the target")?;
     let states: BTreeMap<String, String> = out
         .stdout
         .lines()
@@ -822,17 +989,19 @@ async fn settle_over_ssh(ssh: &Ssh, remote_dir: &str, names: &[String], ui: &Arc
         Settle::RollBack { remove_on_target } => {
             for n in &remove_on_target {
                 ui.warn(&format!("removing the partial {n} on the target"));
-                ssh.run("podman", &["rm".into(), "--force".into(), n.clone()], REMOTE_TIMEOUT)
-                    .await
-                    .with_context(|| format!("removing {n} on the target"))?;
+                ssh.run(
+                    "podman",
+                    &["rm".into(), "--force".into(), n.clone()],
+                    REMOTE_TIMEOUT,
+                )
+                .await
+                .with_context(|| format!("removing {n} on the target"))?;
             }
             Ok(TargetOutcome {
                 restored: false,
-                error: Some(
-                    reported
-                        .and_then(|o| o.error)
-                        .unwrap_or_else(|| "the receiver went away before every container ran on the target".into()),
-                ),
+                error: Some(reported.and_then(|o| o.error).unwrap_or_else(|| {
+                    "the receiver went away before every container ran on the target".into()
+                })),
                 ready_us: 0,
                 up_us: None,
                 verify_s: 0.0,
@@ -843,67 +1012,103 @@ async fn settle_over_ssh(ssh: &Ssh, remote_dir: &str, names: &[String], ui: &Arc
     }
 }
 
-/// Brings the checkpointed containers back on this host. Returns the failure to report:
-/// rolled back when every container runs again here, failed otherwise.
-async fn roll_back(
-    podman: &Podman,
-    items: &[Item],
-    checkpointed: &[Item],
-    ui: &Arc<Ui>,
-    cause: anyhow::Error,
-    ssh: &Ssh,
-    remote_dir: &str,
-    (hook_list, env, hook_timeout): &(&[hooks::Hook], &[(String, String)], Duration),
-) -> SendFailure {
-    ui.warn(&format!("{cause:#}; rolling back on this host"));
-    let mut problems = Vec::new();
-    for it in checkpointed {
-        let name = &it.info.name;
-        if podman.restore_in_place(name, it.opts).await.is_ok() {
-            ui.info(&format!("{name} restored here from its kept checkpoint"));
-            continue;
-        }
-        let again = async {
-            podman.remove(name).await?;
-            podman.restore_import(&it.local_archive, it.opts).await
-        };
-        match again.await {
-            Ok(()) => ui.info(&format!("{name} restored here from {}", it.local_archive.display())),
-            Err(e) => problems.push(format!("{name}: {e}")),
-        }
+/// A `pkill -f` pattern for `path` that does not match the command line carrying it
+/// (`/x/y` becomes `[/]x/y`), so the remote shell does not kill itself.
+fn self_excluding_pattern(path: &str) -> String {
+    let mut chars = path.chars();
+    match chars.next() {
+        Some(c) => format!("[{c}]{}", chars.as_str()),
+        None => String::new(),
     }
-    // Containers whose checkpoint failed normally keep running (CRIU resumes them);
-    // make sure every one of them runs.
-    for it in items {
-        let name = &it.info.name;
-        let running = podman
-            .inspect(std::slice::from_ref(name))
-            .await
-            .map(|v| v.first().is_some_and(|c| c.running))
-            .unwrap_or(false);
-        if !running && !problems.iter().any(|p| p.starts_with(&format!("{name}:"))) {
-            problems.push(format!("{name}: not running after the rollback"));
-        }
-    }
-    let _ = ssh.run("rm", &["-rf".into(), remote_dir.to_string()], REMOTE_TIMEOUT).await;
-    if problems.is_empty() {
-        if let Err(e) = hooks::run_all(hook_list, When::Rollback, env, Some(ssh), *hook_timeout).await {
-            ui.warn(&e.to_string());
-        }
+}
+
+/// What bringing the containers back on this host needs.
+struct Rollback<'a> {
+    podman: &'a Podman,
+    items: &'a [Item],
+    ui: &'a Arc<Ui>,
+    ssh: &'a Ssh,
+    remote_dir: &'a str,
+    hooks: &'a [hooks::Hook],
+    env: &'a [(String, String)],
+    hook_timeout: Duration,
+}
+
+impl Rollback<'_> {
+    /// Brings the checkpointed containers back on this host. Returns the failure to
+    /// report: rolled back when every container runs again here, failed otherwise.
+    async fn run(&self, checkpointed: &[Item], cause: anyhow::Error) -> SendFailure {
+        let Rollback {
+            podman,
+            items,
+            ui,
+            ssh,
+            remote_dir,
+            hooks: hook_list,
+            env,
+            hook_timeout,
+        } = self;
+        ui.warn(&format!("{cause:#}; rolling back on this host"));
+        let mut problems = Vec::new();
         for it in checkpointed {
-            let _ = std::fs::remove_file(&it.local_archive);
+            let name = &it.info.name;
+            if podman.restore_in_place(name, it.opts).await.is_ok() {
+                ui.info(&format!("{name} restored here from its kept checkpoint"));
+                continue;
+            }
+            let again = async {
+                podman.remove(name).await?;
+                podman.restore_import(&it.local_archive, it.opts).await
+            };
+            match again.await {
+                Ok(()) => ui.info(&format!(
+                    "{name} restored here from {}",
+                    it.local_archive.display()
+                )),
+                Err(e) => problems.push(format!("{name}: {e}")),
+            }
         }
-        SendFailure {
-            exit: Exit::RolledBack,
-            error: cause.context("migration failed; the containers run on this host again"),
+        // Containers whose checkpoint failed normally keep running (CRIU resumes them);
+        // make sure every one of them runs.
+        for it in items.iter() {
+            let name = &it.info.name;
+            let running = podman
+                .inspect(std::slice::from_ref(name))
+                .await
+                .map(|v| v.first().is_some_and(|c| c.running))
+                .unwrap_or(false);
+            if !running && !problems.iter().any(|p| p.starts_with(&format!("{name}:"))) {
+                problems.push(format!("{name}: not running after the rollback"));
+            }
         }
-    } else {
-        SendFailure {
+        let _ = ssh
+            .run(
+                "rm",
+                &["-rf".into(), remote_dir.to_string()],
+                REMOTE_TIMEOUT,
+            )
+            .await;
+        if problems.is_empty() {
+            if let Err(e) =
+                hooks::run_all(hook_list, When::Rollback, env, Some(ssh), *hook_timeout).await
+            {
+                ui.warn(&e.to_string());
+            }
+            for it in checkpointed {
+                let _ = std::fs::remove_file(&it.local_archive);
+            }
+            SendFailure {
+                exit: Exit::RolledBack,
+                error: cause.context("migration failed; the containers run on this host again"),
+            }
+        } else {
+            SendFailure {
             exit: Exit::Failed,
             error: cause.context(format!(
                 "migration failed AND the rollback failed ({}); the archives are kept in their work folder",
                 problems.join("; ")
             )),
+        }
         }
     }
 }
@@ -914,7 +1119,10 @@ mod tests {
     use crate::engine::podman::Mount;
 
     fn states(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     fn names() -> Vec<String> {
@@ -923,7 +1131,10 @@ mod tests {
 
     #[test]
     fn settle_commits_only_when_all_run_on_the_target() {
-        assert_eq!(decide_settle(&states(&[("db", "true"), ("web", "true")]), &names()), Settle::Commit);
+        assert_eq!(
+            decide_settle(&states(&[("db", "true"), ("web", "true")]), &names()),
+            Settle::Commit
+        );
     }
 
     #[test]
@@ -983,15 +1194,32 @@ mod tests {
     #[test]
     fn space_is_checked_per_file_system() {
         let report = "space=archives=1000000 / 0\nspace=/srv/app=50000 /srv 10000\n";
-        let needs = vec![("archives".to_string(), 200_000), ("/srv/app".to_string(), 40_000)];
+        let needs = vec![
+            ("archives".to_string(), 200_000),
+            ("/srv/app".to_string(), 40_000),
+        ];
         assert_eq!(space_problem(report, &needs), None);
-        let needs = vec![("archives".to_string(), 200_000), ("/srv/app".to_string(), 60_000)];
+        let needs = vec![
+            ("archives".to_string(), 200_000),
+            ("/srv/app".to_string(), 60_000),
+        ];
         let p = space_problem(report, &needs).unwrap();
         assert!(p.contains("/srv") && p.contains("/srv/app"), "{p}");
         // Two things on one file system add up.
         let report = "space=archives=100000 / 0\nspace=/srv/app=100000 / 0\n";
-        let needs = vec![("archives".to_string(), 60_000), ("/srv/app".to_string(), 60_000)];
+        let needs = vec![
+            ("archives".to_string(), 60_000),
+            ("/srv/app".to_string(), 60_000),
+        ];
         assert!(space_problem(report, &needs).is_some());
+    }
+
+    #[test]
+    fn pkill_pattern_skips_its_own_shell() {
+        assert_eq!(
+            self_excluding_pattern("/var/lib/migrate/runs/x"),
+            "[/]var/lib/migrate/runs/x"
+        );
     }
 
     #[test]

@@ -163,11 +163,20 @@ impl Record {
     /// The CSV header names, in order.
     #[cfg(test)]
     pub fn header() -> Vec<&'static str> {
-        Record::default().fields().into_iter().map(|(n, _)| n).collect()
+        Record::default()
+            .fields()
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect()
     }
 
     /// Writes the record to `out` in `format`; CSV with a header line unless `no_header`.
-    pub fn write(&self, out: &mut dyn Write, format: Format, no_header: bool) -> std::io::Result<()> {
+    pub fn write(
+        &self,
+        out: &mut dyn Write,
+        format: Format,
+        no_header: bool,
+    ) -> std::io::Result<()> {
         let fields = self.fields();
         match format {
             Format::Csv => {
@@ -239,7 +248,11 @@ target_total_s,bytes_sent,clock_offset_s,outcome";
         let mut rdr = csv::Reader::from_reader(text.as_bytes());
         let row = rdr.records().next().unwrap().unwrap();
         let headers = rdr.headers().unwrap().clone();
-        let get = |n: &str| row.get(headers.iter().position(|h| h == n).unwrap()).unwrap().to_string();
+        let get = |n: &str| {
+            row.get(headers.iter().position(|h| h == n).unwrap())
+                .unwrap()
+                .to_string()
+        };
         assert_eq!(get("label"), "a,b \"q\"");
         assert_eq!(get("downtime_s"), "0.500001");
         assert_eq!(get("migration_time_s"), "2.500001");
@@ -265,6 +278,9 @@ target_total_s,bytes_sent,clock_offset_s,outcome";
 
     #[test]
     fn timestamps_are_utc_with_micros() {
-        assert_eq!(format_ts(1_764_056_075_123_456), "2025-11-25T07:34:35.123456Z");
+        assert_eq!(
+            format_ts(1_764_056_075_123_456),
+            "2025-11-25T07:34:35.123456Z"
+        );
     }
 }

@@ -17,7 +17,13 @@ fn migrate_pair(from: &str, dest: &str, rows_expected: u64) {
     let rx = Receiver::start(dest, &[]);
     let before = counter(from);
     let target = to(dest);
-    let out = send(from, &["--to", &target, "--data", "/srv/app", "--label", "e2e", "db", "web"]).ok();
+    let out = send(
+        from,
+        &[
+            "--to", &target, "--data", "/srv/app", "--label", "e2e", "db", "web",
+        ],
+    )
+    .ok();
     let rec = out.record();
     assert_eq!(rec["outcome"], "ok", "{}", out.describe());
     assert_eq!(rec["label"], "e2e");
@@ -27,9 +33,16 @@ fn migrate_pair(from: &str, dest: &str, rows_expected: u64) {
     assert!(rec["up_ts"] > rec["down_ts"]);
     let (code, rx_out) = rx.wait(T);
     assert_eq!(code, Some(0), "receiver exit; stdout:\n{rx_out}");
-    assert!(rx_out.contains(&rec["run_id"]), "receiver record names the run: {rx_out}");
+    assert!(
+        rx_out.contains(&rec["run_id"]),
+        "receiver record names the run: {rx_out}"
+    );
     assert_pair_alive(dest, rows_expected, before);
-    assert!(all_containers(from).is_empty(), "left on {from}: {:?}", all_containers(from));
+    assert!(
+        all_containers(from).is_empty(),
+        "left on {from}: {:?}",
+        all_containers(from)
+    );
 }
 
 #[test]
@@ -43,16 +56,44 @@ fn thesis_pair_moves_a_to_b_and_back_with_state() {
 fn json_records_and_receive_serve_mode() {
     fresh_workload("a", 100);
     let rx = Receiver::start("b", &["--serve", "--format", "json"]);
-    let out = send("a", &["--to", &to("b"), "--data", "/srv/app", "--format", "json", "db", "web"]).ok();
+    let out = send(
+        "a",
+        &[
+            "--to",
+            &to("b"),
+            "--data",
+            "/srv/app",
+            "--format",
+            "json",
+            "db",
+            "web",
+        ],
+    )
+    .ok();
     let v: serde_json::Value = serde_json::from_str(out.stdout.trim()).expect("one JSON object");
     assert_eq!(v["outcome"], "ok");
     assert!(v["downtime_s"].as_f64().unwrap() > 0.0);
     // --serve: the receiver is still there for the next one.
     std::thread::sleep(Duration::from_millis(300));
     let mut rx = rx;
-    assert!(rx.is_running(), "receiver with --serve exited after one migration");
+    assert!(
+        rx.is_running(),
+        "receiver with --serve exited after one migration"
+    );
     let rx_a = Receiver::start("a", &[]);
-    send("b", &["--to", &to("a"), "--data", "/srv/app", "--no-header", "db", "web"]).ok();
+    send(
+        "b",
+        &[
+            "--to",
+            &to("a"),
+            "--data",
+            "/srv/app",
+            "--no-header",
+            "db",
+            "web",
+        ],
+    )
+    .ok();
     drop(rx_a);
     assert_eq!(running("a"), vec!["db", "web"]);
     rx.kill();
@@ -81,7 +122,7 @@ fn a_file_written_after_the_presync_arrives() {
     rx.wait(T);
     let late = on("b", &["cat", "/srv/app/www/late.txt"]).ok();
     assert_eq!(late.stdout.trim(), "written-late");
-    let page = lab(&["workload", "http", "b", "late.txt"]).ok();
+    let page = lab(&["workload", "http", "b", "/late.txt"]).ok();
     assert!(page.stdout.contains("written-late"), "{}", page.describe());
 }
 
@@ -94,7 +135,10 @@ fn assert_untouched(ids: &[(String, String)]) {
 }
 
 fn identities() -> Vec<(String, String)> {
-    ["db", "web"].iter().map(|n| (n.to_string(), identity("a", n))).collect()
+    ["db", "web"]
+        .iter()
+        .map(|n| (n.to_string(), identity("a", n)))
+        .collect()
 }
 
 #[test]
@@ -104,8 +148,16 @@ fn refusals_exit_2_before_anything_is_frozen() {
 
     // Unknown container.
     let rx = Receiver::start("b", &[]);
-    let out = send("a", &["--to", &to("b"), "--data", "/srv/app", "db", "nosuch"]).expect_code(2);
-    assert!(out.stderr.contains("\"nosuch\" does not exist"), "{}", out.describe());
+    let out = send(
+        "a",
+        &["--to", &to("b"), "--data", "/srv/app", "db", "nosuch"],
+    )
+    .expect_code(2);
+    assert!(
+        out.stderr.contains("\"nosuch\" does not exist"),
+        "{}",
+        out.describe()
+    );
     assert_eq!(out.record()["outcome"], "refused");
     assert_untouched(&ids);
     drop(rx);
@@ -113,8 +165,16 @@ fn refusals_exit_2_before_anything_is_frozen() {
     // No receiver listening.
     kill_receivers();
     let out = send("a", &["--to", &to("b"), "--data", "/srv/app", "db", "web"]).expect_code(2);
-    assert!(out.stderr.contains("no receiver listening"), "{}", out.describe());
-    assert!(out.stderr.contains("migrate receive"), "says what to do: {}", out.describe());
+    assert!(
+        out.stderr.contains("no receiver listening"),
+        "{}",
+        out.describe()
+    );
+    assert!(
+        out.stderr.contains("migrate receive"),
+        "says what to do: {}",
+        out.describe()
+    );
     assert_untouched(&ids);
 
     // Unreachable host.
@@ -124,14 +184,26 @@ fn refusals_exit_2_before_anything_is_frozen() {
 
     // Bad input is one line naming the flag.
     let out = send("a", &["--to", &to("b"), "--data", "relative/path", "db"]).expect_code(2);
-    assert!(out.stderr.contains("--data relative/path"), "{}", out.describe());
+    assert!(
+        out.stderr.contains("--data relative/path"),
+        "{}",
+        out.describe()
+    );
     assert_eq!(out.stderr.trim().lines().count(), 1, "{}", out.describe());
 
     // A data folder that does not cover a bind mount missing on the target.
     let rx = Receiver::start("b", &[]);
     on("b", &["rm", "-rf", "/srv/app"]).ok();
-    let out = send("a", &["--to", &to("b"), "--data", "/srv/app/www", "db", "web"]).expect_code(2);
-    assert!(out.stderr.contains("/srv/app/mysql") && out.stderr.contains("--data"), "{}", out.describe());
+    let out = send(
+        "a",
+        &["--to", &to("b"), "--data", "/srv/app/www", "db", "web"],
+    )
+    .expect_code(2);
+    assert!(
+        out.stderr.contains("/srv/app/mysql") && out.stderr.contains("--data"),
+        "{}",
+        out.describe()
+    );
     assert_untouched(&ids);
     drop(rx);
 }
@@ -157,9 +229,20 @@ fn strangers_on_the_control_port_do_not_trigger_a_restore() {
         on("c", &["timeout", "10", "bash", "-c", s]);
     }
     std::thread::sleep(Duration::from_millis(500));
-    assert!(rx.is_running(), "receiver exited on a stranger's bytes:\n{}", rx.log());
-    assert!(rx.log().contains("refused"), "refusals are logged:\n{}", rx.log());
-    assert!(all_containers("b").is_empty(), "something was restored on b");
+    assert!(
+        rx.is_running(),
+        "receiver exited on a stranger's bytes:\n{}",
+        rx.log()
+    );
+    assert!(
+        rx.log().contains("refused"),
+        "refusals are logged:\n{}",
+        rx.log()
+    );
+    assert!(
+        all_containers("b").is_empty(),
+        "something was restored on b"
+    );
     // The next real migration still works with the same receiver.
     let before = counter("a");
     send("a", &["--to", &to("b"), "--data", "/srv/app", "db", "web"]).ok();
@@ -203,7 +286,11 @@ fn restore_failing_on_the_target_rolls_back_to_the_source() {
     let (code, _) = rx.wait(T);
     assert_ne!(code, Some(0), "receiver must not report success");
     drop(broken);
-    assert!(all_containers("b").is_empty(), "half-restored on b: {:?}", all_containers("b"));
+    assert!(
+        all_containers("b").is_empty(),
+        "half-restored on b: {:?}",
+        all_containers("b")
+    );
     assert_pair_alive("a", 100, before);
 }
 
@@ -224,7 +311,11 @@ fn partial_restore_is_removed_on_the_target_and_rolled_back() {
     assert_eq!(out.record()["outcome"], "rolled_back", "{}", out.describe());
     rx.wait(T);
     blocker.kill();
-    assert!(all_containers("b").is_empty(), "left on b: {:?}", all_containers("b"));
+    assert!(
+        all_containers("b").is_empty(),
+        "left on b: {:?}",
+        all_containers("b")
+    );
     assert_pair_alive("a", 100, before);
 }
 
@@ -247,25 +338,32 @@ impl Drop for Guard {
 #[test]
 fn receiver_killed_after_ok_leaves_exactly_one_copy() {
     fresh_workload("a", 100);
-    let rx = Receiver::start("b", &[]);
+    let mut rx = Receiver::start("b", &[]);
     let before = counter("a");
-    let rx_pid = rx.pid();
     let target = to("b");
-    let sender = std::thread::spawn(move || send("a", &["--to", &target, "--data", "/srv/app", "db", "web"]));
+    let sender = std::thread::spawn(move || {
+        send("a", &["--to", &target, "--data", "/srv/app", "db", "web"])
+    });
     rx.wait_for_line("OK received", Duration::from_secs(60));
     // SIGKILL: no chance to clean up or answer.
-    std::process::Command::new("kill").args(["-KILL", &rx_pid.to_string()]).status().unwrap();
+    rx.kill();
     let out = sender.join().unwrap();
     let code = out.code;
     assert!(code == Some(0) || code == Some(1), "{}", out.describe());
     let on_a = running("a");
     let on_b = running("b");
     if code == Some(0) {
-        assert!(all_containers("a").is_empty(), "split brain: a={on_a:?} b={on_b:?}");
+        assert!(
+            all_containers("a").is_empty(),
+            "split brain: a={on_a:?} b={on_b:?}"
+        );
         assert_pair_alive("b", 100, before);
     } else {
         assert_eq!(out.record()["outcome"], "rolled_back");
-        assert!(all_containers("b").is_empty(), "split brain: a={on_a:?} b={on_b:?}");
+        assert!(
+            all_containers("b").is_empty(),
+            "split brain: a={on_a:?} b={on_b:?}"
+        );
         assert_pair_alive("a", 100, before);
     }
 }
@@ -279,14 +377,23 @@ fn sigterm_before_the_freeze_leaves_everything_running() {
     let sender = std::thread::spawn(move || {
         send(
             "a",
-            &["--to", &target, "--data", "/srv/app", "--hook", "pre-freeze=sleep 20", "db", "web"],
+            &[
+                "--to",
+                &target,
+                "--data",
+                "/srv/app",
+                "--hook",
+                "pre-freeze=sleep 20.5",
+                "db",
+                "web",
+            ],
         )
     });
     // Wait for the hook to be running, then SIGTERM the sender.
     let pattern = format!("{} send", bin());
     let mut found = false;
     for _ in 0..200 {
-        if run("pgrep", &["-f", "sleep 20"]).code == Some(0) {
+        if run("pgrep", &["-f", "^sleep 20.5$"]).code == Some(0) {
             found = true;
             break;
         }
@@ -295,6 +402,10 @@ fn sigterm_before_the_freeze_leaves_everything_running() {
     assert!(found, "the pre-freeze hook never started");
     run("pkill", &["-TERM", "-f", &pattern]);
     let out = sender.join().unwrap().expect_code(2);
-    assert!(out.stderr.contains("nothing was frozen"), "{}", out.describe());
+    assert!(
+        out.stderr.contains("nothing was frozen"),
+        "{}",
+        out.describe()
+    );
     assert_untouched(&ids);
 }

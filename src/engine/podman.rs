@@ -117,7 +117,8 @@ pub struct ContainerInfo {
 
 /// Parses `podman container inspect` JSON.
 pub fn parse_inspect(json: &str) -> Result<Vec<ContainerInfo>, PodmanError> {
-    let raw: Vec<RawInspect> = serde_json::from_str(json).map_err(|e| PodmanError::Parse(e.to_string()))?;
+    let raw: Vec<RawInspect> =
+        serde_json::from_str(json).map_err(|e| PodmanError::Parse(e.to_string()))?;
     Ok(raw
         .into_iter()
         .map(|r| ContainerInfo {
@@ -186,7 +187,12 @@ pub fn inspect_args(names: &[String]) -> Vec<String> {
 
 /// `podman container checkpoint` arguments: export to `archive`, keep CRIU's files so
 /// the container can be restored in place on the source if the migration fails.
-pub fn checkpoint_args(name: &str, archive: &Path, opts: CriuOptions, compress: Compression) -> Vec<String> {
+pub fn checkpoint_args(
+    name: &str,
+    archive: &Path,
+    opts: CriuOptions,
+    compress: Compression,
+) -> Vec<String> {
     let mut a = args(["container", "checkpoint", "--keep", "--print-stats"]);
     a.push("--compress".into());
     a.push(compress.as_str().into());
@@ -226,7 +232,13 @@ impl Podman {
     pub async fn inspect(&self, names: &[String]) -> Result<Vec<ContainerInfo>, PodmanError> {
         let mut found = Vec::new();
         for name in names {
-            match exec::run("podman", &inspect_args(std::slice::from_ref(name)), PODMAN_TIMEOUT).await {
+            match exec::run(
+                "podman",
+                &inspect_args(std::slice::from_ref(name)),
+                PODMAN_TIMEOUT,
+            )
+            .await
+            {
                 Ok(out) => found.extend(parse_inspect(&out.stdout)?),
                 Err(e) if is_no_such_container(e.stderr()) => {
                     return Err(PodmanError::NoSuchContainer(name.clone()));
@@ -253,10 +265,16 @@ impl Podman {
         opts: CriuOptions,
         compress: Compression,
     ) -> Result<(), PodmanError> {
-        self.run(checkpoint_args(name, archive, opts, compress)).await.map(drop)
+        self.run(checkpoint_args(name, archive, opts, compress))
+            .await
+            .map(drop)
     }
 
-    pub async fn restore_import(&self, archive: &Path, opts: CriuOptions) -> Result<(), PodmanError> {
+    pub async fn restore_import(
+        &self,
+        archive: &Path,
+        opts: CriuOptions,
+    ) -> Result<(), PodmanError> {
         self.run(restore_import_args(archive, opts)).await.map(drop)
     }
 
@@ -266,9 +284,10 @@ impl Podman {
 
     /// Removes a container, stopping it first if needed.
     pub async fn remove(&self, name: &str) -> Result<(), PodmanError> {
-        self.run(args(["rm", "--force", "--time", "5", name])).await.map(drop)
+        self.run(args(["rm", "--force", "--time", "5", name]))
+            .await
+            .map(drop)
     }
-
 }
 
 /// podman's wording for a missing container, across 4.x versions.
@@ -307,7 +326,9 @@ pub fn resident_bytes(pid: i64) -> u64 {
         return 0;
     };
     let page = 4096u64;
-    let Ok(dir) = std::fs::read_dir("/proc") else { return 0 };
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
     dir.filter_map(Result::ok)
         .filter_map(|e| e.file_name().to_str()?.parse::<u64>().ok())
         .filter(|p| {
@@ -366,11 +387,17 @@ mod tests {
     #[test]
     fn criu_log_lines() {
         let log = "(00.1) foo\n(00.2) Error (criu/files-reg.c:1234): Can't open file\n(00.3) bar\n";
-        assert_eq!(criu_error_lines(log), "(00.2) Error (criu/files-reg.c:1234): Can't open file");
+        assert_eq!(
+            criu_error_lines(log),
+            "(00.2) Error (criu/files-reg.c:1234): Can't open file"
+        );
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("restore.log");
         std::fs::write(&path, log).unwrap();
-        let stderr = format!("Error: criu failed: type RESTORE errno 0\nlog file: {}\n", path.display());
+        let stderr = format!(
+            "Error: criu failed: type RESTORE errno 0\nlog file: {}\n",
+            path.display()
+        );
         let (p, lines) = criu_log_excerpt(&stderr).unwrap();
         assert_eq!(p, path.display().to_string());
         assert!(lines.contains("Can't open file"));
@@ -378,9 +405,9 @@ mod tests {
 
     #[test]
     fn no_such_container_wording() {
+        assert!(is_no_such_container("Error: no such container nope"));
         assert!(is_no_such_container(
-            "Error: no such container nope"
+            "Error: inspecting object: no such container \"x\""
         ));
-        assert!(is_no_such_container("Error: inspecting object: no such container \"x\""));
     }
 }

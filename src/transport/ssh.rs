@@ -44,7 +44,9 @@ pub enum SshError {
         host: String,
         detail: String,
     },
-    #[error("cannot reach {dest} over SSH ({detail}); check the address, --ssh-port and that sshd runs there")]
+    #[error(
+        "cannot reach {dest} over SSH ({detail}); check the address, --ssh-port and that sshd runs there"
+    )]
     Unreachable { dest: String, detail: String },
     #[error("SSH to {dest} failed: {detail}")]
     Connect { dest: String, detail: String },
@@ -79,7 +81,9 @@ pub fn classify_connect_error(dest: &str, host: &str, stderr: &str) -> SshError 
             host: host.into(),
             detail,
         }
-    } else if stderr.contains("Permission denied (") || stderr.contains("Too many authentication failures") {
+    } else if stderr.contains("Permission denied (")
+        || stderr.contains("Too many authentication failures")
+    {
         SshError::Auth { dest: d, detail }
     } else if [
         "Connection refused",
@@ -131,19 +135,22 @@ impl Ssh {
         if let Some(k) = &dest.identity {
             b.keyfile(k);
         }
-        let session = match tokio::time::timeout(timeout + Duration::from_secs(5), b.connect(&dest.host)).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
-                let text = error_text(&e);
-                return Err(classify_connect_error(&label, &dest.host, &text));
-            }
-            Err(_) => {
-                return Err(SshError::Unreachable {
-                    dest: label,
-                    detail: format!("no answer within {}s", timeout.as_secs()),
-                });
-            }
-        };
+        let session =
+            match tokio::time::timeout(timeout + Duration::from_secs(5), b.connect(&dest.host))
+                .await
+            {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    let text = error_text(&e);
+                    return Err(classify_connect_error(&label, &dest.host, &text));
+                }
+                Err(_) => {
+                    return Err(SshError::Unreachable {
+                        dest: label,
+                        detail: format!("no answer within {}s", timeout.as_secs()),
+                    });
+                }
+            };
         Ok(Ssh {
             session,
             dest: dest.clone(),
@@ -169,7 +176,11 @@ impl Ssh {
             parts.push("-p".into());
             parts.push(p.to_string());
         }
-        parts.iter().map(|p| shell_quote(p)).collect::<Vec<_>>().join(" ")
+        parts
+            .iter()
+            .map(|p| shell_quote(p))
+            .collect::<Vec<_>>()
+            .join(" ")
     }
 
     /// `[user@]host:` prefix for rsync destinations.
@@ -178,7 +189,12 @@ impl Ssh {
     }
 
     /// Runs `program args…` on the target; a non-zero exit is an error with its stderr.
-    pub async fn run(&self, program: &str, args: &[String], timeout: Duration) -> Result<RemoteOutput, SshError> {
+    pub async fn run(
+        &self,
+        program: &str,
+        args: &[String],
+        timeout: Duration,
+    ) -> Result<RemoteOutput, SshError> {
         let cmd = display_command(program, args);
         let mut command = self.session.command(program);
         command.args(args).stdin(Stdio::null());
@@ -211,7 +227,8 @@ impl Ssh {
 
     /// Runs a POSIX shell script on the target.
     pub async fn sh(&self, script: &str, timeout: Duration) -> Result<RemoteOutput, SshError> {
-        self.run("sh", &["-c".to_string(), script.to_string()], timeout).await
+        self.run("sh", &["-c".to_string(), script.to_string()], timeout)
+            .await
     }
 
     /// Streams `reader` into `remote_path` on the target (written to a temporary name and
@@ -271,7 +288,10 @@ impl Ssh {
             }
             .await;
             drop(stdin);
-            let out = child.wait_with_output().await.map_err(|e| self.transport(e))?;
+            let out = child
+                .wait_with_output()
+                .await
+                .map_err(|e| self.transport(e))?;
             if let Err(e) = copy {
                 return Err(SshError::Transport {
                     dest: self.label.clone(),
@@ -339,11 +359,20 @@ impl Ssh {
             let mut local_err = String::new();
             let _ = src_err.read_to_string(&mut local_err).await;
             let status = src.wait().await?;
-            let out = dst.wait_with_output().await.map_err(|e| self.transport(e))?;
+            let out = dst
+                .wait_with_output()
+                .await
+                .map_err(|e| self.transport(e))?;
             if !status.success() {
-                anyhow::bail!("`{local_cmd}` {}: {}", StatusText::from(status), tail_lines(&local_err, 8));
+                anyhow::bail!(
+                    "`{local_cmd}` {}: {}",
+                    StatusText::from(status),
+                    tail_lines(&local_err, 8)
+                );
             }
-            copied.with_context(|| format!("piping `{local_cmd}` into `{remote_cmd}` on {}", self.label))?;
+            copied.with_context(|| {
+                format!("piping `{local_cmd}` into `{remote_cmd}` on {}", self.label)
+            })?;
             if !out.status.success() {
                 return Err(SshError::Remote {
                     dest: self.label.clone(),
@@ -355,9 +384,13 @@ impl Ssh {
             }
             Ok(())
         };
-        tokio::time::timeout(timeout, work)
-            .await
-            .map_err(|_| anyhow::anyhow!("`{local_cmd} | ssh {} {remote_cmd}` did not finish within {}s", self.label, timeout.as_secs()))?
+        tokio::time::timeout(timeout, work).await.map_err(|_| {
+            anyhow::anyhow!(
+                "`{local_cmd} | ssh {} {remote_cmd}` did not finish within {}s",
+                self.label,
+                timeout.as_secs()
+            )
+        })?
     }
 
     /// Closes the master connection.
@@ -407,10 +440,22 @@ mod tests {
                 "@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@\r\n@    WARNING: REMOTE HOST IDENTIFICATION HAS CHANGED!     @\r\nHost key verification failed.",
                 "hostkey",
             ),
-            ("ssh: connect to host 10.77.0.12 port 2222: Connection refused", "unreachable"),
-            ("ssh: connect to host 10.77.0.99 port 22: No route to host", "unreachable"),
-            ("ssh: Could not resolve hostname nosuchhost: Name or service not known", "unreachable"),
-            ("ssh: connect to host 192.0.2.1 port 22: Connection timed out", "unreachable"),
+            (
+                "ssh: connect to host 10.77.0.12 port 2222: Connection refused",
+                "unreachable",
+            ),
+            (
+                "ssh: connect to host 10.77.0.99 port 22: No route to host",
+                "unreachable",
+            ),
+            (
+                "ssh: Could not resolve hostname nosuchhost: Name or service not known",
+                "unreachable",
+            ),
+            (
+                "ssh: connect to host 192.0.2.1 port 22: Connection timed out",
+                "unreachable",
+            ),
             ("kex_exchange_identification: something odd", "other"),
         ];
         for (stderr, want) in cases {
@@ -434,6 +479,9 @@ mod tests {
 
     #[test]
     fn join() {
-        assert_eq!(remote_join("/var/lib/migrate/", "x.tar"), "/var/lib/migrate/x.tar");
+        assert_eq!(
+            remote_join("/var/lib/migrate/", "x.tar"),
+            "/var/lib/migrate/x.tar"
+        );
     }
 }

@@ -64,7 +64,11 @@ impl Out {
             .next()
             .unwrap_or_else(|| panic!("no record\n{}", self.describe()))
             .expect("csv row");
-        headers.iter().zip(row.iter()).map(|(h, v)| (h.to_string(), v.to_string())).collect()
+        headers
+            .iter()
+            .zip(row.iter())
+            .map(|(h, v)| (h.to_string(), v.to_string()))
+            .collect()
     }
 }
 
@@ -97,7 +101,12 @@ pub fn on(host: &str, cmd: &[&str]) -> Out {
 /// Fails the test at once, with a useful message, when the lab is down.
 pub fn require_lab() {
     let st = lab(&["status"]);
-    assert_eq!(st.code, Some(0), "the lab is not up: run `scripts/lab up` (or scripts/test)\n{}", st.describe());
+    assert_eq!(
+        st.code,
+        Some(0),
+        "the lab is not up: run `scripts/lab up` (or scripts/test)\n{}",
+        st.describe()
+    );
 }
 
 /// Both hosts empty, then the thesis pair on `host` with `rows` rows. Also stops any
@@ -114,12 +123,18 @@ pub fn fresh_workload(host: &str, rows: u32) {
 
 pub fn rows(host: &str) -> u64 {
     let out = lab(&["workload", "rows", host]).ok();
-    out.stdout.trim().parse().unwrap_or_else(|_| panic!("rows: {}", out.describe()))
+    out.stdout
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("rows: {}", out.describe()))
 }
 
 pub fn counter(host: &str) -> u64 {
     let out = lab(&["workload", "counter", host]).ok();
-    out.stdout.trim().parse().unwrap_or_else(|_| panic!("counter: {}", out.describe()))
+    out.stdout
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("counter: {}", out.describe()))
 }
 
 /// Names of the running containers on a host.
@@ -140,11 +155,20 @@ pub fn all_containers(host: &str) -> Vec<String> {
 
 /// Container id and start time: unchanged when nothing froze or restarted it.
 pub fn identity(host: &str, name: &str) -> String {
-    on(host, &["podman", "inspect", "--format", "{{.Id}} {{.State.StartedAt}} {{.State.Checkpointed}}", name])
-        .ok()
-        .stdout
-        .trim()
-        .to_string()
+    on(
+        host,
+        &[
+            "podman",
+            "inspect",
+            "--format",
+            "{{.Id}} {{.State.StartedAt}} {{.State.Checkpointed}}",
+            name,
+        ],
+    )
+    .ok()
+    .stdout
+    .trim()
+    .to_string()
 }
 
 /// The thesis pair runs on `host` with its state: all rows, web answers, the counter
@@ -153,12 +177,19 @@ pub fn assert_pair_alive(host: &str, want_rows: u64, before: u64) {
     assert_eq!(running(host), vec!["db", "web"], "containers on {host}");
     assert_eq!(rows(host), want_rows, "rows on {host}");
     let c1 = counter(host);
-    assert!(c1 >= before, "counter on {host} went back: {c1} < {before} (state lost)");
+    assert!(
+        c1 >= before,
+        "counter on {host} went back: {c1} < {before} (state lost)"
+    );
     std::thread::sleep(Duration::from_millis(400));
     let c2 = counter(host);
     assert!(c2 > c1, "counter on {host} stopped: {c1} then {c2}");
     let page = lab(&["workload", "http", host]).ok();
-    assert!(page.stdout.contains("migrate thesis workload"), "{}", page.describe());
+    assert!(
+        page.stdout.contains("migrate thesis workload"),
+        "{}",
+        page.describe()
+    );
 }
 
 /// `migrate send` on `host`.
@@ -171,7 +202,9 @@ pub fn send(host: &str, args: &[&str]) -> Out {
 
 pub fn kill_receivers() {
     let pattern = format!("{} receive", bin());
-    let _ = Command::new("pkill").args(["-KILL", "-f", &pattern]).status();
+    let _ = Command::new("pkill")
+        .args(["-KILL", "-f", &pattern])
+        .status();
     std::thread::sleep(Duration::from_millis(200));
 }
 
@@ -226,7 +259,13 @@ impl Receiver {
     pub fn wait_for_line(&self, needle: &str, timeout: Duration) {
         let end = Instant::now() + timeout;
         while Instant::now() < end {
-            if self.lines.lock().unwrap().iter().any(|l| l.contains(needle)) {
+            if self
+                .lines
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|l| l.contains(needle))
+            {
                 return;
             }
             std::thread::sleep(Duration::from_millis(5));
@@ -250,7 +289,11 @@ impl Receiver {
                 let out = self.stdout.take().unwrap().join().unwrap();
                 return (st.code(), out);
             }
-            assert!(Instant::now() < end, "receiver did not exit; its log:\n{}", self.log());
+            assert!(
+                Instant::now() < end,
+                "receiver did not exit; its log:\n{}",
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
