@@ -14,6 +14,9 @@ fi
 if command -v criu >/dev/null 2>&1; then
   echo "criu=$(criu --version 2>/dev/null | sed -n 's/^Version: *//p' | head -n 1)"
   if out=$(criu check 2>&1); then echo criu_check=ok; else echo "criu_check=$(printf '%s' "$out" | tail -n 1)"; fi
+  for f in mem_dirty_track uffd-noncoop; do
+    if criu check --feature "$f" >/dev/null 2>&1; then echo "feature_$f=yes"; else echo "feature_$f=no"; fi
+  done
 else
   echo criu=missing
 fi
@@ -26,6 +29,8 @@ pub struct Facts {
     pub runtime: Option<String>,
     pub criu: Option<String>,
     pub criu_check: Option<String>,
+    /// Optional CRIU features (`criu check --feature X`): "yes" or "no".
+    pub features: std::collections::BTreeMap<String, String>,
 }
 
 impl Facts {
@@ -41,7 +46,11 @@ impl Facts {
                 "runtime" => f.runtime = v,
                 "criu" => f.criu = v,
                 "criu_check" => f.criu_check = v,
-                _ => {}
+                _ => {
+                    if let (Some(feature), Some(v)) = (k.strip_prefix("feature_"), v) {
+                        f.features.insert(feature.to_string(), v);
+                    }
+                }
             }
         }
         f
@@ -106,6 +115,115 @@ pub async fn stack_local() -> Facts {
             ..Default::default()
         },
     }
+}
+
+/// `migrate check`: every finding on both hosts, one per line; exit 0 when a migration
+/// would start, 2 when not.
+pub async fn run(args: crate::cli::CheckArgs) -> u8 {
+    use crate::preflight::{self, Level, Spawn, Want};
+    use std::io::IsTerminal;
+
+    let plan = match crate::plan::TargetPlan::resolve(&args.target, &args.containers) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("migrate check: error: {e}");
+            return 2;
+        }
+    };
+    let ui = crate::progress::Ui::new("check");
+    let run_id = format!("check-{}", crate::secret::random_hex(4));
+    let want = Want {
+        dest: &plan.dest,
+        control_port: plan.control_port,
+        containers: &plan.containers,
+        data: &plan.data,
+        ship_images: plan.ship_images,
+        run_id: &run_id,
+        label: "",
+        create_run_dir: false,
+        spawn: plan.spawn_receiver.then_some(Spawn {
+            install: plan.install_receiver,
+            start: false,
+        }),
+    };
+    let mut report = preflight::run(&want, &ui).await;
+    if let Some(ssh) = report.ssh.take() {
+        match clock_over_ssh(&ssh).await {
+            Ok((offset, err)) => {
+                let level = if offset.abs() > 500_000 {
+                    Level::Warn
+                } else {
+                    Level::Ok
+                };
+                report.findings.push(preflight::Finding {
+                    level,
+                    side: "target",
+                    text: format!(
+                        "clock offset target−source {:+.3}s (±{:.3}s); migrate measures and corrects it, but keep clocks in sync (NTP) for readable logs",
+                        offset as f64 / 1e6,
+                        err as f64 / 1e6
+                    ),
+                    fix: None,
+                });
+            }
+            Err(e) => report.findings.push(preflight::Finding {
+                level: Level::Warn,
+                side: "target",
+                text: format!("cannot read the target's clock: {e}"),
+                fix: None,
+            }),
+        }
+        ssh.close().await;
+    }
+    ui.finish();
+    let fancy = std::io::stdout().is_terminal();
+    let mut failed = false;
+    for f in &report.findings {
+        let mark = match (f.level, fancy) {
+            (Level::Ok, true) => "✔",
+            (Level::Info, true) => "ℹ",
+            (Level::Warn, true) => "⚠",
+            (Level::Fail, true) => "✖",
+            (Level::Ok, false) => "ok  ",
+            (Level::Info, false) => "info",
+            (Level::Warn, false) => "warn",
+            (Level::Fail, false) => "FAIL",
+        };
+        failed |= f.level == Level::Fail;
+        println!("{mark} {}: {}", f.side, f.text);
+        if let Some(fix) = &f.fix {
+            println!("    → {fix}");
+        }
+    }
+    if failed {
+        println!(
+            "a migration would be refused: fix the lines marked {}",
+            if fancy { "✖" } else { "FAIL" }
+        );
+        2
+    } else {
+        println!("a migration would start");
+        0
+    }
+}
+
+/// Target clock minus ours, from `date` over SSH bracketed by our clock; returns the
+/// offset and its uncertainty (half the round trip), in µs.
+async fn clock_over_ssh(ssh: &crate::transport::ssh::Ssh) -> anyhow::Result<(i64, i64)> {
+    let mut best: Option<(i64, i64)> = None;
+    for _ in 0..3 {
+        let t0 = crate::timing::now_us();
+        let out = ssh
+            .run("date", &["+%s%6N".to_string()], Duration::from_secs(10))
+            .await?;
+        let t3 = crate::timing::now_us();
+        let remote: i64 = out.stdout.trim().parse()?;
+        let sample = (remote - (t0 + t3) / 2, (t3 - t0) / 2);
+        if best.is_none_or(|b| sample.1 < b.1) {
+            best = Some(sample);
+        }
+    }
+    Ok(best.expect("three samples"))
 }
 
 #[cfg(test)]

@@ -30,6 +30,8 @@ pub enum Command {
     Receive(ReceiveArgs),
     /// Move running containers from this host to the target host.
     Send(SendArgs),
+    /// Check both hosts for everything a migration needs, without touching anything.
+    Check(CheckArgs),
     /// Read a service like a client would, every interval, and report every outage.
     Probe(crate::probe::ProbeArgs),
     /// Print a shell completion script to stdout.
@@ -73,6 +75,10 @@ pub struct ReceiveArgs {
     /// Leave out the CSV header line (for appending to a file).
     #[arg(long)]
     pub no_header: bool,
+
+    /// Exit (status 1) when no migration has started within this many seconds.
+    #[arg(long, value_name = "SECS")]
+    pub idle_timeout: Option<u64>,
 }
 
 /// Archive compression: `auto` picks from the measured link rate.
@@ -84,9 +90,9 @@ pub enum CompressChoice {
     Gzip,
 }
 
-/// Options of `migrate send`.
+/// Where the target is and what must be true there: shared by `send` and `check`.
 #[derive(Debug, Args)]
-pub struct SendArgs {
+pub struct TargetArgs {
     /// Target host, reached over SSH as root (or a user allowed to run podman).
     #[arg(long, value_name = "[USER@]HOST")]
     pub to: String,
@@ -95,13 +101,52 @@ pub struct SendArgs {
     #[arg(long, value_name = "N")]
     pub ssh_port: Option<u16>,
 
-    /// SSH private key to use (default: ssh's own choice, e.g. ~/.ssh/id_ed25519).
+    /// SSH private key to use, and only that one (default: ssh's own choice, e.g.
+    /// ~/.ssh/id_ed25519).
     #[arg(long, value_name = "FILE")]
     pub identity: Option<PathBuf>,
 
     /// TCP port of the receiver's control connection on the target.
     #[arg(long, value_name = "N", default_value_t = 12345)]
     pub control_port: u16,
+
+    /// Data folder to sync to the same path on the target (repeatable): synced while the
+    /// containers run, then again (only what changed) after the freeze.
+    #[arg(long, value_name = "PATH")]
+    pub data: Vec<PathBuf>,
+
+    /// Start the receiver on the target over the SSH connection (one command instead of
+    /// two terminals); uses the target's `migrate` of the same version.
+    #[arg(long)]
+    pub spawn_receiver: bool,
+
+    /// When the target lacks this version of migrate, copy this binary there first (to
+    /// /var/lib/migrate/bin). Implies --spawn-receiver.
+    #[arg(long)]
+    pub install_receiver: bool,
+
+    /// When a container's image is missing on the target, copy it there first (podman
+    /// save | podman load over SSH); without it, a missing image is refused.
+    #[arg(long)]
+    pub ship_image: bool,
+}
+
+/// Options of `migrate check`.
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    #[command(flatten)]
+    pub target: TargetArgs,
+
+    /// Containers that would move.
+    #[arg(value_name = "CONTAINER")]
+    pub containers: Vec<String>,
+}
+
+/// Options of `migrate send`.
+#[derive(Debug, Args)]
+pub struct SendArgs {
+    #[command(flatten)]
+    pub target: TargetArgs,
 
     /// Local folder for checkpoint archives (kept until the target confirms).
     #[arg(
@@ -112,10 +157,10 @@ pub struct SendArgs {
     )]
     pub workdir: PathBuf,
 
-    /// Data folder to sync to the same path on the target (repeatable): synced while the
-    /// containers run, then again (only what changed) after the freeze.
-    #[arg(long, value_name = "PATH")]
-    pub data: Vec<PathBuf>,
+    /// Check everything, measure the link, print the plan with an estimated downtime, and
+    /// exit without freezing anything.
+    #[arg(long)]
+    pub dry_run: bool,
 
     /// Checkpoint and restore established TCP connections.
     #[arg(long)]
@@ -175,7 +220,7 @@ mod tests {
         let Command::Send(s) = cli.command else {
             panic!()
         };
-        assert_eq!(s.control_port, 12345);
+        assert_eq!(s.target.control_port, 12345);
         assert_eq!(s.workdir, PathBuf::from("/var/lib/migrate"));
         assert_eq!(s.format, Format::Csv);
         assert_eq!(s.containers, vec!["db", "web"]);

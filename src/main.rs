@@ -7,6 +7,7 @@ mod engine;
 mod exec;
 mod hooks;
 mod plan;
+mod preflight;
 mod probe;
 mod progress;
 mod protocol;
@@ -59,6 +60,9 @@ async fn dispatch(cli: Cli) -> u8 {
                     return send::Exit::Refused as u8;
                 }
             };
+            if plan.dry_run {
+                return send::dry_run(&plan, &ui).await;
+            }
             let mut signals = match Signals::new() {
                 Ok(s) => s,
                 Err(e) => {
@@ -80,6 +84,7 @@ async fn dispatch(cli: Cli) -> u8 {
                 }
             }
         }
+        Command::Check(args) => check::run(args).await,
         Command::Probe(args) => probe::run(args).await,
         Command::Completions { shell } => {
             clap_complete::generate(

@@ -6,7 +6,7 @@ use std::path::{Component, Path, PathBuf};
 
 use std::time::Duration;
 
-use crate::cli::{CompressChoice, SendArgs};
+use crate::cli::{CompressChoice, SendArgs, TargetArgs};
 use crate::hooks::{Hook, Place, parse_hook};
 use crate::protocol::valid_container_name;
 use crate::timing::Format;
@@ -37,6 +37,10 @@ pub struct SendPlan {
     pub label: String,
     pub hooks: Vec<Hook>,
     pub hook_timeout: Duration,
+    pub ship_images: bool,
+    pub spawn_receiver: bool,
+    pub install_receiver: bool,
+    pub dry_run: bool,
 }
 
 /// Splits `[user@]host`.
@@ -110,19 +114,25 @@ pub fn new_run_id() -> String {
     )
 }
 
-impl SendPlan {
-    pub fn resolve(a: &SendArgs) -> Result<SendPlan, PlanError> {
+/// The checked `TargetArgs` (shared by `send` and `check`).
+#[derive(Debug, Clone)]
+pub struct TargetPlan {
+    pub dest: Destination,
+    pub control_port: u16,
+    pub data: Vec<PathBuf>,
+    pub containers: Vec<String>,
+    pub ship_images: bool,
+    pub spawn_receiver: bool,
+    pub install_receiver: bool,
+}
+
+impl TargetPlan {
+    pub fn resolve(a: &TargetArgs, containers: &[String]) -> Result<TargetPlan, PlanError> {
         let (user, host) = parse_destination(&a.to)?;
         if let Some(id) = &a.identity
             && !id.is_file()
         {
             return bad(format!("--identity {}: no such file", id.display()));
-        }
-        if !a.workdir.is_absolute() {
-            return bad(format!(
-                "--workdir {}: must be an absolute path",
-                a.workdir.display()
-            ));
         }
         if a.control_port == 0 {
             return bad(
@@ -130,7 +140,7 @@ impl SendPlan {
             );
         }
         let mut seen = HashSet::new();
-        for c in &a.containers {
+        for c in containers {
             if !valid_container_name(c) {
                 return bad(format!("container {c:?}: not a valid container name"));
             }
@@ -152,6 +162,32 @@ impl SendPlan {
             }
             data.push(clean);
         }
+        Ok(TargetPlan {
+            dest: Destination {
+                user,
+                host,
+                port: a.ssh_port,
+                identity: a.identity.clone(),
+            },
+            control_port: a.control_port,
+            data,
+            containers: containers.to_vec(),
+            ship_images: a.ship_image,
+            spawn_receiver: a.spawn_receiver || a.install_receiver,
+            install_receiver: a.install_receiver,
+        })
+    }
+}
+
+impl SendPlan {
+    pub fn resolve(a: &SendArgs) -> Result<SendPlan, PlanError> {
+        let t = TargetPlan::resolve(&a.target, &a.containers)?;
+        if !a.workdir.is_absolute() {
+            return bad(format!(
+                "--workdir {}: must be an absolute path",
+                a.workdir.display()
+            ));
+        }
         let mut hooks = Vec::new();
         for h in &a.hooks {
             hooks.push(parse_hook(h, Place::Source).map_err(PlanError)?);
@@ -164,16 +200,11 @@ impl SendPlan {
         }
         Ok(SendPlan {
             run_id: new_run_id(),
-            dest: Destination {
-                user,
-                host,
-                port: a.ssh_port,
-                identity: a.identity.clone(),
-            },
-            control_port: a.control_port,
+            dest: t.dest,
+            control_port: t.control_port,
             workdir: a.workdir.clone(),
-            data,
-            containers: a.containers.clone(),
+            data: t.data,
+            containers: t.containers,
             tcp_established: a.tcp_established,
             compress: a.compress,
             format: a.format,
@@ -181,6 +212,10 @@ impl SendPlan {
             label: a.label.clone(),
             hooks,
             hook_timeout: Duration::from_secs(a.hook_timeout),
+            ship_images: t.ship_images,
+            spawn_receiver: t.spawn_receiver,
+            install_receiver: t.install_receiver,
+            dry_run: a.dry_run,
         })
     }
 }

@@ -47,6 +47,8 @@ struct Ctx {
     ui: Arc<Ui>,
     format: Format,
     header_done: AtomicBool,
+    /// Set once a migration authenticated (for --idle-timeout).
+    started: AtomicBool,
 }
 
 /// What one finished migration means for the receiver's exit.
@@ -82,7 +84,11 @@ pub async fn run(args: ReceiveArgs, ui: Arc<Ui>) -> anyhow::Result<u8> {
         ui: ui.clone(),
         format: args.format,
         header_done: AtomicBool::new(args.no_header),
+        started: AtomicBool::new(false),
     });
+    let idle_deadline = args
+        .idle_timeout
+        .map(|s| tokio::time::Instant::now() + Duration::from_secs(s));
     ui.info(&format!(
         "listening on {} (work folder {}){}",
         args.listen,
@@ -116,6 +122,11 @@ pub async fn run(args: ReceiveArgs, ui: Arc<Ui>) -> anyhow::Result<u8> {
                     return Ok(if done == Done::Restored { 0 } else { 1 });
                 }
                 ui.info("waiting for the next migration");
+            }
+            _ = async { tokio::time::sleep_until(idle_deadline.expect("guarded")).await },
+                if idle_deadline.is_some() && !ctx.started.load(Ordering::SeqCst) => {
+                ui.warn("no migration arrived within --idle-timeout; exiting");
+                return Ok(1);
             }
             _ = signals.changed() => {
                 if ctx.busy.try_lock().is_ok() {
@@ -216,6 +227,7 @@ async fn handle(sock: TcpStream, peer: SocketAddr, ctx: &Ctx) -> Option<Done> {
             .await;
         return None;
     };
+    ctx.started.store(true, Ordering::SeqCst);
     let _ = std::fs::write(dir.join(PID_FILE), std::process::id().to_string());
     ctx.ui.info(&format!(
         "migration {run_id} from {source_host} ({peer}) authenticated"

@@ -8,20 +8,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, anyhow};
-use tokio::io::BufReader;
-use tokio::net::TcpStream;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
 use crate::Signals;
 use crate::cli::CompressChoice;
-use crate::engine::podman::{self, Compression, ContainerInfo, CriuOptions, Podman, PodmanError};
+use crate::engine::podman::{self, Compression, ContainerInfo, CriuOptions, Podman};
 use crate::exec::shell_quote;
 use crate::hooks::{self, When};
 use crate::plan::SendPlan;
+use crate::preflight::{self, Control, Want, Welcome};
 use crate::progress::Ui;
 use crate::protocol::{
-    Auth, Channel, ClockSample, ContainerEntry, Direction, Manifest, PROTOCOL_VERSION,
-    TargetOutcome, ToReceiver, ToSender, estimate_offset,
+    Auth, ClockSample, ContainerEntry, Manifest, TargetOutcome, ToReceiver, ToSender,
+    estimate_offset,
 };
 use crate::receive::{PID_FILE, RESULT_FILE, SECRET_FILE};
 use crate::sync::rsync;
@@ -62,8 +60,6 @@ fn refuse(error: impl Into<anyhow::Error>) -> SendFailure {
     }
 }
 
-const SSH_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-const CONTROL_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const CONTROL_REPLY_TIMEOUT: Duration = Duration::from_secs(10);
 const REMOTE_TIMEOUT: Duration = Duration::from_secs(120);
 const SHIP_TIMEOUT: Duration = Duration::from_secs(3600);
@@ -74,8 +70,6 @@ const CLOCK_ROUNDS: usize = 8;
 const PROBE_BYTES: usize = 8 << 20;
 /// Above this rate, compressing costs more time than it saves.
 const FAST_LINK_BYTES_PER_S: f64 = 250e6;
-
-type Control = Channel<BufReader<OwnedReadHalf>, OwnedWriteHalf>;
 
 /// One container as it will be moved.
 #[derive(Debug, Clone)]
@@ -439,101 +433,58 @@ async fn preflight(
     ui: &Arc<Ui>,
     rec: &mut Record,
 ) -> Result<Prepared, SendFailure> {
-    let podman = Podman;
-    ui.phase("preflight: local containers");
-    let infos = podman
-        .inspect(&plan.containers)
-        .await
-        .map_err(|e| match e {
-            PodmanError::NoSuchContainer(n) => refuse(anyhow!(
-                "container {n:?} does not exist on this host; `podman ps` lists the running ones"
-            )),
-            e => refuse(anyhow!(e).context("cannot inspect the containers")),
-        })?;
-    for c in &infos {
-        if !c.running {
-            return Err(refuse(anyhow!(
-                "container {} is not running (it is {}); start it or leave it out",
-                c.name,
-                c.status
-            )));
-        }
-    }
-    let local = crate::check::stack_local().await;
-    if let Some(problem) = local.problem() {
-        return Err(refuse(anyhow!("this host: {problem}")));
-    }
-
-    ui.phase(&format!("preflight: SSH to {}", plan.dest.ssh_target()));
-    let ssh = Ssh::connect(&plan.dest, SSH_CONNECT_TIMEOUT)
-        .await
-        .map_err(refuse)?;
-
-    ui.phase("preflight: receiver");
-    let addr = format!("{}:{}", bracket(&plan.dest.host), plan.control_port);
-    let sock = match tokio::time::timeout(CONTROL_CONNECT_TIMEOUT, TcpStream::connect(&addr)).await
-    {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            ssh.close().await;
-            return Err(refuse(anyhow!(
-                "no receiver listening on {addr} ({e}); start `migrate receive` on the target first (or pass --control-port)"
-            )));
-        }
-        Err(_) => {
-            ssh.close().await;
-            return Err(refuse(anyhow!(
-                "no answer from a receiver on {addr} within {}s; start `migrate receive` on the target and open the port in its firewall",
-                CONTROL_CONNECT_TIMEOUT.as_secs()
-            )));
-        }
+    let want = Want {
+        dest: &plan.dest,
+        control_port: plan.control_port,
+        containers: &plan.containers,
+        data: &plan.data,
+        ship_images: plan.ship_images,
+        run_id: &plan.run_id,
+        label: &plan.label,
+        create_run_dir: true,
+        spawn: plan.spawn_receiver.then_some(preflight::Spawn {
+            install: plan.install_receiver,
+            start: true,
+        }),
     };
-    let _ = sock.set_nodelay(true);
-    let (r, w) = sock.into_split();
-    let mut control = Channel::new(BufReader::new(r), w, Direction::ToReceiver);
-    let hello = ToReceiver::Hello {
-        protocol: PROTOCOL_VERSION,
-        run_id: plan.run_id.clone(),
-        sender_version: env!("CARGO_PKG_VERSION").into(),
-        source_host: crate::hostname(),
-        label: plan.label.clone(),
-    };
-    let welcome = async {
-        control.send(&hello).await?;
-        control.recv::<ToSender>().await
-    };
-    let (workdir, nonce) = match tokio::time::timeout(CONTROL_REPLY_TIMEOUT, welcome).await {
-        Ok(Ok(ToSender::Welcome { workdir, nonce, .. })) => (workdir, nonce),
-        Ok(Ok(ToSender::Refused { reason })) => {
-            ssh.close().await;
-            return Err(refuse(anyhow!("the receiver on {addr} refused: {reason}")));
+    let report = preflight::run(&want, ui).await;
+    if let Some(f) = report.first_failure() {
+        let e = anyhow!(f.one_line());
+        let preflight::Report { ssh, receiver, .. } = report;
+        if let Some(mut w) = receiver {
+            abort(&mut w.control, "refused in preflight", false).await;
         }
-        Ok(Ok(other)) => {
+        if let Some(ssh) = ssh {
             ssh.close().await;
-            return Err(refuse(anyhow!(
-                "the receiver on {addr} answered {other:?} to hello"
-            )));
         }
-        Ok(Err(e)) => {
-            ssh.close().await;
-            return Err(refuse(
-                anyhow!(e).context(format!("{addr} does not speak the migrate protocol")),
-            ));
-        }
-        Err(_) => {
-            ssh.close().await;
-            return Err(refuse(anyhow!(
-                "{addr} accepted the connection but never answered; is it a migrate receiver?"
-            )));
-        }
-    };
-    let remote_dir = remote_join(&remote_join(&workdir, "runs"), &plan.run_id);
-
-    ui.phase("preflight: target");
-    let checks = remote_checks(plan, &infos, &ssh, &remote_dir, ui).await;
-    if let Err(e) = checks {
-        ssh.close().await;
         return Err(refuse(e));
+    }
+    let preflight::Report {
+        infos,
+        ssh,
+        receiver,
+        missing_images,
+        remote_dir,
+        ..
+    } = report;
+    let ssh = ssh.expect("no failure means SSH works");
+    let Welcome {
+        mut control, nonce, ..
+    } = receiver.expect("no failure means a receiver answered");
+    let remote_dir = remote_dir.expect("no failure means the run folder exists");
+    let fail = async |control: &mut Control, ssh: Ssh, e: anyhow::Error| {
+        abort(control, "refused in preflight", false).await;
+        ssh.close().await;
+        Err(refuse(e))
+    };
+
+    for (id, image) in &missing_images {
+        ui.info(&format!(
+            "shipping image {image} to the target (podman save | podman load)"
+        ));
+        if let Err(e) = ship_image(&ssh, id, image).await {
+            return fail(&mut control, ssh, e).await;
+        }
     }
 
     // Place the per-migration secret where only root on the target can read it.
@@ -546,39 +497,14 @@ async fn preflight(
         )
         .await
     {
-        ssh.close().await;
-        return Err(refuse(
-            anyhow!(e).context("cannot place the migration secret on the target"),
-        ));
+        let e = anyhow!(e).context("cannot place the migration secret on the target");
+        return fail(&mut control, ssh, e).await;
     }
     control.authenticate(Auth::new(hex::decode(&secret).expect("hex"), nonce));
-    let mut samples = Vec::new();
-    for _ in 0..CLOCK_ROUNDS {
-        let t0 = now_us();
-        let reply = async {
-            control.send(&ToReceiver::TimeProbe { t0 }).await?;
-            control.recv::<ToSender>().await
-        };
-        match tokio::time::timeout(CONTROL_REPLY_TIMEOUT, reply).await {
-            Ok(Ok(ToSender::TimeReply { t0: e, t1, t2 })) if e == t0 => samples.push(ClockSample {
-                t0,
-                t1,
-                t2,
-                t3: now_us(),
-            }),
-            Ok(Ok(ToSender::Refused { reason })) => {
-                ssh.close().await;
-                return Err(refuse(anyhow!("the receiver refused: {reason}")));
-            }
-            other => {
-                ssh.close().await;
-                return Err(refuse(anyhow!(
-                    "the receiver did not accept our authenticated messages ({other:?}); is --workdir on both sides writable and the same receiver reached over SSH?"
-                )));
-            }
-        }
-    }
-    let (offset_us, delay_us) = estimate_offset(&samples).expect("at least one sample");
+    let (offset_us, delay_us) = match clock_offset(&mut control).await {
+        Ok(x) => x,
+        Err(e) => return fail(&mut control, ssh, e).await,
+    };
     rec.clock_delay_us = Some(delay_us);
     ui.info(&format!(
         "clock offset target−source {:+.6}s (round trip {:.6}s)",
@@ -586,7 +512,6 @@ async fn preflight(
         delay_us as f64 / 1e6
     ));
 
-    // Compression for this link.
     let compression = match plan.compress {
         CompressChoice::None => Compression::None,
         CompressChoice::Zstd => Compression::Zstd,
@@ -613,23 +538,16 @@ async fn preflight(
         .mode(0o700)
         .create(&local_dir)
     {
-        abort(&mut control, "local work folder", false).await;
-        ssh.close().await;
-        return Err(refuse(anyhow!(e).context(format!(
+        let e = anyhow!(e).context(format!(
             "cannot create {}: pass a writable --workdir",
             local_dir.display()
-        ))));
+        ));
+        return fail(&mut control, ssh, e).await;
     }
     let items = infos
         .into_iter()
         .map(|info| {
             let locks = podman::holds_file_locks(info.pid).unwrap_or(true);
-            if locks {
-                ui.info(&format!(
-                    "{} holds file locks: checkpointing with --file-locks",
-                    info.name
-                ));
-            }
             let archive_name = format!("{}.{}", info.name, compression.extension());
             Item {
                 opts: CriuOptions {
@@ -652,6 +570,216 @@ async fn preflight(
     })
 }
 
+/// `send --dry-run`: runs every check, measures the link, prints the plan with a rough
+/// downtime estimate on stdout, and touches nothing. Exit 0 when the migration would
+/// start, 2 when it would be refused.
+pub async fn dry_run(plan: &SendPlan, ui: &Arc<Ui>) -> u8 {
+    let want = Want {
+        dest: &plan.dest,
+        control_port: plan.control_port,
+        containers: &plan.containers,
+        data: &plan.data,
+        ship_images: plan.ship_images,
+        run_id: &plan.run_id,
+        label: &plan.label,
+        create_run_dir: false,
+        spawn: plan.spawn_receiver.then_some(preflight::Spawn {
+            install: plan.install_receiver,
+            start: false,
+        }),
+    };
+    let mut report = preflight::run(&want, ui).await;
+    ui.finish();
+    if let Some(f) = report.first_failure() {
+        eprintln!("migrate send: error: {}", f.one_line());
+        if let Some(ssh) = report.ssh.take() {
+            ssh.close().await;
+        }
+        return Exit::Refused as u8;
+    }
+    let ssh = report.ssh.take().expect("no failure means SSH works");
+    let rate = measure_link(&ssh).await.unwrap_or(0.0);
+    let compression = match plan.compress {
+        CompressChoice::None => Compression::None,
+        CompressChoice::Zstd => Compression::Zstd,
+        CompressChoice::Gzip => Compression::Gzip,
+        CompressChoice::Auto if rate >= FAST_LINK_BYTES_PER_S => Compression::None,
+        CompressChoice::Auto => Compression::Zstd,
+    };
+    let mut lines = vec![format!(
+        "plan: move {} from {} to {} (run id would be {})",
+        plan.containers.join(", "),
+        crate::hostname(),
+        plan.dest.ssh_target(),
+        plan.run_id
+    )];
+    lines.push(format!(
+        "  1. preflight: every check passed ({} findings; `migrate check` lists them)",
+        report.findings.len()
+    ));
+    for (_, image) in &report.missing_images {
+        lines.push(format!(
+            "     image {image} will be shipped first (podman save | podman load)"
+        ));
+    }
+    let mut presync_bytes = 0;
+    for d in &plan.data {
+        match rsync::preview(d, &ssh).await {
+            Ok(s) => {
+                presync_bytes += s.transferred_file_size;
+                lines.push(format!(
+                    "  2. pre-sync {} while the containers run: {} files, {:.1} MiB to send now",
+                    d.display(),
+                    s.files_transferred,
+                    s.transferred_file_size as f64 / 1048576.0
+                ));
+            }
+            Err(e) => lines.push(format!(
+                "  2. pre-sync {}: cannot preview ({e})",
+                d.display()
+            )),
+        }
+    }
+    if plan.data.is_empty() {
+        lines.push("  2. no --data folders: nothing to pre-sync".into());
+    }
+    let rss: Vec<(String, u64, bool)> = report
+        .infos
+        .iter()
+        .map(|c| {
+            (
+                c.name.clone(),
+                podman::resident_bytes(c.pid),
+                podman::holds_file_locks(c.pid).unwrap_or(true),
+            )
+        })
+        .collect();
+    lines.push(format!(
+        "  3. DOWN: checkpoint in parallel, compression {}: {}",
+        compression.as_str(),
+        rss.iter()
+            .map(|(n, b, locks)| format!(
+                "{n} ({:.0} MiB resident{})",
+                *b as f64 / 1048576.0,
+                if *locks { ", --file-locks" } else { "" }
+            ))
+            .collect::<Vec<_>>()
+            .join(", ")
+    ));
+    let total: u64 = rss.iter().map(|(_, b, _)| b).sum();
+    let archive = match compression {
+        Compression::None => total,
+        _ => total / 10,
+    };
+    lines.push(format!(
+        "  4. ship ~{:.0} MiB of archives over SSH (link measured at ~{:.0} Mbit/s), then post-sync what changed in the data folders",
+        archive as f64 / 1048576.0,
+        rate * 8.0 / 1e6
+    ));
+    lines.push(format!(
+        "  5. \"OK\" to the receiver; it verifies the archives and restores {} in this order",
+        plan.containers.join(", ")
+    ));
+    lines.push(
+        "  6. once the target confirms UP: remove the containers here (data folders stay)".into(),
+    );
+    let est = estimate_downtime(
+        &rss.iter().map(|(_, b, _)| *b).collect::<Vec<_>>(),
+        archive,
+        rate,
+    );
+    lines.push(format!(
+        "estimated downtime ~{:.2}s (checkpoint {:.2}s + transfer {:.2}s + restore {:.2}s); a rough model from resident memory and the measured link, not a measurement",
+        est.0 + est.1 + est.2,
+        est.0,
+        est.1,
+        est.2
+    ));
+    let _ = presync_bytes;
+    println!("{}", lines.join("\n"));
+    if let Some(mut w) = report.receiver.take() {
+        abort(&mut w.control, "dry run", false).await;
+    }
+    ssh.close().await;
+    0
+}
+
+/// A rough model of the frozen time: parallel dumps, one transfer, sequential restores.
+/// CRIU moves memory at a few hundred MB/s here; podman adds a fixed cost per container.
+pub fn estimate_downtime(
+    resident: &[u64],
+    archive_bytes: u64,
+    link_bytes_per_s: f64,
+) -> (f64, f64, f64) {
+    const PER_CONTAINER_S: f64 = 0.35;
+    const CRIU_BYTES_PER_S: f64 = 400e6;
+    let checkpoint = resident
+        .iter()
+        .map(|b| PER_CONTAINER_S + *b as f64 / CRIU_BYTES_PER_S)
+        .fold(0.0, f64::max);
+    let transfer = if link_bytes_per_s > 0.0 {
+        archive_bytes as f64 / link_bytes_per_s
+    } else {
+        0.0
+    };
+    let restore = resident
+        .iter()
+        .map(|b| PER_CONTAINER_S + *b as f64 / CRIU_BYTES_PER_S)
+        .sum();
+    (checkpoint, transfer, restore)
+}
+
+/// NTP-style offset estimate over the authenticated control connection.
+async fn clock_offset(control: &mut Control) -> anyhow::Result<(i64, i64)> {
+    let mut samples = Vec::new();
+    for _ in 0..CLOCK_ROUNDS {
+        let t0 = now_us();
+        let reply = async {
+            control.send(&ToReceiver::TimeProbe { t0 }).await?;
+            control.recv::<ToSender>().await
+        };
+        match tokio::time::timeout(CONTROL_REPLY_TIMEOUT, reply).await {
+            Ok(Ok(ToSender::TimeReply { t0: e, t1, t2 })) if e == t0 => samples.push(ClockSample {
+                t0,
+                t1,
+                t2,
+                t3: now_us(),
+            }),
+            Ok(Ok(ToSender::Refused { reason })) => anyhow::bail!("the receiver refused: {reason}"),
+            other => anyhow::bail!(
+                "the receiver did not accept our authenticated messages ({other:?}); is the receiver reached over SSH the same one that listens on the control port?"
+            ),
+        }
+    }
+    Ok(estimate_offset(&samples).expect("at least one sample"))
+}
+
+/// Copies an image the target lacks: `podman save | ssh podman load`, then checks the ID.
+async fn ship_image(ssh: &Ssh, id: &str, image: &str) -> anyhow::Result<()> {
+    ssh.pipe_from_local(
+        "podman",
+        &[
+            "save".into(),
+            "--format".into(),
+            "docker-archive".into(),
+            image.into(),
+        ],
+        "podman",
+        &["load".into()],
+        SHIP_TIMEOUT,
+    )
+    .await
+    .with_context(|| format!("shipping image {image} to the target"))?;
+    ssh.run(
+        "podman",
+        &["image".into(), "exists".into(), id.into()],
+        REMOTE_TIMEOUT,
+    )
+    .await
+    .with_context(|| format!("image {image} was loaded on the target but not with ID {id}"))?;
+    Ok(())
+}
+
 /// The migration's facts for hooks.
 fn hook_env(plan: &SendPlan, rec: &Record) -> Vec<(String, String)> {
     vec![
@@ -662,223 +790,36 @@ fn hook_env(plan: &SendPlan, rec: &Record) -> Vec<(String, String)> {
     ]
 }
 
-fn bracket(host: &str) -> String {
-    if host.contains(':') {
-        format!("[{host}]")
-    } else {
-        host.to_string()
-    }
-}
-
 /// Sends a few MB to the target's /dev/null and returns bytes per second.
 async fn measure_link(ssh: &Ssh) -> anyhow::Result<f64> {
+    // Random bytes (ssh may compress); each upload also pays for starting a remote
+    // command, so time a small and a large one and take the difference.
     let mut data = vec![0u8; PROBE_BYTES];
-    crate::secret::fill_random(&mut data[..64 * 1024]);
-    for i in 1..(PROBE_BYTES / (64 * 1024)) {
-        data.copy_within(0..64 * 1024, i * 64 * 1024);
+    crate::secret::fill_random(&mut data);
+    let small = PROBE_BYTES / 16;
+    let time = async |n: usize| -> anyhow::Result<f64> {
+        let sw = Stopwatch::start();
+        ssh.stream_into(&data[..n], "cat > /dev/null", REMOTE_TIMEOUT)
+            .await?;
+        Ok(sw.secs())
+    };
+    let t_small = time(small).await?;
+    if t_small > 1.0 {
+        // A slow link: the small probe alone tells enough.
+        return Ok(small as f64 / t_small);
     }
-    // Warm up the channel, then time a full probe.
-    ssh.stream_into(&data[..64 * 1024], "cat > /dev/null", REMOTE_TIMEOUT)
-        .await?;
-    let sw = Stopwatch::start();
-    ssh.stream_into(&data[..], "cat > /dev/null", REMOTE_TIMEOUT)
-        .await?;
-    Ok(PROBE_BYTES as f64 / sw.secs().max(1e-6))
+    let t_big = time(PROBE_BYTES).await?;
+    Ok(link_rate(small, t_small, PROBE_BYTES, t_big))
 }
 
-/// Checks the target in one SSH round trip (plus image shipping when needed) and creates
-/// the run folder there.
-async fn remote_checks(
-    plan: &SendPlan,
-    infos: &[ContainerInfo],
-    ssh: &Ssh,
-    remote_dir: &str,
-    ui: &Arc<Ui>,
-) -> anyhow::Result<()> {
-    let mut script = String::from(crate::check::STACK_SCRIPT);
-    for c in infos {
-        script.push_str(&format!(
-            "podman container exists {n} && echo exists={n}\n",
-            n = shell_quote(&c.name)
-        ));
-        script.push_str(&format!(
-            "podman image exists {i} || echo missing_image={i}\n",
-            i = shell_quote(&c.image_id)
-        ));
+/// Bytes per second from two timed uploads of different sizes (their fixed costs cancel).
+pub fn link_rate(small: usize, t_small: f64, big: usize, t_big: f64) -> f64 {
+    let dt = t_big - t_small;
+    if dt <= 1e-4 {
+        // Too fast to tell apart: at least this fast.
+        return big as f64 / 1e-4;
     }
-    for (c, m) in uncovered_binds(infos, &plan.data) {
-        script.push_str(&format!(
-            "[ -e {p} ] || echo missing_path={c}={p}\n",
-            p = shell_quote(&m),
-            c = shell_quote(&c)
-        ));
-    }
-    // Free space where the archives and each data folder will land.
-    script.push_str(
-        "avail() { p=$1; while [ ! -e \"$p\" ]; do p=$(dirname \"$p\"); done; df -Pk \"$p\" | awk 'NR==2 {print $4, $6}'; }\n",
-    );
-    script.push_str(&format!(
-        "echo \"space=archives=$(avail {d}) 0\"\n",
-        d = shell_quote(remote_dir)
-    ));
-    for d in &plan.data {
-        let d = shell_quote(&d.display().to_string());
-        script.push_str(&format!(
-            "echo \"space={d}=$(avail {d}) $( [ -e {d} ] && du -sk {d} | cut -f1 || echo 0)\"\n"
-        ));
-    }
-    script.push_str(&format!(
-        "umask 077 && mkdir -p {d} && echo run_dir=ok\n",
-        d = shell_quote(remote_dir)
-    ));
-    let out = ssh
-        .sh(&script, REMOTE_TIMEOUT)
-        .await
-        .context("checking the target")?;
-    let facts = crate::check::Facts::parse(&out.stdout);
-    if let Some(problem) = facts.problem() {
-        anyhow::bail!("target {}: {problem}", ssh.label());
-    }
-    for line in out.stdout.lines() {
-        if let Some(name) = line.strip_prefix("exists=") {
-            anyhow::bail!(
-                "a container named {name} already exists on {}; remove it there first (podman rm {name})",
-                ssh.label()
-            );
-        }
-        if let Some(rest) = line.strip_prefix("missing_path=") {
-            let (c, p) = rest.split_once('=').unwrap_or(("?", rest));
-            anyhow::bail!(
-                "container {c} bind-mounts {p}, which no --data covers and which does not exist on {}; add --data {p}",
-                ssh.label()
-            );
-        }
-    }
-    let mut needs = vec![(
-        "archives".to_string(),
-        infos
-            .iter()
-            .map(|c| podman::resident_bytes(c.pid) / 1024)
-            .sum::<u64>(),
-    )];
-    for d in &plan.data {
-        needs.push((d.display().to_string(), local_kib(d).await));
-    }
-    if let Some(problem) = space_problem(&out.stdout, &needs) {
-        anyhow::bail!("target {}: {problem}", ssh.label());
-    }
-    if !out.stdout.lines().any(|l| l == "run_dir=ok") {
-        anyhow::bail!("cannot create {remote_dir} on {}", ssh.label());
-    }
-    let missing: Vec<&str> = out
-        .stdout
-        .lines()
-        .filter_map(|l| l.strip_prefix("missing_image="))
-        .collect();
-    for id in missing {
-        let info = infos
-            .iter()
-            .find(|c| c.image_id == id)
-            .expect("asked for it");
-        let image = if info.image_name.is_empty() {
-            id.to_string()
-        } else {
-            info.image_name.clone()
-        };
-        ui.info(&format!(
-            "image {image} is missing on the target: shipping it (podman save | podman load)"
-        ));
-        ssh.pipe_from_local(
-            "podman",
-            &[
-                "save".into(),
-                "--format".into(),
-                "docker-archive".into(),
-                image.clone(),
-            ],
-            "podman",
-            &["load".into()],
-            SHIP_TIMEOUT,
-        )
-        .await
-        .with_context(|| format!("shipping image {image} to the target"))?;
-        ssh.run(
-            "podman",
-            &["image".into(), "exists".into(), id.into()],
-            REMOTE_TIMEOUT,
-        )
-        .await
-        .with_context(|| format!("image {image} was loaded on the target but not with ID {id}"))?;
-    }
-    Ok(())
-}
-
-/// Size of a local folder in KiB (`du -sk`).
-async fn local_kib(dir: &Path) -> u64 {
-    crate::exec::run(
-        "du",
-        &["-sk".into(), dir.display().to_string()],
-        REMOTE_TIMEOUT,
-    )
-    .await
-    .ok()
-    .and_then(|o| o.stdout.split_whitespace().next()?.parse().ok())
-    .unwrap_or(0)
-}
-
-/// Compares what must land on each target file system with what is free there.
-/// `report` holds lines `space=WHAT=AVAIL_KIB MOUNT PRESENT_KIB`; `needs` (WHAT, KiB).
-pub fn space_problem(report: &str, needs: &[(String, u64)]) -> Option<String> {
-    let mut per_mount: BTreeMap<String, (u64, u64, Vec<String>)> = BTreeMap::new();
-    for line in report.lines() {
-        let Some(rest) = line.strip_prefix("space=") else {
-            continue;
-        };
-        let Some((what, fields)) = rest.rsplit_once('=') else {
-            continue;
-        };
-        let mut f = fields.split_whitespace();
-        let (Some(avail), Some(mount)) = (f.next().and_then(|v| v.parse::<u64>().ok()), f.next())
-        else {
-            continue;
-        };
-        let present: u64 = f.next().and_then(|v| v.parse().ok()).unwrap_or(0);
-        let need = needs
-            .iter()
-            .find(|(w, _)| w == what)
-            .map(|(_, n)| *n)
-            .unwrap_or(0);
-        let e = per_mount
-            .entry(mount.to_string())
-            .or_insert((avail, 0, Vec::new()));
-        e.1 += need.saturating_sub(present);
-        e.2.push(what.to_string());
-    }
-    per_mount.into_iter().find_map(|(mount, (avail, need, whats))| {
-        // Leave a margin: archives and file systems have overheads.
-        (need + need / 10 > avail).then(|| {
-            format!(
-                "not enough free space on {mount}: {} MiB free, about {} MiB needed for {}; free some space there (or use another --workdir on the receiver)",
-                avail / 1024,
-                (need + need / 10) / 1024,
-                whats.join(", ")
-            )
-        })
-    })
-}
-
-/// Bind-mount sources of the containers that no `--data` folder covers.
-pub fn uncovered_binds(infos: &[ContainerInfo], data: &[PathBuf]) -> Vec<(String, String)> {
-    infos
-        .iter()
-        .flat_map(|c| {
-            c.mounts
-                .iter()
-                .filter(|m| m.kind == "bind")
-                .filter(|m| !data.iter().any(|d| Path::new(&m.source).starts_with(d)))
-                .map(|m| (c.name.clone(), m.source.clone()))
-        })
-        .collect()
+    (big - small) as f64 / dt
 }
 
 /// What to do when the control connection was lost after "OK", from what the target
@@ -1116,7 +1057,6 @@ impl Rollback<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::podman::Mount;
 
     fn states(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         pairs
@@ -1160,66 +1100,29 @@ mod tests {
     }
 
     #[test]
-    fn finds_bind_mounts_no_data_folder_covers() {
-        let info = ContainerInfo {
-            id: "x".into(),
-            name: "db".into(),
-            image_id: "i".into(),
-            image_name: String::new(),
-            status: "running".into(),
-            running: true,
-            pid: 1,
-            mounts: vec![
-                Mount {
-                    kind: "bind".into(),
-                    source: "/srv/app/mysql".into(),
-                    destination: "/var/lib/mysql".into(),
-                },
-                Mount {
-                    kind: "bind".into(),
-                    source: "/etc/app.conf".into(),
-                    destination: "/etc/app.conf".into(),
-                },
-                Mount {
-                    kind: "volume".into(),
-                    source: "/var/lib/containers/storage/volumes/v/_data".into(),
-                    destination: "/v".into(),
-                },
-            ],
-        };
-        let got = uncovered_binds(&[info], &[PathBuf::from("/srv/app")]);
-        assert_eq!(got, vec![("db".to_string(), "/etc/app.conf".to_string())]);
-    }
-
-    #[test]
-    fn space_is_checked_per_file_system() {
-        let report = "space=archives=1000000 / 0\nspace=/srv/app=50000 /srv 10000\n";
-        let needs = vec![
-            ("archives".to_string(), 200_000),
-            ("/srv/app".to_string(), 40_000),
-        ];
-        assert_eq!(space_problem(report, &needs), None);
-        let needs = vec![
-            ("archives".to_string(), 200_000),
-            ("/srv/app".to_string(), 60_000),
-        ];
-        let p = space_problem(report, &needs).unwrap();
-        assert!(p.contains("/srv") && p.contains("/srv/app"), "{p}");
-        // Two things on one file system add up.
-        let report = "space=archives=100000 / 0\nspace=/srv/app=100000 / 0\n";
-        let needs = vec![
-            ("archives".to_string(), 60_000),
-            ("/srv/app".to_string(), 60_000),
-        ];
-        assert!(space_problem(report, &needs).is_some());
-    }
-
-    #[test]
     fn pkill_pattern_skips_its_own_shell() {
         assert_eq!(
             self_excluding_pattern("/var/lib/migrate/runs/x"),
             "[/]var/lib/migrate/runs/x"
         );
+    }
+
+    #[test]
+    fn downtime_model_grows_with_memory_and_link() {
+        let (c, t, r) = estimate_downtime(&[100 << 20, 1 << 20], 101 << 20, 100e6);
+        assert!(c > 0.35 && c < 1.0, "{c}");
+        assert!((t - (101u64 << 20) as f64 / 100e6).abs() < 1e-9);
+        assert!(r > c, "restores are sequential: {r} vs {c}");
+        let (_, slow, _) = estimate_downtime(&[100 << 20], 100 << 20, 5e6);
+        assert!(slow > 20.0);
+    }
+
+    #[test]
+    fn link_rate_cancels_fixed_costs() {
+        // 50 ms to start a command, then 100 MB/s.
+        let t = |n: usize| 0.05 + n as f64 / 100e6;
+        let r = link_rate(1 << 20, t(1 << 20), 16 << 20, t(16 << 20));
+        assert!((r - 100e6).abs() < 1.0, "{r}");
     }
 
     #[test]

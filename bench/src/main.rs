@@ -1,4 +1,190 @@
+//! `bench`: reproduces the thesis evaluation on the lab (scripts/lab) and compares
+//! `migrate` with the thesis method (scripts/thesis/) and the same-host floor.
+//! Writes runs.csv, summary.csv, summary.md and SVG plots into --out.
+
+mod lab;
+mod parse;
+mod plot;
+mod probe;
+mod report;
+mod runner;
+mod stats;
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "bench",
+    about = "Benchmark migrate against the thesis method on the lab hosts",
+    args_conflicts_with_subcommands = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+    #[command(flatten)]
+    opts: Opts,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Fallback client probe (same contract as `migrate probe`); runs inside a lab host.
+    #[command(hide = true)]
+    Probe(probe::ProbeArgs),
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct Opts {
+    /// Quick mode: 1000 rows, 3 runs, profile lan, all methods (a few minutes).
+    #[arg(long)]
+    pub quick: bool,
+    /// Output folder (created).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// The two lab hosts A,B (run 1 goes A->B, run 2 B->A, ...).
+    #[arg(long, default_value = "a,b")]
+    pub hosts: String,
+    /// Network profiles: lan, cloud, wan [default: all; lan with --quick].
+    #[arg(long)]
+    pub profiles: Option<String>,
+    /// Rows in app.users, comma separated [default: 100,500,1000,5000,10000; 1000 with --quick].
+    #[arg(long)]
+    pub rows: Option<String>,
+    /// Runs per case [default: 10; 3 with --quick].
+    #[arg(long)]
+    pub runs: Option<u32>,
+    /// Methods: migrate, thesis, floor.
+    #[arg(long, default_value = "migrate,thesis,floor")]
+    pub methods: String,
+    /// Lab host that runs the client probe.
+    #[arg(long, default_value = "c")]
+    pub probe_host: String,
+    /// Probe interval.
+    #[arg(long, default_value = "20ms")]
+    pub probe_interval: String,
+}
+
+/// The resolved plan.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub quick: bool,
+    pub out: PathBuf,
+    pub hosts: [String; 2],
+    pub profiles: Vec<String>,
+    pub rows: Vec<u64>,
+    pub runs: u32,
+    pub methods: Vec<String>,
+    pub probe_host: String,
+    pub probe_interval: String,
+}
+
+fn list(s: &str) -> Vec<String> {
+    s.split(',')
+        .map(|x| x.trim().to_string())
+        .filter(|x| !x.is_empty())
+        .collect()
+}
+
+impl Opts {
+    fn plan(&self) -> Result<Plan> {
+        let out = self.out.clone().context("--out DIR is required")?;
+        let hosts = list(&self.hosts);
+        if hosts.len() != 2 || hosts[0] == hosts[1] {
+            bail!("--hosts takes two different lab hosts, e.g. d,e");
+        }
+        for h in &hosts {
+            runner::host_addr(h)?;
+        }
+        runner::host_addr(&self.probe_host)?;
+        if hosts.contains(&self.probe_host) {
+            bail!("the probe host must not be one of --hosts");
+        }
+        let profiles = match &self.profiles {
+            Some(p) => list(p),
+            None if self.quick => vec!["lan".into()],
+            None => vec!["lan".into(), "cloud".into(), "wan".into()],
+        };
+        for p in &profiles {
+            runner::netem_args(p)?;
+        }
+        let rows = match &self.rows {
+            Some(r) => list(r)
+                .iter()
+                .map(|x| {
+                    x.parse::<u64>()
+                        .with_context(|| format!("bad --rows value '{x}'"))
+                })
+                .collect::<Result<Vec<_>>>()?,
+            None if self.quick => vec![1000],
+            None => vec![100, 500, 1000, 5000, 10000],
+        };
+        let methods = list(&self.methods);
+        for m in &methods {
+            if !["migrate", "thesis", "floor"].contains(&m.as_str()) {
+                bail!("unknown method '{m}' (migrate, thesis, floor)");
+            }
+        }
+        let runs = self.runs.unwrap_or(if self.quick { 3 } else { 10 });
+        if runs == 0 || rows.is_empty() || methods.is_empty() || profiles.is_empty() {
+            bail!("nothing to run");
+        }
+        probe::parse_duration(&self.probe_interval)?;
+        Ok(Plan {
+            quick: self.quick,
+            out,
+            hosts: [hosts[0].clone(), hosts[1].clone()],
+            profiles,
+            rows,
+            runs,
+            methods,
+            probe_host: self.probe_host.clone(),
+            probe_interval: self.probe_interval.clone(),
+        })
+    }
+}
+
 fn main() {
-    eprintln!("bench: not written yet");
-    std::process::exit(2);
+    let cli = Cli::parse();
+    let res = match cli.cmd {
+        Some(Cmd::Probe(a)) => probe::run(a),
+        None => cli.opts.plan().and_then(runner::run),
+    };
+    if let Err(e) = res {
+        eprintln!("bench: error: {e:#}");
+        std::process::exit(if lab::interrupted() { 130 } else { 1 });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quick_defaults() {
+        let cli =
+            Cli::try_parse_from(["bench", "--quick", "--out", "/tmp/x", "--hosts", "d,e"]).unwrap();
+        let p = cli.opts.plan().unwrap();
+        assert_eq!(p.rows, vec![1000]);
+        assert_eq!(p.runs, 3);
+        assert_eq!(p.profiles, vec!["lan"]);
+        assert_eq!(p.hosts, ["d".to_string(), "e".to_string()]);
+        let full = Cli::try_parse_from(["bench", "--out", "/tmp/x"])
+            .unwrap()
+            .opts
+            .plan()
+            .unwrap();
+        assert_eq!(full.rows.len(), 5);
+        assert_eq!(full.runs, 10);
+        assert_eq!(full.profiles.len(), 3);
+        assert!(Cli::try_parse_from(["bench"]).unwrap().opts.plan().is_err());
+        assert!(
+            Cli::try_parse_from(["bench", "--out", "x", "--hosts", "d,c"])
+                .unwrap()
+                .opts
+                .plan()
+                .is_err()
+        );
+    }
 }

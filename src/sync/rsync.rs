@@ -18,6 +18,8 @@ pub struct SyncStats {
     pub bytes_sent: u64,
     /// Files whose content was sent.
     pub files_transferred: u64,
+    /// Size of the files whose content differs (what a real run would send at most).
+    pub transferred_file_size: u64,
 }
 
 /// The rsync argument vector for mirroring `dir` to the same path on the target.
@@ -49,6 +51,14 @@ pub async fn sync(dir: &Path, ssh: &Ssh, compress: bool) -> Result<SyncStats, Ex
     Ok(parse_stats(&out.stdout))
 }
 
+/// What a sync would send now, without sending it (`rsync --dry-run`).
+pub async fn preview(dir: &Path, ssh: &Ssh) -> Result<SyncStats, ExecError> {
+    let mut a = rsync_args(dir, &ssh.rsync_shell(), &ssh.rsync_target(), false);
+    a.insert(0, "--dry-run".into());
+    let out = exec::run("rsync", &a, SYNC_TIMEOUT).await?;
+    Ok(parse_stats(&out.stdout))
+}
+
 /// Reads `--stats` output (numbers may carry thousands separators).
 pub fn parse_stats(stdout: &str) -> SyncStats {
     let number = |label: &str| -> u64 {
@@ -69,6 +79,7 @@ pub fn parse_stats(stdout: &str) -> SyncStats {
     SyncStats {
         bytes_sent: number("Total bytes sent:"),
         files_transferred: number("Number of regular files transferred:"),
+        transferred_file_size: number("Total transferred file size:"),
     }
 }
 
@@ -102,7 +113,8 @@ total size is 52,428,800  speedup is 3,277.61
             parse_stats(STATS),
             SyncStats {
                 bytes_sent: 9731,
-                files_transferred: 3
+                files_transferred: 3,
+                transferred_file_size: 1_048_576,
             }
         );
         assert_eq!(parse_stats(""), SyncStats::default());

@@ -200,8 +200,9 @@ pub fn send(host: &str, args: &[&str]) -> Out {
     on(host, &cmd)
 }
 
+/// Stops receivers the tests of this suite started (on a or b, control port 12345).
 pub fn kill_receivers() {
-    let pattern = format!("{} receive", bin());
+    let pattern = format!("{} receive --listen 10.77.0.1[12]:12345", bin());
     let _ = Command::new("pkill")
         .args(["-KILL", "-f", &pattern])
         .status();
@@ -218,7 +219,15 @@ pub struct Receiver {
 impl Receiver {
     pub fn start(host: &str, args: &[&str]) -> Receiver {
         let b = bin();
-        let mut a = vec!["exec", host, b.as_str(), "receive"];
+        let listen = format!("{}:12345", host_addr(host));
+        let mut a = vec![
+            "exec",
+            host,
+            b.as_str(),
+            "receive",
+            "--listen",
+            listen.as_str(),
+        ];
         a.extend_from_slice(args);
         let mut child = Command::new(repo().join("scripts/lab"))
             .args(&a)

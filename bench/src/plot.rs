@@ -1,0 +1,98 @@
+//! SVG plots: per profile, downtime vs rows and migration time vs rows, one line per
+//! method (like the thesis's figures 5.13-5.18).
+
+use std::path::Path;
+
+use anyhow::{Result, anyhow};
+use plotters::prelude::*;
+
+use crate::report::SummaryRow;
+
+const METHODS: [(&str, RGBColor); 3] = [
+    ("migrate", BLUE),
+    ("thesis", RED),
+    ("floor", RGBColor(0, 140, 0)),
+];
+
+/// `metric` picks (mean, std) from a summary row; floor rows (profile "local") are drawn
+/// in every profile's downtime plot.
+pub fn plot(
+    path: &Path,
+    title: &str,
+    y_label: &str,
+    profile: &str,
+    rows: &[SummaryRow],
+    with_floor: bool,
+    metric: fn(&SummaryRow) -> Option<f64>,
+) -> Result<()> {
+    let series: Vec<(&str, RGBColor, Vec<(f64, f64)>)> = METHODS
+        .iter()
+        .filter(|(m, _)| with_floor || *m != "floor")
+        .map(|(m, c)| {
+            let pts: Vec<(f64, f64)> = rows
+                .iter()
+                .filter(|r| {
+                    r.method == *m
+                        && (r.profile == profile || (*m == "floor" && r.profile == "local"))
+                })
+                .filter_map(|r| metric(r).map(|v| (r.rows as f64, v)))
+                .collect();
+            (*m, *c, pts)
+        })
+        .filter(|(_, _, p)| !p.is_empty())
+        .collect();
+    if series.is_empty() {
+        return Ok(());
+    }
+    let xs = series.iter().flat_map(|s| s.2.iter().map(|p| p.0));
+    let (xmin, xmax) = xs.fold((f64::INFINITY, 0.0f64), |(a, b), x| (a.min(x), b.max(x)));
+    let (xmin, xmax) = if xmin >= xmax {
+        (xmin / 2.0, xmax * 2.0)
+    } else {
+        (xmin / 1.3, xmax * 1.3)
+    };
+    let ymax = series
+        .iter()
+        .flat_map(|s| s.2.iter().map(|p| p.1))
+        .fold(0.0f64, f64::max)
+        * 1.2;
+    let ymax = if ymax > 0.0 { ymax } else { 1.0 };
+
+    let root = SVGBackend::new(path, (800, 500)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| anyhow!("{e:?}"))?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 22))
+        .margin(15)
+        .x_label_area_size(45)
+        .y_label_area_size(60)
+        .build_cartesian_2d((xmin..xmax).log_scale(), 0.0..ymax)
+        .map_err(|e| anyhow!("{e:?}"))?;
+    chart
+        .configure_mesh()
+        .x_desc("rows in app.users (log scale)")
+        .y_desc(y_label)
+        .x_label_formatter(&|x| format!("{x:.0}"))
+        .draw()
+        .map_err(|e| anyhow!("{e:?}"))?;
+    for (name, color, pts) in series {
+        chart
+            .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))
+            .map_err(|e| anyhow!("{e:?}"))?
+            .label(name)
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+            });
+        chart
+            .draw_series(pts.iter().map(|p| Circle::new(*p, 4, color.filled())))
+            .map_err(|e| anyhow!("{e:?}"))?;
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .position(SeriesLabelPosition::UpperLeft)
+        .draw()
+        .map_err(|e| anyhow!("{e:?}"))?;
+    root.present().map_err(|e| anyhow!("{e:?}"))?;
+    Ok(())
+}

@@ -1,0 +1,291 @@
+//! Output files: runs.csv (one row per run), summary.csv, summary.md.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::Path;
+
+use anyhow::Result;
+use serde::Serialize;
+
+use crate::stats::{Stats, ratio, stats};
+
+/// One run of one method (migrate, thesis or floor).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RunRow {
+    pub method: String,
+    pub profile: String,
+    pub rows: u64,
+    pub run: u32,
+    pub direction: String,
+    pub source: String,
+    pub target: String,
+    /// ok | failed | rolled_back | refused | state_lost | not_serving | source_leftover | error
+    pub outcome: String,
+    pub start_ts: String,
+    pub down_ts: String,
+    pub up_ts: String,
+    /// The tool's downtime (migrate: its record; thesis: UP - DOWN; floor: wall time).
+    pub downtime_s: Option<f64>,
+    /// migrate: its record; thesis: sender total + receiver total; floor: empty.
+    pub migration_time_s: Option<f64>,
+    pub source_total_s: Option<f64>,
+    pub target_total_s: Option<f64>,
+    pub presync_s: Option<f64>,
+    pub checkpoint_s: Option<f64>,
+    pub transfer_s: Option<f64>,
+    pub postsync_s: Option<f64>,
+    pub restore_s: Option<f64>,
+    pub bytes_sent: Option<f64>,
+    /// Longest outage the client probe saw.
+    pub client_outage_s: Option<f64>,
+    pub probe_exceeds_reported: bool,
+    /// client_outage_s - downtime_s.
+    pub probe_minus_reported_s: Option<f64>,
+    pub probe_outages: Option<u64>,
+    pub probe_sent: Option<u64>,
+    pub probe_received: Option<u64>,
+    pub probe_lost: Option<u64>,
+    pub probe_loss_pct: Option<f64>,
+    pub probe_rtt_min_ms: Option<f64>,
+    pub probe_rtt_avg_ms: Option<f64>,
+    pub probe_rtt_max_ms: Option<f64>,
+    pub probe_rtt_mdev_ms: Option<f64>,
+    pub probe_tool: String,
+    pub rows_after: Option<u64>,
+    pub counter_before: Option<u64>,
+    pub counter_after: Option<u64>,
+    pub exit_code: Option<i32>,
+    pub wall_s: f64,
+    pub error: String,
+    pub log_prefix: String,
+}
+
+impl RunRow {
+    pub fn valid(&self) -> bool {
+        self.outcome == "ok"
+    }
+}
+
+/// Key of a summary cell: (profile, rows, method).
+pub type Cell = (String, u64, String);
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SummaryRow {
+    pub method: String,
+    pub profile: String,
+    pub rows: u64,
+    pub n_runs: usize,
+    pub n_valid: usize,
+    pub downtime_mean_s: Option<f64>,
+    pub downtime_std_s: Option<f64>,
+    pub downtime_min_s: Option<f64>,
+    pub downtime_max_s: Option<f64>,
+    pub migration_mean_s: Option<f64>,
+    pub migration_std_s: Option<f64>,
+    pub migration_min_s: Option<f64>,
+    pub migration_max_s: Option<f64>,
+    pub outage_mean_s: Option<f64>,
+    pub outage_std_s: Option<f64>,
+    pub outage_min_s: Option<f64>,
+    pub outage_max_s: Option<f64>,
+    pub n_probe_exceeds: usize,
+    /// migrate rows only: mean(migrate) / mean(thesis) in the same profile and rows.
+    pub downtime_ratio_migrate_thesis: Option<f64>,
+    pub migration_ratio_migrate_thesis: Option<f64>,
+    pub outage_ratio_migrate_thesis: Option<f64>,
+}
+
+fn parts(s: Option<Stats>) -> [Option<f64>; 4] {
+    match s {
+        Some(s) => [Some(s.mean), Some(s.std), Some(s.min), Some(s.max)],
+        None => [None; 4],
+    }
+}
+
+/// Summary per (method, profile, rows); only valid runs enter the statistics.
+pub fn summarize(runs: &[RunRow]) -> Vec<SummaryRow> {
+    let mut cells: BTreeMap<Cell, Vec<&RunRow>> = BTreeMap::new();
+    for r in runs {
+        cells
+            .entry((r.profile.clone(), r.rows, r.method.clone()))
+            .or_default()
+            .push(r);
+    }
+    let mut out: Vec<SummaryRow> = cells
+        .iter()
+        .map(|((profile, rows, method), rs)| {
+            let valid: Vec<&&RunRow> = rs.iter().filter(|r| r.valid()).collect();
+            let col = |f: fn(&RunRow) -> Option<f64>| {
+                stats(&valid.iter().filter_map(|r| f(r)).collect::<Vec<_>>())
+            };
+            let [dm, ds, dmin, dmax] = parts(col(|r| r.downtime_s));
+            let [mm, ms, mmin, mmax] = parts(col(|r| r.migration_time_s));
+            let [om, os, omin, omax] = parts(col(|r| r.client_outage_s));
+            SummaryRow {
+                method: method.clone(),
+                profile: profile.clone(),
+                rows: *rows,
+                n_runs: rs.len(),
+                n_valid: valid.len(),
+                downtime_mean_s: dm,
+                downtime_std_s: ds,
+                downtime_min_s: dmin,
+                downtime_max_s: dmax,
+                migration_mean_s: mm,
+                migration_std_s: ms,
+                migration_min_s: mmin,
+                migration_max_s: mmax,
+                outage_mean_s: om,
+                outage_std_s: os,
+                outage_min_s: omin,
+                outage_max_s: omax,
+                n_probe_exceeds: valid.iter().filter(|r| r.probe_exceeds_reported).count(),
+                downtime_ratio_migrate_thesis: None,
+                migration_ratio_migrate_thesis: None,
+                outage_ratio_migrate_thesis: None,
+            }
+        })
+        .collect();
+    fill_ratios(&mut out);
+    out
+}
+
+/// For each migrate row: its means divided by the thesis means of the same cell.
+pub fn fill_ratios(rows: &mut [SummaryRow]) {
+    let thesis: BTreeMap<(String, u64), SummaryRow> = rows
+        .iter()
+        .filter(|r| r.method == "thesis")
+        .map(|r| ((r.profile.clone(), r.rows), r.clone()))
+        .collect();
+    for r in rows.iter_mut().filter(|r| r.method == "migrate") {
+        if let Some(t) = thesis.get(&(r.profile.clone(), r.rows)) {
+            r.downtime_ratio_migrate_thesis = ratio(r.downtime_mean_s, t.downtime_mean_s);
+            r.migration_ratio_migrate_thesis = ratio(r.migration_mean_s, t.migration_mean_s);
+            r.outage_ratio_migrate_thesis = ratio(r.outage_mean_s, t.outage_mean_s);
+        }
+    }
+}
+
+pub fn write_summary_csv(path: &Path, rows: &[SummaryRow]) -> Result<()> {
+    let mut w = csv::Writer::from_path(path)?;
+    for r in rows {
+        w.serialize(r)?;
+    }
+    w.flush()?;
+    Ok(())
+}
+
+fn f(v: Option<f64>) -> String {
+    v.map(|v| format!("{v:.3}")).unwrap_or_else(|| "–".into())
+}
+
+fn pm(mean: Option<f64>, std: Option<f64>) -> String {
+    match (mean, std) {
+        (Some(m), Some(s)) => format!("{m:.3} ± {s:.3}"),
+        _ => "–".into(),
+    }
+}
+
+pub fn summary_markdown(rows: &[SummaryRow], runs: &[RunRow], header: &str) -> String {
+    let mut s = String::new();
+    s.push_str(header);
+    s.push_str("\n## Results (seconds; mean ± sample std dev over valid runs)\n\n");
+    s.push_str("| profile | rows | method | valid/runs | downtime | min–max | migration time | client outage (probe) | outage max | probe > reported | migrate/thesis downtime | migrate/thesis migration |\n");
+    s.push_str(
+        "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
+    );
+    for r in rows {
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {}/{} | {} | {}–{} | {} | {} | {} | {} | {} | {} |",
+            r.profile,
+            r.rows,
+            r.method,
+            r.n_valid,
+            r.n_runs,
+            pm(r.downtime_mean_s, r.downtime_std_s),
+            f(r.downtime_min_s),
+            f(r.downtime_max_s),
+            pm(r.migration_mean_s, r.migration_std_s),
+            pm(r.outage_mean_s, r.outage_std_s),
+            f(r.outage_max_s),
+            r.n_probe_exceeds,
+            f(r.downtime_ratio_migrate_thesis),
+            f(r.migration_ratio_migrate_thesis),
+        );
+    }
+    let bad: Vec<&RunRow> = runs.iter().filter(|r| !r.valid()).collect();
+    s.push_str("\n## Runs excluded from the statistics\n\n");
+    if bad.is_empty() {
+        s.push_str("None: every run kept its state and passed the checks.\n");
+    } else {
+        for r in bad {
+            let _ = writeln!(
+                s,
+                "- {} {} rows={} run {} ({}): **{}** {}",
+                r.method, r.profile, r.rows, r.run, r.direction, r.outcome, r.error
+            );
+        }
+    }
+    let exceed: Vec<&RunRow> = runs.iter().filter(|r| r.probe_exceeds_reported).collect();
+    s.push_str("\n## Runs where the client saw a longer outage than the reported downtime\n\n");
+    if exceed.is_empty() {
+        s.push_str("None.\n");
+    } else {
+        s.push_str("| method | profile | rows | run | direction | outcome | reported downtime | client outage | difference |\n| --- | --- | ---: | ---: | --- | --- | ---: | ---: | ---: |\n");
+        for r in exceed {
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                r.method,
+                r.profile,
+                r.rows,
+                r.run,
+                r.direction,
+                r.outcome,
+                f(r.downtime_s),
+                f(r.client_outage_s),
+                f(r.probe_minus_reported_s)
+            );
+        }
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(method: &str, outcome: &str, down: f64, mig: f64) -> RunRow {
+        RunRow {
+            method: method.into(),
+            profile: "lan".into(),
+            rows: 1000,
+            outcome: outcome.into(),
+            downtime_s: Some(down),
+            migration_time_s: Some(mig),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn invalid_runs_are_excluded_and_ratios_filled() {
+        let runs = vec![
+            run("migrate", "ok", 1.0, 4.0),
+            run("migrate", "ok", 3.0, 6.0),
+            run("migrate", "state_lost", 100.0, 100.0),
+            run("thesis", "ok", 4.0, 10.0),
+            run("thesis", "failed", 0.1, 0.1),
+        ];
+        let s = summarize(&runs);
+        let m = s.iter().find(|r| r.method == "migrate").unwrap();
+        assert_eq!((m.n_runs, m.n_valid), (3, 2));
+        assert_eq!(m.downtime_mean_s, Some(2.0));
+        assert_eq!(m.downtime_max_s, Some(3.0));
+        assert_eq!(m.downtime_ratio_migrate_thesis, Some(0.5));
+        assert_eq!(m.migration_ratio_migrate_thesis, Some(0.5));
+        let t = s.iter().find(|r| r.method == "thesis").unwrap();
+        assert_eq!((t.n_runs, t.n_valid), (2, 1));
+        assert_eq!(t.downtime_ratio_migrate_thesis, None);
+    }
+}

@@ -1,0 +1,926 @@
+//! The matrix: profiles x rows x methods x runs (alternating direction), plus the floor.
+
+use std::fs::{self, File};
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::Plan;
+use crate::lab::{self, Bg, Lab};
+use crate::parse::{self, ProbeSummary};
+use crate::report::{self, RunRow};
+use crate::stats;
+
+/// While set, cleanup commands run even after an interrupt.
+static CLEANUP: AtomicBool = AtomicBool::new(false);
+
+const STOP_FILE: &str = "/tmp/bench-stop-probe";
+const FILLER_FILES: u32 = 9; // x 4 MiB of random data in /srv/app/www/files: ~40 MB of www
+
+/// Address of a lab host (scripts/lab: a=10.77.0.11 ... e=10.77.0.15).
+pub fn host_addr(h: &str) -> Result<String> {
+    match h {
+        "a" | "b" | "c" | "d" | "e" => Ok(format!("10.77.0.{}", 11 + (h.as_bytes()[0] - b'a'))),
+        _ => bail!("unknown lab host '{h}' (a..e)"),
+    }
+}
+
+/// `tc qdisc` arguments for a profile on a host's eth0 egress (None = no shaping).
+/// RTT is split evenly: each side delays its egress by half.
+pub fn netem_args(profile: &str) -> Result<Option<&'static str>> {
+    match profile {
+        "lan" => Ok(None),
+        "cloud" => Ok(Some("netem delay 1ms rate 1750mbit limit 10000")),
+        "wan" => Ok(Some("netem delay 25ms rate 45mbit limit 10000")),
+        _ => bail!("unknown profile '{profile}' (lan, cloud, wan)"),
+    }
+}
+
+struct Progress {
+    bar: ProgressBar,
+    tty: bool,
+    total: u64,
+    done: u64,
+    t0: Instant,
+}
+
+impl Progress {
+    fn new(total: u64) -> Self {
+        let tty = std::io::stderr().is_terminal();
+        let bar = if tty {
+            let b = ProgressBar::new(total);
+            b.set_style(
+                ProgressStyle::with_template(
+                    "{elapsed_precise} [{bar:30}] {pos}/{len} runs, ETA {eta} {msg}",
+                )
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> "),
+            );
+            b
+        } else {
+            ProgressBar::hidden()
+        };
+        Progress {
+            bar,
+            tty,
+            total,
+            done: 0,
+            t0: Instant::now(),
+        }
+    }
+    fn eta(&self) -> String {
+        if self.done == 0 {
+            return "?".into();
+        }
+        let per = self.t0.elapsed().as_secs_f64() / self.done as f64;
+        format!("{:.0}s", per * (self.total - self.done) as f64)
+    }
+    fn start(&self, case: &str) {
+        if self.tty {
+            self.bar.set_message(case.to_string());
+        } else {
+            eprintln!(
+                "bench: [{}/{}] {case} (ETA {})",
+                self.done + 1,
+                self.total,
+                self.eta()
+            );
+        }
+    }
+    fn println(&self, line: &str) {
+        if self.tty {
+            self.bar.println(line);
+        } else {
+            eprintln!("{line}");
+        }
+    }
+    fn inc(&mut self) {
+        self.done += 1;
+        self.bar.inc(1);
+    }
+}
+
+struct Bench {
+    plan: Plan,
+    lab: Lab,
+    migrate: String,
+    probe_cmd: Vec<String>,
+    probe_tool: String,
+    logs: PathBuf,
+    runs_csv: csv::Writer<File>,
+    results: Vec<RunRow>,
+    progress: Progress,
+    /// Where the workload currently runs, and with how many rows (None: must be created).
+    workload: Option<(String, u64)>,
+    shaped: bool,
+}
+
+fn repo_root() -> Result<PathBuf> {
+    if let Ok(r) = std::env::var("BENCH_REPO") {
+        return Ok(PathBuf::from(r));
+    }
+    let exe = std::env::current_exe()?;
+    if let Some(r) = exe
+        .ancestors()
+        .nth(3)
+        .filter(|r| r.join("scripts/lab").exists())
+    {
+        return Ok(r.to_path_buf());
+    }
+    let cwd = std::env::current_dir()?;
+    if cwd.join("scripts/lab").exists() {
+        return Ok(cwd);
+    }
+    bail!("cannot find the repository (scripts/lab); set BENCH_REPO")
+}
+
+pub fn run(plan: Plan) -> Result<()> {
+    lab::install_signal_handlers();
+    let repo = repo_root()?;
+    let migrate = repo.join("target/release/migrate");
+    if !migrate.exists() {
+        bail!(
+            "{} missing: run scripts/bench (it builds it)",
+            migrate.display()
+        );
+    }
+    let bench_exe = std::env::current_exe()?;
+    // Prefer `migrate probe`; fall back to this binary's probe with the same contract.
+    let has_probe = std::process::Command::new(&migrate)
+        .args(["probe", "--help"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    let (probe_cmd, probe_tool) = if has_probe {
+        (
+            vec![migrate.display().to_string(), "probe".into()],
+            "migrate-probe",
+        )
+    } else {
+        (
+            vec![bench_exe.display().to_string(), "probe".into()],
+            "bench-probe-fallback",
+        )
+    };
+    fs::create_dir_all(&plan.out).with_context(|| format!("creating {}", plan.out.display()))?;
+    let logs = plan.out.join("logs");
+    fs::create_dir_all(&logs)?;
+    let runs_csv = csv::Writer::from_path(plan.out.join("runs.csv"))?;
+
+    let per_rows = plan.runs as u64
+        * (plan.methods.iter().filter(|m| *m != "floor").count() as u64
+            * plan.profiles.len() as u64
+            + u64::from(plan.methods.iter().any(|m| m == "floor")));
+    let total = per_rows * plan.rows.len() as u64;
+    let mut b = Bench {
+        lab: Lab { repo: repo.clone() },
+        migrate: migrate.display().to_string(),
+        probe_cmd,
+        probe_tool: probe_tool.into(),
+        logs,
+        runs_csv,
+        results: Vec::new(),
+        progress: Progress::new(total),
+        workload: None,
+        shaped: false,
+        plan,
+    };
+    let t0 = Instant::now();
+    let started = chrono::Utc::now();
+    let res = b.matrix();
+    // Cleanup runs whatever happened (also after Ctrl-C).
+    CLEANUP.store(true, Ordering::SeqCst);
+    b.unshape();
+    for h in b.plan.hosts.clone() {
+        let _ = b.clean_host(&h);
+    }
+    b.progress.bar.finish_and_clear();
+    let wrote = b.write_outputs(started, t0.elapsed());
+    match (res, wrote) {
+        (Err(e), _) => Err(e),
+        (Ok(()), Err(e)) => Err(e),
+        (Ok(()), Ok(())) => {
+            eprintln!(
+                "bench: done in {:.0}s: {} runs, results in {}",
+                t0.elapsed().as_secs_f64(),
+                b.results.len(),
+                b.plan.out.display()
+            );
+            Ok(())
+        }
+    }
+}
+
+fn cleanup_ok() -> bool {
+    CLEANUP.load(Ordering::SeqCst)
+}
+
+impl Bench {
+    fn a(&self) -> &str {
+        &self.plan.hosts[0]
+    }
+
+    // ------------------------------------------------------------ host helpers
+
+    fn sh(&self, host: &str, script: &str, timeout_s: u64) -> Result<String> {
+        if cleanup_ok() {
+            lab::INTERRUPTED.store(false, Ordering::SeqCst);
+        }
+        self.lab.sh(host, script, timeout_s)
+    }
+
+    fn shape(&mut self, profile: &str) -> Result<()> {
+        let args = netem_args(profile)?;
+        for h in self.plan.hosts.clone() {
+            match args {
+                None => {
+                    self.sh(&h, "tc qdisc del dev eth0 root 2>/dev/null; true", 20)?;
+                }
+                Some(a) => {
+                    self.shaped = true;
+                    self.sh(&h, &format!("tc qdisc replace dev eth0 root {a}"), 20)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn unshape(&mut self) {
+        for h in self.plan.hosts.clone() {
+            if let Err(e) = self.sh(&h, "tc qdisc del dev eth0 root 2>/dev/null; true", 20) {
+                eprintln!("bench: WARNING: could not remove shaping on {h}: {e:#}");
+            }
+        }
+        self.shaped = false;
+    }
+
+    /// Remove the workload and anything a run left behind on HOST.
+    fn clean_host(&self, h: &str) -> Result<()> {
+        self.sh(
+            h,
+            "podman rm -f -t 1 --ignore web db >/dev/null 2>&1; \
+             rm -rf /srv/app /srv/thesis /var/tmp/bench-floor; \
+             podman ps -a --format '{{.Names}}' | grep -qxE 'web|db' && exit 1; true",
+            120,
+        )
+        .map(|_| ())
+    }
+
+    fn workload_up(&mut self, host: &str, rows: u64) -> Result<()> {
+        self.workload = None;
+        for h in self.plan.hosts.clone() {
+            self.clean_host(&h)?;
+        }
+        self.lab
+            .lab(&["workload", "up", host, "--rows", &rows.to_string()], 300)?;
+        self.sh(
+            host,
+            &format!(
+                "mkdir -p /srv/app/www/files && for i in $(seq 1 {FILLER_FILES}); do \
+                 head -c 4194304 /dev/urandom >/srv/app/www/files/bench-filler-$i.bin || exit 1; done"
+            ),
+            120,
+        )?;
+        if self.web_answers(host, Duration::from_secs(20))?.is_none() {
+            bail!("web on {host} does not answer after workload up");
+        }
+        self.workload = Some((host.to_string(), rows));
+        Ok(())
+    }
+
+    /// Make sure the workload with ROWS rows runs on HOST (fresh if it does not).
+    fn ensure_workload(&mut self, host: &str, rows: u64) -> Result<()> {
+        if self.workload.as_ref() == Some(&(host.to_string(), rows)) {
+            return Ok(());
+        }
+        let mut last = None;
+        for attempt in 1..=2 {
+            match self.workload_up(host, rows) {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    self.progress.println(&format!(
+                        "bench: workload up on {host} failed (attempt {attempt}): {e:#}"
+                    ));
+                    last = Some(e);
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| anyhow!("workload up failed")))
+    }
+
+    /// The counter served by HOST's web, asked from the probe host (None if it never answers).
+    fn web_answers(&self, host: &str, limit: Duration) -> Result<Option<u64>> {
+        let url = format!("http://{}:8080/cgi-bin/counter", host_addr(host)?);
+        let end = Instant::now() + limit;
+        loop {
+            if let Ok(out) = self.sh(
+                &self.plan.probe_host,
+                &format!("curl -sS -f --max-time 2 {url}"),
+                10,
+            ) && let Ok(v) = out.trim().parse::<u64>()
+            {
+                return Ok(Some(v));
+            }
+            if Instant::now() > end {
+                return Ok(None);
+            }
+            lab::sleep(Duration::from_millis(200))?;
+        }
+    }
+
+    fn counter(&self, h: &str) -> Result<u64> {
+        let s = self.sh(h, "podman exec web cat /tmp/counter", 20)?;
+        s.trim()
+            .parse()
+            .with_context(|| format!("counter on {h}: '{s}'"))
+    }
+
+    fn db_rows(&self, h: &str) -> Result<u64> {
+        let s = self.sh(
+            h,
+            "podman exec db mariadb -uroot -N -B -e 'SELECT COUNT(*) FROM app.users'",
+            60,
+        )?;
+        s.trim()
+            .parse()
+            .with_context(|| format!("rows on {h}: '{s}'"))
+    }
+
+    fn leftovers(&self, h: &str) -> Result<Vec<String>> {
+        let s = self.sh(h, "podman ps -a --format '{{.Names}}'", 30)?;
+        Ok(s.lines()
+            .filter(|l| *l == "web" || *l == "db")
+            .map(String::from)
+            .collect())
+    }
+
+    // ------------------------------------------------------------ probe
+
+    fn start_probe(&self, prefix: &Path) -> Result<Bg> {
+        let ph = &self.plan.probe_host;
+        self.sh(ph, &format!("rm -f {STOP_FILE}"), 10)?;
+        let mut args: Vec<String> = self.probe_cmd.clone();
+        for h in &self.plan.hosts {
+            args.push(format!("http://{}:8080/cgi-bin/counter", host_addr(h)?));
+        }
+        for a in [
+            "--interval",
+            &self.plan.probe_interval,
+            "--duration",
+            "900s",
+            "--until-file",
+            STOP_FILE,
+        ] {
+            args.push(a.into());
+        }
+        args.extend(["--format".into(), "json".into()]);
+        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+        let mut bg = self.lab.spawn(
+            ph,
+            &argv,
+            960,
+            &prefix.with_extension("probe.json"),
+            &prefix.with_extension("probe.err"),
+        )?;
+        // Let it establish a baseline (a few successful rounds).
+        lab::sleep(Duration::from_millis(400))?;
+        if !bg.running() {
+            bail!(
+                "probe exited at once: {}",
+                fs::read_to_string(&bg.stderr).unwrap_or_default().trim()
+            );
+        }
+        Ok(bg)
+    }
+
+    fn stop_probe(&self, mut bg: Bg) -> Result<ProbeSummary> {
+        self.sh(&self.plan.probe_host, &format!("touch {STOP_FILE}"), 10)?;
+        let code = bg.wait(Duration::from_secs(30))?;
+        let out = fs::read_to_string(&bg.stdout).unwrap_or_default();
+        if code != 0 {
+            bail!(
+                "probe exited with {code}: {}",
+                fs::read_to_string(&bg.stderr).unwrap_or_default().trim()
+            );
+        }
+        parse::parse_probe(&out)
+    }
+
+    // ------------------------------------------------------------ matrix
+
+    fn matrix(&mut self) -> Result<()> {
+        let rows_list = self.plan.rows.clone();
+        if self.plan.methods.iter().any(|m| m == "floor") {
+            self.shape("lan")?;
+            for &rows in &rows_list {
+                for run in 1..=self.plan.runs {
+                    self.one("floor", "local", rows, run)?;
+                }
+            }
+        }
+        for profile in self.plan.profiles.clone() {
+            self.shape(&profile)?;
+            for &rows in &rows_list {
+                for method in self.plan.methods.clone() {
+                    if method == "floor" {
+                        continue;
+                    }
+                    // A fresh workload on A for each (method, rows): run 1 goes A->B.
+                    self.workload = None;
+                    for run in 1..=self.plan.runs {
+                        self.one(&method, &profile, rows, run)?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// One run, recorded whatever happens; a failure leads to clean hosts and a fresh
+    /// workload for the next run. Only an interrupt or a lab that cannot recover aborts.
+    fn one(&mut self, method: &str, profile: &str, rows: u64, run: u32) -> Result<()> {
+        let (src, dst) = if method == "floor" {
+            (self.a().to_string(), self.a().to_string())
+        } else if run % 2 == 1 {
+            (self.plan.hosts[0].clone(), self.plan.hosts[1].clone())
+        } else {
+            (self.plan.hosts[1].clone(), self.plan.hosts[0].clone())
+        };
+        let direction = format!("{src}->{dst}");
+        let case = format!(
+            "{method} {profile} rows={rows} run {run}/{} {direction}",
+            self.plan.runs
+        );
+        self.progress.start(&case);
+        let prefix = self
+            .logs
+            .join(format!("{method}-{profile}-{rows}-r{run:02}"));
+        let mut row = RunRow {
+            method: method.into(),
+            profile: profile.into(),
+            rows,
+            run,
+            direction,
+            source: src.clone(),
+            target: dst.clone(),
+            probe_tool: self.probe_tool.clone(),
+            log_prefix: prefix
+                .strip_prefix(&self.plan.out)
+                .unwrap_or(&prefix)
+                .display()
+                .to_string(),
+            ..Default::default()
+        };
+        let t0 = Instant::now();
+        let res = self
+            .ensure_workload(&src, rows)
+            .and_then(|()| self.measure(method, &src, &dst, rows, &prefix, &mut row));
+        row.wall_s = t0.elapsed().as_secs_f64();
+        if let Err(e) = &res {
+            row.outcome = if lab::interrupted() {
+                "interrupted".into()
+            } else {
+                "error".into()
+            };
+            if row.error.is_empty() {
+                row.error = format!("{e:#}");
+            }
+        }
+        row.probe_exceeds_reported = stats::probe_exceeds(row.client_outage_s, row.downtime_s);
+        row.probe_minus_reported_s = match (row.client_outage_s, row.downtime_s) {
+            (Some(c), Some(d)) => Some(c - d),
+            _ => None,
+        };
+        self.progress.println(&format!(
+            "bench: {case}: {} downtime {} migration {} client outage {}{}",
+            row.outcome,
+            fmt(row.downtime_s),
+            fmt(row.migration_time_s),
+            fmt(row.client_outage_s),
+            if row.probe_exceeds_reported {
+                "  ** client outage > reported downtime **"
+            } else {
+                ""
+            }
+        ));
+        if !row.error.is_empty() {
+            self.progress.println(&format!("bench:   {}", row.error));
+        }
+        let ok = row.valid();
+        self.runs_csv.serialize(&row)?;
+        self.runs_csv.flush()?;
+        self.results.push(row);
+        self.progress.inc();
+        lab::check_interrupt()?;
+        if ok {
+            self.workload = Some((dst, rows));
+        } else {
+            // Recover: next run starts from clean hosts and a fresh workload.
+            self.workload = None;
+            for h in self.plan.hosts.clone() {
+                self.clean_host(&h)
+                    .with_context(|| format!("cleaning {h} after a failed run"))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn measure(
+        &mut self,
+        method: &str,
+        src: &str,
+        dst: &str,
+        rows: u64,
+        prefix: &Path,
+        row: &mut RunRow,
+    ) -> Result<()> {
+        // A cold target, as the thesis receiver's prepare() leaves it (no data, no dumps).
+        if method != "floor" {
+            self.clean_host(dst)?;
+        }
+        let before = self.counter(src)?;
+        row.counter_before = Some(before);
+        let probe = self.start_probe(prefix)?;
+        let sent = match method {
+            "migrate" => self.run_migrate(src, dst, prefix, row),
+            "thesis" => self.run_thesis(src, dst, prefix, row),
+            "floor" => self.run_floor(src, prefix, row),
+            _ => unreachable!(),
+        };
+        // The service must answer on the target before the probe stops.
+        let served =
+            self.web_answers(dst, Duration::from_secs(if sent.is_ok() { 20 } else { 3 }))?;
+        lab::sleep(Duration::from_millis(200))?;
+        match self.stop_probe(probe) {
+            Ok(p) => {
+                row.client_outage_s = p.longest_outage_s;
+                row.probe_outages = Some(p.outages.len() as u64);
+                row.probe_sent = p.sent;
+                row.probe_received = p.received;
+                row.probe_lost = p.lost;
+                row.probe_rtt_min_ms = p.rtt_min_ms;
+                row.probe_rtt_mdev_ms = p.rtt_mdev_ms;
+                row.probe_loss_pct = p.loss_pct;
+                row.probe_rtt_avg_ms = p.rtt_avg_ms;
+                row.probe_rtt_max_ms = p.rtt_max_ms;
+            }
+            Err(e) => self.progress.println(&format!("bench:   probe: {e:#}")),
+        }
+        if let Err(e) = sent {
+            if row.outcome.is_empty() {
+                row.outcome = "failed".into();
+            }
+            row.error = format!("{e:#}");
+            return Ok(());
+        }
+        // Verify that the state arrived.
+        row.rows_after = self.db_rows(dst).ok();
+        row.counter_after = self.counter(dst).ok();
+        let left = if method == "floor" {
+            Vec::new()
+        } else {
+            self.leftovers(src).unwrap_or_default()
+        };
+        let mut problems = Vec::new();
+        if row.rows_after != Some(rows) {
+            problems.push(format!(
+                "rows on {dst}: {:?}, expected {rows}",
+                row.rows_after
+            ));
+        }
+        if row.counter_after.is_none_or(|c| c < before) {
+            problems.push(format!(
+                "counter on {dst}: {:?} < {before} before",
+                row.counter_after
+            ));
+        }
+        row.outcome = if !problems.is_empty() {
+            "state_lost".into()
+        } else if served.is_none() {
+            problems.push(format!("web on {dst} does not answer"));
+            "not_serving".into()
+        } else if !left.is_empty() {
+            problems.push(format!("left on {src}: {}", left.join(" ")));
+            "source_leftover".into()
+        } else {
+            "ok".into()
+        };
+        row.error = problems.join("; ");
+        Ok(())
+    }
+
+    fn run_migrate(&self, src: &str, dst: &str, prefix: &Path, row: &mut RunRow) -> Result<()> {
+        let mut recv = self.lab.spawn(
+            dst,
+            &[&self.migrate, "receive"],
+            900,
+            &prefix.with_extension("receive.out"),
+            &prefix.with_extension("receive.err"),
+        )?;
+        recv.wait_for_text("listening", Duration::from_secs(30))
+            .context("migrate receive did not start")?;
+        let to = format!("root@{}", host_addr(dst)?);
+        let label = format!("{}-{}-r{}", row.profile, row.rows, row.run);
+        let out = self.lab.run(
+            src,
+            &[
+                &self.migrate,
+                "send",
+                "--to",
+                &to,
+                "--data",
+                "/srv/app",
+                "--label",
+                &label,
+                "db",
+                "web",
+            ],
+            900,
+        )?;
+        fs::write(prefix.with_extension("send.out"), &out.stdout)?;
+        fs::write(prefix.with_extension("send.err"), &out.stderr)?;
+        let code = out.status.code().unwrap_or(-1);
+        row.exit_code = Some(code);
+        let rc = recv.wait(Duration::from_secs(if code == 0 { 120 } else { 30 }));
+        let text = String::from_utf8_lossy(&out.stdout);
+        if let Ok(rec) = parse::parse_record(&text) {
+            let g = |k: &str| rec.get(k).cloned().unwrap_or_default();
+            let n = |k: &str| parse::rec_num(&rec, k);
+            row.start_ts = g("start_ts");
+            row.down_ts = g("down_ts");
+            row.up_ts = g("up_ts");
+            row.downtime_s = n("downtime_s");
+            row.migration_time_s = n("migration_time_s");
+            row.source_total_s = n("source_total_s");
+            row.target_total_s = n("target_total_s");
+            row.presync_s = n("presync_s");
+            row.checkpoint_s = n("checkpoint_s");
+            row.transfer_s = n("transfer_s");
+            row.postsync_s = n("postsync_s");
+            row.restore_s = n("restore_s");
+            row.bytes_sent = n("bytes_sent");
+        }
+        if code != 0 {
+            row.outcome = match code {
+                1 => "rolled_back",
+                2 => "refused",
+                _ => "failed",
+            }
+            .into();
+            bail!("migrate send exited {code}: {}", last_line(&out.stderr));
+        }
+        match rc {
+            Ok(0) => Ok(()),
+            Ok(c) => bail!("migrate receive exited {c}"),
+            Err(e) => Err(e.context("waiting for migrate receive")),
+        }
+    }
+
+    fn run_thesis(&self, src: &str, dst: &str, prefix: &Path, row: &mut RunRow) -> Result<()> {
+        let recv_script = self
+            .lab
+            .repo
+            .join("scripts/thesis/receive")
+            .display()
+            .to_string();
+        let send_script = self
+            .lab
+            .repo
+            .join("scripts/thesis/send")
+            .display()
+            .to_string();
+        let mut recv = self.lab.spawn(
+            dst,
+            &[&recv_script, "--wait", "900"],
+            960,
+            &prefix.with_extension("receive.out"),
+            &prefix.with_extension("receive.err"),
+        )?;
+        recv.wait_for_text("READY=", Duration::from_secs(30))
+            .context("thesis receive did not start")?;
+        let to = format!("root@{}", host_addr(dst)?);
+        let out = self.lab.run(src, &[&send_script, "--to", &to], 900)?;
+        fs::write(prefix.with_extension("send.out"), &out.stdout)?;
+        fs::write(prefix.with_extension("send.err"), &out.stderr)?;
+        let code = out.status.code().unwrap_or(-1);
+        row.exit_code = Some(code);
+        let rc = recv.wait(Duration::from_secs(if code == 0 { 120 } else { 10 }));
+        let recv_out = fs::read_to_string(&recv.stdout).unwrap_or_default();
+        let send_out = String::from_utf8_lossy(&out.stdout);
+        if code != 0 {
+            bail!("thesis send exited {code}: {}", last_line(&out.stderr));
+        }
+        match rc {
+            Ok(0) => {}
+            Ok(c) => bail!(
+                "thesis receive exited {c}: {}",
+                last_line(
+                    fs::read_to_string(&recv.stderr)
+                        .unwrap_or_default()
+                        .as_bytes()
+                )
+            ),
+            Err(e) => return Err(e.context("waiting for thesis receive")),
+        }
+        let t = parse::thesis_times(&send_out, &recv_out)?;
+        row.start_ts = t.start_ts;
+        row.down_ts = t.down_ts;
+        row.up_ts = t.up_ts;
+        row.downtime_s = Some(t.downtime_s);
+        row.migration_time_s = Some(t.migration_time_s);
+        row.source_total_s = Some(t.source_total_s);
+        row.target_total_s = Some(t.target_total_s);
+        row.presync_s = t.presync_s;
+        row.checkpoint_s = t.checkpoint_s;
+        row.transfer_s = t.transfer_s;
+        row.restore_s = t.restore_s;
+        Ok(())
+    }
+
+    /// Checkpoint and restore on the same host, no transfer, no compression.
+    fn run_floor(&self, host: &str, prefix: &Path, row: &mut RunRow) -> Result<()> {
+        let script = r#"set -euo pipefail
+ts() { date -u +%Y-%m-%dT%H:%M:%S.%6NZ; }
+us() { echo "${EPOCHREALTIME/./}"; }
+s() { local d=$(( $2 - $1 )); printf '%d.%06d' $((d / 1000000)) $((d % 1000000)); }
+f=/var/tmp/bench-floor; rm -rf "$f"; mkdir -p "$f"
+echo "DOWN_TIMESTAMP=$(ts)"; t0=$(us)
+podman container checkpoint --export "$f/db.tar" --compress none --file-locks db >/dev/null
+podman container checkpoint --export "$f/web.tar" --compress none web >/dev/null
+t1=$(us)
+podman rm -f -t 0 db web >/dev/null
+t2=$(us)
+podman container restore --import "$f/db.tar" --file-locks >/dev/null
+podman container restore --import "$f/web.tar" >/dev/null
+t3=$(us); echo "UP_TIMESTAMP=$(ts)"
+echo "CHECKPOINT_S=$(s $t0 $t1)"; echo "REMOVE_S=$(s $t1 $t2)"; echo "RESTORE_S=$(s $t2 $t3)"
+echo "DOWNTIME_S=$(s $t0 $t3)"; rm -rf "$f"; echo RESULT=ok
+"#;
+        let out = self.lab.run(host, &["bash", "-c", script], 600)?;
+        fs::write(prefix.with_extension("floor.out"), &out.stdout)?;
+        fs::write(prefix.with_extension("floor.err"), &out.stderr)?;
+        row.exit_code = out.status.code();
+        let kv = parse::parse_kv(&String::from_utf8_lossy(&out.stdout));
+        let n = |k: &str| kv.get(k).and_then(|v| v.parse::<f64>().ok());
+        row.down_ts = kv.get("DOWN_TIMESTAMP").cloned().unwrap_or_default();
+        row.start_ts = row.down_ts.clone();
+        row.up_ts = kv.get("UP_TIMESTAMP").cloned().unwrap_or_default();
+        row.checkpoint_s = n("CHECKPOINT_S");
+        row.restore_s = n("RESTORE_S");
+        row.downtime_s = n("DOWNTIME_S");
+        if !out.status.success() || kv.get("RESULT").map(String::as_str) != Some("ok") {
+            bail!("floor failed ({}): {}", out.status, last_line(&out.stderr));
+        }
+        Ok(())
+    }
+
+    // ------------------------------------------------------------ outputs
+
+    fn write_outputs(&self, started: chrono::DateTime<chrono::Utc>, took: Duration) -> Result<()> {
+        let summary = report::summarize(&self.results);
+        report::write_summary_csv(&self.plan.out.join("summary.csv"), &summary)?;
+        let header = self.header(started, took);
+        fs::write(
+            self.plan.out.join("summary.md"),
+            report::summary_markdown(&summary, &self.results, &header),
+        )?;
+        for p in &self.plan.profiles {
+            crate::plot::plot(
+                &self.plan.out.join(format!("downtime-{p}.svg")),
+                &format!("Downtime vs rows, profile {p}"),
+                "downtime (s)",
+                p,
+                &summary,
+                true,
+                |r| r.downtime_mean_s,
+            )?;
+            crate::plot::plot(
+                &self.plan.out.join(format!("migration-{p}.svg")),
+                &format!("Migration time vs rows, profile {p}"),
+                "migration time (s)",
+                p,
+                &summary,
+                false,
+                |r| r.migration_mean_s,
+            )?;
+        }
+        Ok(())
+    }
+
+    fn header(&self, started: chrono::DateTime<chrono::Utc>, took: Duration) -> String {
+        let p = &self.plan;
+        let mut s = format!(
+            "# migrate vs the thesis method: benchmark results\n\n\
+             - started: {} (UTC), took {:.0} s\n- mode: {}\n- hosts: {} <-> {} (runs alternate: odd {}->{}, even back), probe on {} every {} ({})\n\
+             - profiles: {}\n- rows: {}\n- runs per case: {}\n- methods: {}\n\n\
+             Profiles (tc netem on each host's eth0 egress): lan = none; cloud = `{}`; wan = `{}`.\n\n\
+             Definitions: migrate's downtime and migration time are those of its own record; thesis: \
+             downtime = UP_TIMESTAMP - DOWN_TIMESTAMP, migration time = sending script total + receiving \
+             script total (its work, without waiting for \"OK\"); floor: checkpoint + restore on the same host, \
+             no transfer, `--compress none` (wall time from start of checkpoint to restored; no migration time). \
+             Client outage = the probe's longest outage (any of the two hosts' web answering counts as up). \
+             Only runs whose state arrived (rows, counter, web answering on the target, nothing left on the \
+             source) enter the statistics.\n\n## Machine\n\n",
+            started.format("%Y-%m-%d %H:%M:%S"),
+            took.as_secs_f64(),
+            if p.quick { "quick" } else { "full" },
+            p.hosts[0],
+            p.hosts[1],
+            p.hosts[0],
+            p.hosts[1],
+            p.probe_host,
+            p.probe_interval,
+            self.probe_tool,
+            p.profiles.join(", "),
+            p.rows
+                .iter()
+                .map(u64::to_string)
+                .collect::<Vec<_>>()
+                .join(", "),
+            p.runs,
+            p.methods.join(", "),
+            netem_args("cloud").ok().flatten().unwrap_or(""),
+            netem_args("wan").ok().flatten().unwrap_or(""),
+        );
+        for (k, v) in machine_info() {
+            s.push_str(&format!("- {k}: {v}\n"));
+        }
+        s
+    }
+}
+
+fn fmt(v: Option<f64>) -> String {
+    v.map(|v| format!("{v:.3}s")).unwrap_or_else(|| "-".into())
+}
+
+fn last_line(b: &[u8]) -> String {
+    String::from_utf8_lossy(b)
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("")
+        .trim()
+        .to_string()
+}
+
+fn cmd_line(prog: &str, args: &[&str]) -> String {
+    std::process::Command::new(prog)
+        .args(args)
+        .output()
+        .map(|o| {
+            let t = if o.stdout.is_empty() {
+                o.stderr
+            } else {
+                o.stdout
+            };
+            String::from_utf8_lossy(&t)
+                .lines()
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_string()
+        })
+        .unwrap_or_else(|_| "?".into())
+}
+
+fn machine_info() -> Vec<(&'static str, String)> {
+    let cpuinfo = fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let cpu = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split_once(':'))
+        .map(|(_, v)| v.trim().to_string())
+        .unwrap_or_else(|| "?".into());
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get().to_string())
+        .unwrap_or_default();
+    let mem = fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("MemTotal"))
+        .and_then(|l| {
+            l.split_whitespace()
+                .nth(1)
+                .and_then(|k| k.parse::<f64>().ok())
+        })
+        .map(|kb| format!("{:.1} GiB", kb / 1024.0 / 1024.0))
+        .unwrap_or_default();
+    vec![
+        ("CPU", cpu),
+        ("cores", cores),
+        ("RAM", mem),
+        ("kernel", cmd_line("uname", &["-sr"])),
+        ("podman", cmd_line("podman", &["--version"])),
+        ("runc", cmd_line("runc", &["--version"])),
+        ("criu", cmd_line("criu", &["--version"])),
+        ("rsync", cmd_line("rsync", &["--version"])),
+        ("ssh", cmd_line("ssh", &["-V"])),
+        ("date", chrono::Utc::now().format("%Y-%m-%d").to_string()),
+    ]
+}

@@ -1,0 +1,871 @@
+//! Everything checked before a freeze. `migrate check` reports every finding; `migrate
+//! send` runs the very same checks and refuses (exit 2) on the first failure.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tokio::io::BufReader;
+use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+
+use crate::check::{Facts, STACK_SCRIPT};
+use crate::engine::podman::{self, ContainerInfo, Podman, PodmanError};
+use crate::exec::shell_quote;
+use crate::progress::Ui;
+use crate::protocol::{Channel, Direction, PROTOCOL_VERSION, ToReceiver, ToSender};
+use crate::transport::ssh::{Destination, Ssh};
+
+const SSH_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+const CONTROL_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const CONTROL_REPLY_TIMEOUT: Duration = Duration::from_secs(10);
+const REMOTE_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// The sender's end of a control connection.
+pub type Control = Channel<BufReader<OwnedReadHalf>, OwnedWriteHalf>;
+
+/// How bad a finding is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Level {
+    Ok,
+    Info,
+    Warn,
+    Fail,
+}
+
+/// One line of a check: what was found, and for a failure what to do.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Finding {
+    pub level: Level,
+    pub side: &'static str,
+    pub text: String,
+    pub fix: Option<String>,
+}
+
+impl Finding {
+    fn new(level: Level, side: &'static str, text: impl Into<String>) -> Finding {
+        Finding {
+            level,
+            side,
+            text: text.into(),
+            fix: None,
+        }
+    }
+    fn fix(mut self, fix: impl Into<String>) -> Finding {
+        self.fix = Some(fix.into());
+        self
+    }
+    /// "target: CRIU is not installed; install CRIU 4.2 or newer …"
+    pub fn one_line(&self) -> String {
+        match &self.fix {
+            Some(f) => format!("{}: {}; {f}", self.side, self.text),
+            None => format!("{}: {}", self.side, self.text),
+        }
+    }
+}
+
+/// What the caller wants checked.
+pub struct Want<'a> {
+    pub dest: &'a Destination,
+    pub control_port: u16,
+    pub containers: &'a [String],
+    pub data: &'a [PathBuf],
+    pub ship_images: bool,
+    pub run_id: &'a str,
+    pub label: &'a str,
+    /// `send` only: the run folder to create on the target (under the receiver's workdir).
+    pub create_run_dir: bool,
+    /// Start the receiver on the target over SSH instead of expecting one.
+    pub spawn: Option<Spawn>,
+}
+
+/// `--spawn-receiver` / `--install-receiver`.
+#[derive(Debug, Clone, Copy)]
+pub struct Spawn {
+    /// Copy this very binary to the target when it lacks the same version.
+    pub install: bool,
+    /// Really start it (`send`); `check` only looks.
+    pub start: bool,
+}
+
+/// Where `--install-receiver` puts our binary on the target.
+pub const INSTALL_DIR: &str = "/var/lib/migrate/bin";
+/// How long a spawned receiver waits for its migration before it gives up.
+const SPAWNED_IDLE_SECS: u64 = 600;
+
+/// A receiver that answered hello.
+pub struct Welcome {
+    pub control: Control,
+    pub workdir: String,
+    pub nonce: String,
+}
+
+/// All that the checks found, and what they opened on the way.
+pub struct Report {
+    pub findings: Vec<Finding>,
+    pub infos: Vec<ContainerInfo>,
+    pub ssh: Option<Ssh>,
+    pub receiver: Option<Welcome>,
+    /// Images the target lacks (ID, name to save it by).
+    pub missing_images: Vec<(String, String)>,
+    /// The run folder on the target, when it was created.
+    pub remote_dir: Option<String>,
+}
+
+impl Report {
+    pub fn first_failure(&self) -> Option<&Finding> {
+        self.findings.iter().find(|f| f.level == Level::Fail)
+    }
+    fn push(&mut self, f: Finding) {
+        self.findings.push(f);
+    }
+}
+
+/// Runs every check that can run; stops early only where later checks need what failed
+/// (no SSH → nothing on the target can be checked).
+pub async fn run(want: &Want<'_>, ui: &Ui) -> Report {
+    let mut r = Report {
+        findings: Vec::new(),
+        infos: Vec::new(),
+        ssh: None,
+        receiver: None,
+        missing_images: Vec::new(),
+        remote_dir: None,
+    };
+    ui.phase("checking the containers here");
+    source_containers(want, &mut r).await;
+    ui.phase("checking podman and CRIU here");
+    let local = crate::check::stack_local().await;
+    stack_findings(&local, "source", &mut r.findings);
+
+    ui.phase(&format!("checking SSH to {}", want.dest.ssh_target()));
+    let ssh = match Ssh::connect(want.dest, SSH_CONNECT_TIMEOUT).await {
+        Ok(s) => {
+            r.push(Finding::new(
+                Level::Ok,
+                "target",
+                format!(
+                    "SSH to {} works (key accepted, host key known, no prompt)",
+                    s.label()
+                ),
+            ));
+            s
+        }
+        Err(e) => {
+            r.push(Finding::new(Level::Fail, "target", e.to_string()));
+            return r;
+        }
+    };
+
+    if let Some(spawn) = want.spawn {
+        ui.phase("checking migrate on the target");
+        match spawn_receiver(&ssh, want, spawn).await {
+            Ok(f) => r.findings.extend(f),
+            Err(f) => r.push(f),
+        }
+    }
+    let skip_receiver = want.spawn.is_some_and(|s| !s.start);
+    ui.phase("checking the receiver");
+    match if skip_receiver {
+        Err(None)
+    } else {
+        connect_receiver(want).await.map_err(Some)
+    } {
+        Ok(w) => {
+            r.push(Finding::new(
+                Level::Ok,
+                "target",
+                format!(
+                    "receiver on {}:{} answers (work folder {})",
+                    want.dest.host, want.control_port, w.workdir
+                ),
+            ));
+            r.receiver = Some(w);
+        }
+        Err(Some(f)) => r.push(f),
+        Err(None) => {}
+    }
+
+    ui.phase("checking the target");
+    let workdir = r
+        .receiver
+        .as_ref()
+        .map(|w| w.workdir.clone())
+        .unwrap_or_else(|| "/var/lib/migrate".into());
+    let run_dir = format!("{}/runs/{}", workdir.trim_end_matches('/'), want.run_id);
+    let script = target_script(
+        &r.infos,
+        want.data,
+        &run_dir,
+        want.create_run_dir && r.receiver.is_some(),
+    );
+    match ssh.sh(&script, REMOTE_TIMEOUT).await {
+        Ok(out) => {
+            let facts = Facts::parse(&out.stdout);
+            stack_findings(&facts, "target", &mut r.findings);
+            let mut needs = vec![(
+                "archives".to_string(),
+                r.infos
+                    .iter()
+                    .map(|c| podman::resident_bytes(c.pid) / 1024)
+                    .sum::<u64>(),
+            )];
+            for d in want.data {
+                needs.push((d.display().to_string(), local_kib(d).await));
+            }
+            let (findings, missing) =
+                target_findings(&out.stdout, &r.infos, want.data, &needs, want.ship_images);
+            r.findings.extend(findings);
+            r.missing_images = missing;
+            if out.stdout.lines().any(|l| l == "run_dir=ok") {
+                r.remote_dir = Some(run_dir);
+            } else if want.create_run_dir && r.receiver.is_some() {
+                r.push(
+                    Finding::new(Level::Fail, "target", format!("cannot create {run_dir}"))
+                        .fix("check that the receiver's --workdir is writable by the SSH user"),
+                );
+            }
+        }
+        Err(e) => r.push(Finding::new(
+            Level::Fail,
+            "target",
+            format!("checking the target failed: {e}"),
+        )),
+    }
+    r.ssh = Some(ssh);
+    r
+}
+
+async fn source_containers(want: &Want<'_>, r: &mut Report) {
+    let podman = Podman;
+    for name in want.containers {
+        match podman.inspect(std::slice::from_ref(name)).await {
+            Ok(mut v) if !v.is_empty() => {
+                let c = v.remove(0);
+                if !c.running {
+                    r.push(
+                        Finding::new(
+                            Level::Fail,
+                            "source",
+                            format!("container {} is not running (it is {})", c.name, c.status),
+                        )
+                        .fix("start it or leave it out"),
+                    );
+                } else {
+                    r.push(Finding::new(
+                        Level::Ok,
+                        "source",
+                        format!("container {} runs (image {})", c.name, short(&c.image_id)),
+                    ));
+                    if podman::holds_file_locks(c.pid).unwrap_or(false) {
+                        r.push(Finding::new(
+                            Level::Info,
+                            "source",
+                            format!("{} holds file locks: it is checkpointed and restored with --file-locks", c.name),
+                        ));
+                    }
+                }
+                r.infos.push(c);
+            }
+            Ok(_) | Err(PodmanError::NoSuchContainer(_)) => r.push(
+                Finding::new(
+                    Level::Fail,
+                    "source",
+                    format!("container {name:?} does not exist on this host"),
+                )
+                .fix("`podman ps` lists the running containers"),
+            ),
+            Err(e) => r.push(Finding::new(
+                Level::Fail,
+                "source",
+                format!("cannot inspect {name}: {e}"),
+            )),
+        }
+    }
+}
+
+fn short(id: &str) -> &str {
+    &id[..id.len().min(12)]
+}
+
+/// Findings about podman, its runtime and CRIU on one side.
+pub fn stack_findings(f: &Facts, side: &'static str, out: &mut Vec<Finding>) {
+    match f.problem() {
+        Some(p) => {
+            let (text, fix) = p.split_once("; ").unwrap_or((p.as_str(), ""));
+            let mut finding = Finding::new(Level::Fail, side, text);
+            if !fix.is_empty() {
+                finding = finding.fix(fix);
+            }
+            out.push(finding);
+        }
+        None => out.push(Finding::new(
+            Level::Ok,
+            side,
+            format!(
+                "podman {} with {}, CRIU {}: `criu check` passes",
+                f.podman.as_deref().unwrap_or("?"),
+                f.runtime.as_deref().unwrap_or("?"),
+                f.criu.as_deref().unwrap_or("?")
+            ),
+        )),
+    }
+    for (feature, what) in [
+        (
+            "mem_dirty_track",
+            "dirty-memory tracking (iterative pre-copy)",
+        ),
+        ("uffd-noncoop", "userfaultfd (lazy restore)"),
+    ] {
+        match f.features.get(feature).map(String::as_str) {
+            Some("yes") => out.push(Finding::new(
+                Level::Info,
+                side,
+                format!("{what}: available"),
+            )),
+            Some(_) => out.push(Finding::new(
+                Level::Info,
+                side,
+                format!("{what}: not available on this kernel"),
+            )),
+            None => {}
+        }
+    }
+}
+
+/// Makes sure the target can run a receiver of our version and, when asked, starts one
+/// in the background over SSH (it handles one migration, then exits).
+async fn spawn_receiver(ssh: &Ssh, want: &Want<'_>, spawn: Spawn) -> Result<Vec<Finding>, Finding> {
+    let ours = env!("CARGO_PKG_VERSION");
+    let installed = format!("{INSTALL_DIR}/migrate-{ours}");
+    let probe = format!(
+        "for b in {i} \"$(command -v migrate)\"; do [ -x \"$b\" ] && v=$(\"$b\" --version 2>/dev/null) && echo \"$b=$v\"; done; true",
+        i = shell_quote(&installed)
+    );
+    let out = ssh.sh(&probe, REMOTE_TIMEOUT).await.map_err(|e| {
+        Finding::new(
+            Level::Fail,
+            "target",
+            format!("cannot look for migrate there: {e}"),
+        )
+    })?;
+    let mut findings = Vec::new();
+    let found = out
+        .stdout
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .find(|(_, v)| v.trim() == format!("migrate {ours}"))
+        .map(|(b, _)| b.to_string());
+    let bin = match (found, spawn.install) {
+        (Some(b), _) => {
+            findings.push(Finding::new(
+                Level::Ok,
+                "target",
+                format!("{b} is migrate {ours}, the same version"),
+            ));
+            b
+        }
+        (None, true) if spawn.start => {
+            let me = std::env::current_exe().map_err(|e| {
+                Finding::new(
+                    Level::Fail,
+                    "source",
+                    format!("cannot find this binary: {e}"),
+                )
+            })?;
+            let file = tokio::fs::File::open(&me).await.map_err(|e| {
+                Finding::new(
+                    Level::Fail,
+                    "source",
+                    format!("cannot read {}: {e}", me.display()),
+                )
+            })?;
+            ssh.sh(&format!("mkdir -p {INSTALL_DIR}"), REMOTE_TIMEOUT)
+                .await
+                .and(ssh.upload(file, &installed, REMOTE_TIMEOUT).await.map(drop))
+                .and(
+                    ssh.run("chmod", &["0755".into(), installed.clone()], REMOTE_TIMEOUT)
+                        .await
+                        .map(drop),
+                )
+                .map_err(|e| {
+                    Finding::new(
+                        Level::Fail,
+                        "target",
+                        format!("cannot install migrate there: {e}"),
+                    )
+                })?;
+            findings.push(Finding::new(
+                Level::Info,
+                "target",
+                format!("installed this migrate {ours} as {installed}"),
+            ));
+            installed
+        }
+        (None, true) => {
+            findings.push(Finding::new(
+                Level::Info,
+                "target",
+                format!("no migrate {ours} there: --install-receiver will copy this binary to {installed}"),
+            ));
+            return Ok(findings);
+        }
+        (None, false) => {
+            let have = out
+                .stdout
+                .lines()
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+                .join(", ");
+            return Err(Finding::new(
+                Level::Fail,
+                "target",
+                format!(
+                    "no migrate {ours} there{}",
+                    if have.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" (found {have})")
+                    }
+                ),
+            )
+            .fix("install the same version there, or add --install-receiver to copy this binary"));
+        }
+    };
+    if !spawn.start {
+        return Ok(findings);
+    }
+    // A receiver may already listen there: then use it.
+    let addr = format!("{}:{}", want.dest.host, want.control_port);
+    if let Ok(Ok(_)) =
+        tokio::time::timeout(CONTROL_CONNECT_TIMEOUT, TcpStream::connect(&addr)).await
+    {
+        findings.push(Finding::new(
+            Level::Info,
+            "target",
+            format!("a receiver already listens on {addr}; using it"),
+        ));
+        return Ok(findings);
+    }
+    let log = format!("/var/lib/migrate/receiver-{}.log", want.run_id);
+    let start = format!(
+        "mkdir -p /var/lib/migrate && nohup setsid {b} receive --listen 0.0.0.0:{p} --idle-timeout {SPAWNED_IDLE_SECS} > {l} 2>&1 < /dev/null &",
+        b = shell_quote(&bin),
+        p = want.control_port,
+        l = shell_quote(&log)
+    );
+    ssh.sh(&start, REMOTE_TIMEOUT).await.map_err(|e| {
+        Finding::new(
+            Level::Fail,
+            "target",
+            format!("cannot start the receiver there: {e}"),
+        )
+    })?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while tokio::time::Instant::now() < deadline {
+        if let Ok(Ok(_)) =
+            tokio::time::timeout(Duration::from_secs(1), TcpStream::connect(&addr)).await
+        {
+            findings.push(Finding::new(
+                Level::Ok,
+                "target",
+                format!("started a receiver there over SSH (log {log})"),
+            ));
+            return Ok(findings);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Err(Finding::new(
+        Level::Fail,
+        "target",
+        format!("the receiver started over SSH does not listen on {addr}"),
+    )
+    .fix(format!("read {log} on the target")))
+}
+
+/// Connects to the receiver and says hello.
+async fn connect_receiver(want: &Want<'_>) -> Result<Welcome, Finding> {
+    let host = if want.dest.host.contains(':') {
+        format!("[{}]", want.dest.host)
+    } else {
+        want.dest.host.clone()
+    };
+    let addr = format!("{host}:{}", want.control_port);
+    let fail = |text: String, fix: &str| Finding::new(Level::Fail, "target", text).fix(fix);
+    let sock = match tokio::time::timeout(CONTROL_CONNECT_TIMEOUT, TcpStream::connect(&addr)).await
+    {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            return Err(fail(
+                format!("no receiver listening on {addr} ({e})"),
+                "start `migrate receive` on the target first, pass --spawn-receiver, or fix --control-port",
+            ));
+        }
+        Err(_) => {
+            return Err(fail(
+                format!(
+                    "no answer from a receiver on {addr} within {}s",
+                    CONTROL_CONNECT_TIMEOUT.as_secs()
+                ),
+                "start `migrate receive` on the target and open the control port in its firewall",
+            ));
+        }
+    };
+    let _ = sock.set_nodelay(true);
+    let (rd, wr) = sock.into_split();
+    let mut control = Channel::new(BufReader::new(rd), wr, Direction::ToReceiver);
+    let hello = ToReceiver::Hello {
+        protocol: PROTOCOL_VERSION,
+        run_id: want.run_id.to_string(),
+        sender_version: env!("CARGO_PKG_VERSION").into(),
+        source_host: crate::hostname(),
+        label: want.label.to_string(),
+    };
+    let welcome = async {
+        control.send(&hello).await?;
+        control.recv::<ToSender>().await
+    };
+    match tokio::time::timeout(CONTROL_REPLY_TIMEOUT, welcome).await {
+        Ok(Ok(ToSender::Welcome { workdir, nonce, .. })) => Ok(Welcome {
+            control,
+            workdir,
+            nonce,
+        }),
+        Ok(Ok(ToSender::Refused { reason })) => Err(fail(
+            format!("the receiver on {addr} refused: {reason}"),
+            "use the same migrate version on both hosts",
+        )),
+        Ok(Ok(other)) => Err(fail(
+            format!("the receiver on {addr} answered {other:?} to hello"),
+            "is it a migrate receiver?",
+        )),
+        Ok(Err(e)) => Err(fail(
+            format!("{addr} does not speak the migrate protocol ({e})"),
+            "check --control-port",
+        )),
+        Err(_) => Err(fail(
+            format!("{addr} accepted the connection but never answered"),
+            "is it a migrate receiver? check --control-port",
+        )),
+    }
+}
+
+/// The shell script that inspects the target in one SSH round trip.
+pub fn target_script(
+    infos: &[ContainerInfo],
+    data: &[PathBuf],
+    run_dir: &str,
+    create_run_dir: bool,
+) -> String {
+    let mut s = String::from(STACK_SCRIPT);
+    for c in infos {
+        s.push_str(&format!(
+            "podman container exists {n} && echo exists={n}\n",
+            n = shell_quote(&c.name)
+        ));
+        s.push_str(&format!(
+            "podman image exists {i} || echo missing_image={i}\n",
+            i = shell_quote(&c.image_id)
+        ));
+    }
+    for (c, m) in uncovered_binds(infos, data) {
+        s.push_str(&format!(
+            "if [ -e {p} ]; then echo present_path={c}={p}; else echo missing_path={c}={p}; fi\n",
+            p = shell_quote(&m),
+            c = shell_quote(&c)
+        ));
+    }
+    s.push_str(
+        "avail() { p=$1; while [ ! -e \"$p\" ]; do p=$(dirname \"$p\"); done; df -Pk \"$p\" | awk 'NR==2 {print $4, $6}'; }\n",
+    );
+    s.push_str(&format!(
+        "echo \"space=archives=$(avail {d}) 0\"\n",
+        d = shell_quote(run_dir)
+    ));
+    for d in data {
+        let d = shell_quote(&d.display().to_string());
+        s.push_str(&format!(
+            "echo \"space={d}=$(avail {d}) $( [ -e {d} ] && du -sk {d} | cut -f1 || echo 0)\"\n"
+        ));
+    }
+    if create_run_dir {
+        s.push_str(&format!(
+            "umask 077 && mkdir -p {d} && echo run_dir=ok\n",
+            d = shell_quote(run_dir)
+        ));
+    }
+    s
+}
+
+/// Reads the target script's output into findings; also returns the images to ship.
+pub fn target_findings(
+    stdout: &str,
+    infos: &[ContainerInfo],
+    data: &[PathBuf],
+    needs: &[(String, u64)],
+    ship_images: bool,
+) -> (Vec<Finding>, Vec<(String, String)>) {
+    let mut out = Vec::new();
+    let mut missing = Vec::new();
+    for line in stdout.lines() {
+        if let Some(name) = line.strip_prefix("exists=") {
+            out.push(
+                Finding::new(
+                    Level::Fail,
+                    "target",
+                    format!("a container named {name} already exists there"),
+                )
+                .fix(format!("remove it there first (podman rm {name})")),
+            );
+        } else if let Some(id) = line.strip_prefix("missing_image=") {
+            let name = infos
+                .iter()
+                .find(|c| c.image_id == id)
+                .map(|c| {
+                    if c.image_name.is_empty() {
+                        id.to_string()
+                    } else {
+                        c.image_name.clone()
+                    }
+                })
+                .unwrap_or_else(|| id.to_string());
+            let text = format!(
+                "image {name} ({}) is missing there (a restore needs the same image ID)",
+                short(id)
+            );
+            if ship_images {
+                out.push(Finding::new(
+                    Level::Info,
+                    "target",
+                    format!("{text}: it will be shipped (--ship-image)"),
+                ));
+            } else {
+                out.push(
+                    Finding::new(Level::Fail, "target", text)
+                        .fix("pass --ship-image to copy it there (podman save | podman load), or load the same image archive there"),
+                );
+            }
+            missing.push((id.to_string(), name));
+        } else if let Some(rest) = line.strip_prefix("missing_path=") {
+            let (c, p) = rest.split_once('=').unwrap_or(("?", rest));
+            out.push(
+                Finding::new(
+                    Level::Fail,
+                    "target",
+                    format!("container {c} bind-mounts {p}, which no --data covers and which does not exist there"),
+                )
+                .fix(format!("add --data {p} (or create it on the target)")),
+            );
+        } else if let Some(rest) = line.strip_prefix("present_path=") {
+            let (c, p) = rest.split_once('=').unwrap_or(("?", rest));
+            out.push(Finding::new(
+                Level::Warn,
+                "target",
+                format!("container {c} bind-mounts {p}, which no --data covers: the target's own copy will be used"),
+            ));
+        }
+    }
+    if !infos.is_empty() && !out.iter().any(|f| f.text.contains("already exists")) {
+        out.push(Finding::new(
+            Level::Ok,
+            "target",
+            "no container of the same name there",
+        ));
+    }
+    if infos
+        .iter()
+        .all(|c| !missing.iter().any(|(id, _)| id == &c.image_id))
+        && !infos.is_empty()
+    {
+        out.push(Finding::new(
+            Level::Ok,
+            "target",
+            "every image is there with the same ID",
+        ));
+    }
+    let _ = data;
+    match space_problem(stdout, needs) {
+        Some(p) => out.push(
+            Finding::new(Level::Fail, "target", p)
+                .fix("free some space there (or give the receiver another --workdir)"),
+        ),
+        None => out.push(Finding::new(
+            Level::Ok,
+            "target",
+            "enough free space for the archives and the data",
+        )),
+    }
+    (out, missing)
+}
+
+/// Size of a local folder in KiB (`du -sk`).
+pub async fn local_kib(dir: &Path) -> u64 {
+    crate::exec::run(
+        "du",
+        &["-sk".into(), dir.display().to_string()],
+        REMOTE_TIMEOUT,
+    )
+    .await
+    .ok()
+    .and_then(|o| o.stdout.split_whitespace().next()?.parse().ok())
+    .unwrap_or(0)
+}
+
+/// Compares what must land on each target file system with what is free there.
+/// `report` holds lines `space=WHAT=AVAIL_KIB MOUNT PRESENT_KIB`; `needs` (WHAT, KiB).
+pub fn space_problem(report: &str, needs: &[(String, u64)]) -> Option<String> {
+    let mut per_mount: BTreeMap<String, (u64, u64, Vec<String>)> = BTreeMap::new();
+    for line in report.lines() {
+        let Some(rest) = line.strip_prefix("space=") else {
+            continue;
+        };
+        let Some((what, fields)) = rest.rsplit_once('=') else {
+            continue;
+        };
+        let mut f = fields.split_whitespace();
+        let (Some(avail), Some(mount)) = (f.next().and_then(|v| v.parse::<u64>().ok()), f.next())
+        else {
+            continue;
+        };
+        let present: u64 = f.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+        let need = needs
+            .iter()
+            .find(|(w, _)| w == what)
+            .map(|(_, n)| *n)
+            .unwrap_or(0);
+        let e = per_mount
+            .entry(mount.to_string())
+            .or_insert((avail, 0, Vec::new()));
+        e.1 += need.saturating_sub(present);
+        e.2.push(what.to_string());
+    }
+    per_mount
+        .into_iter()
+        .find_map(|(mount, (avail, need, whats))| {
+            // Leave a margin: archives and file systems have overheads.
+            (need + need / 10 > avail).then(|| {
+                format!(
+                    "not enough free space on {mount}: {} MiB free, about {} MiB needed for {}",
+                    avail / 1024,
+                    (need + need / 10) / 1024,
+                    whats.join(", ")
+                )
+            })
+        })
+}
+
+/// Bind-mount sources of the containers that no `--data` folder covers.
+pub fn uncovered_binds(infos: &[ContainerInfo], data: &[PathBuf]) -> Vec<(String, String)> {
+    infos
+        .iter()
+        .flat_map(|c| {
+            c.mounts
+                .iter()
+                .filter(|m| m.kind == "bind")
+                .filter(|m| !data.iter().any(|d| Path::new(&m.source).starts_with(d)))
+                .map(|m| (c.name.clone(), m.source.clone()))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::podman::Mount;
+
+    fn info() -> ContainerInfo {
+        ContainerInfo {
+            id: "x".into(),
+            name: "db".into(),
+            image_id: "img123".into(),
+            image_name: "localhost/m:latest".into(),
+            status: "running".into(),
+            running: true,
+            pid: 1,
+            mounts: vec![
+                Mount {
+                    kind: "bind".into(),
+                    source: "/srv/app/mysql".into(),
+                    destination: "/var/lib/mysql".into(),
+                },
+                Mount {
+                    kind: "bind".into(),
+                    source: "/etc/app.conf".into(),
+                    destination: "/etc/app.conf".into(),
+                },
+                Mount {
+                    kind: "volume".into(),
+                    source: "/var/lib/containers/storage/volumes/v/_data".into(),
+                    destination: "/v".into(),
+                },
+            ],
+        }
+    }
+
+    #[test]
+    fn finds_bind_mounts_no_data_folder_covers() {
+        let got = uncovered_binds(&[info()], &[PathBuf::from("/srv/app")]);
+        assert_eq!(got, vec![("db".to_string(), "/etc/app.conf".to_string())]);
+    }
+
+    #[test]
+    fn space_is_checked_per_file_system() {
+        let report = "space=archives=1000000 / 0\nspace=/srv/app=50000 /srv 10000\n";
+        let needs = vec![
+            ("archives".to_string(), 200_000),
+            ("/srv/app".to_string(), 40_000),
+        ];
+        assert_eq!(space_problem(report, &needs), None);
+        let needs = vec![
+            ("archives".to_string(), 200_000),
+            ("/srv/app".to_string(), 60_000),
+        ];
+        let p = space_problem(report, &needs).unwrap();
+        assert!(p.contains("/srv") && p.contains("/srv/app"), "{p}");
+        // Two things on one file system add up.
+        let report = "space=archives=100000 / 0\nspace=/srv/app=100000 / 0\n";
+        let needs = vec![
+            ("archives".to_string(), 60_000),
+            ("/srv/app".to_string(), 60_000),
+        ];
+        assert!(space_problem(report, &needs).is_some());
+    }
+
+    #[test]
+    fn target_findings_name_problem_and_fix() {
+        let data = [PathBuf::from("/srv/app")];
+        let out = "exists=db\nmissing_image=img123\nmissing_path=db=/etc/app.conf\nspace=archives=100 / 0\n";
+        let (f, missing) =
+            target_findings(out, &[info()], &data, &[("archives".into(), 1000)], false);
+        let fails: Vec<String> = f
+            .iter()
+            .filter(|f| f.level == Level::Fail)
+            .map(Finding::one_line)
+            .collect();
+        assert_eq!(fails.len(), 4, "{fails:#?}");
+        assert!(fails[0].contains("podman rm db"));
+        assert!(fails[1].contains("--ship-image") && fails[1].contains("localhost/m:latest"));
+        assert!(fails[2].contains("add --data /etc/app.conf"));
+        assert!(fails[3].contains("not enough free space"));
+        assert_eq!(
+            missing,
+            vec![("img123".to_string(), "localhost/m:latest".to_string())]
+        );
+        // With --ship-image the missing image is no longer a failure.
+        let (f, _) = target_findings("missing_image=img123\n", &[info()], &data, &[], true);
+        assert!(f.iter().all(|f| f.level != Level::Fail), "{f:#?}");
+    }
+
+    #[test]
+    fn stack_failures_split_text_and_fix() {
+        let mut out = Vec::new();
+        stack_findings(
+            &Facts::parse("podman=4.3.1\nruntime=runc\ncriu=missing\n"),
+            "target",
+            &mut out,
+        );
+        assert_eq!(out[0].level, Level::Fail);
+        assert_eq!(out[0].text, "CRIU is not installed");
+        assert!(out[0].fix.as_deref().unwrap().contains("4.2"));
+    }
+}
