@@ -215,6 +215,29 @@ mod tests {
     }
 
     #[test]
+    fn completions_and_man_page_cover_every_subcommand() {
+        for shell in [
+            clap_complete::Shell::Bash,
+            clap_complete::Shell::Zsh,
+            clap_complete::Shell::Fish,
+        ] {
+            let mut out = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "migrate", &mut out);
+            let text = String::from_utf8(out).unwrap();
+            for sub in ["send", "receive", "check", "probe"] {
+                assert!(text.contains(sub), "{shell:?} completion lacks {sub}");
+            }
+        }
+        let mut man = Vec::new();
+        clap_mangen::Man::new(Cli::command())
+            .render(&mut man)
+            .unwrap();
+        let text = String::from_utf8(man).unwrap();
+        assert!(text.contains(".TH migrate"), "{text}");
+        assert!(text.contains("receive"));
+    }
+
+    #[test]
     fn defaults_match_the_contract() {
         let cli = Cli::try_parse_from(["migrate", "send", "--to", "root@b", "db", "web"]).unwrap();
         let Command::Send(s) = cli.command else {

@@ -64,6 +64,10 @@ pub struct Opts {
     /// Probe interval.
     #[arg(long, default_value = "20ms")]
     pub probe_interval: String,
+    /// Do not give CRIU `skip-in-flight` on the bench hosts (see docs/results/README.md:
+    /// without it, podman 4.3's checkpoint fails whenever a client connection is half-open).
+    #[arg(long)]
+    pub no_skip_in_flight: bool,
 }
 
 /// The resolved plan.
@@ -78,6 +82,7 @@ pub struct Plan {
     pub methods: Vec<String>,
     pub probe_host: String,
     pub probe_interval: String,
+    pub skip_in_flight: bool,
 }
 
 fn list(s: &str) -> Vec<String> {
@@ -141,6 +146,7 @@ impl Opts {
             methods,
             probe_host: self.probe_host.clone(),
             probe_interval: self.probe_interval.clone(),
+            skip_in_flight: !self.no_skip_in_flight,
         })
     }
 }

@@ -109,6 +109,9 @@ pub struct Ssh {
     session: Session,
     dest: Destination,
     label: String,
+    /// With --identity: the ssh config that makes it the only key tried; kept for the
+    /// session's lifetime.
+    _config: Option<tempfile::NamedTempFile>,
 }
 
 /// Result of a remote command that ran to the end.
@@ -132,8 +135,18 @@ impl Ssh {
         if let Some(p) = dest.port {
             b.port(p);
         }
+        let mut config = None;
         if let Some(k) = &dest.identity {
             b.keyfile(k);
+            // Only the named key: without IdentitiesOnly ssh would also try the default
+            // keys and a wrong --identity could pass unnoticed. The user's and the
+            // system's config still apply.
+            let file = identity_only_config().map_err(|e| SshError::Connect {
+                dest: label.clone(),
+                detail: format!("cannot write a temporary ssh config: {e}"),
+            })?;
+            b.config_file(file.path());
+            config = Some(file);
         }
         let session =
             match tokio::time::timeout(timeout + Duration::from_secs(5), b.connect(&dest.host))
@@ -155,6 +168,7 @@ impl Ssh {
             session,
             dest: dest.clone(),
             label,
+            _config: config,
         })
     }
 
@@ -404,6 +418,14 @@ impl Ssh {
             detail: error_text(&e),
         }
     }
+}
+
+fn identity_only_config() -> std::io::Result<tempfile::NamedTempFile> {
+    use std::io::Write;
+    let mut f = tempfile::NamedTempFile::new()?;
+    f.write_all(b"IdentitiesOnly yes\nInclude ~/.ssh/config\nInclude /etc/ssh/ssh_config\n")?;
+    f.flush()?;
+    Ok(f)
 }
 
 /// The whole chain of an openssh error in one line.

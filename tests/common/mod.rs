@@ -137,20 +137,35 @@ pub fn counter(host: &str) -> u64 {
         .unwrap_or_else(|_| panic!("counter: {}", out.describe()))
 }
 
-/// Names of the running containers on a host.
-pub fn running(host: &str) -> Vec<String> {
-    let out = on(host, &["podman", "ps", "--format", "{{.Names}}"]).ok();
-    let mut v: Vec<String> = out.stdout.lines().map(str::to_string).collect();
+/// The containers these tests move; other suites may run other containers on the lab.
+const PAIR: [&str; 2] = ["db", "web"];
+
+fn pair_names(listing: &str) -> Vec<String> {
+    let mut v: Vec<String> = listing
+        .lines()
+        .filter(|n| PAIR.contains(n))
+        .map(str::to_string)
+        .collect();
     v.sort();
     v
 }
 
-/// Names of all containers (any state) on a host.
+/// Which of the thesis pair run on a host.
+pub fn running(host: &str) -> Vec<String> {
+    pair_names(
+        &on(host, &["podman", "ps", "--format", "{{.Names}}"])
+            .ok()
+            .stdout,
+    )
+}
+
+/// Which of the thesis pair exist on a host (any state).
 pub fn all_containers(host: &str) -> Vec<String> {
-    let out = on(host, &["podman", "ps", "-a", "--format", "{{.Names}}"]).ok();
-    let mut v: Vec<String> = out.stdout.lines().map(str::to_string).collect();
-    v.sort();
-    v
+    pair_names(
+        &on(host, &["podman", "ps", "-a", "--format", "{{.Names}}"])
+            .ok()
+            .stdout,
+    )
 }
 
 /// Container id and start time: unchanged when nothing froze or restarted it.
