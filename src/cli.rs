@@ -162,6 +162,11 @@ pub struct SendArgs {
     #[arg(long)]
     pub dry_run: bool,
 
+    /// Restore the containers one after the other in the order given, instead of all at
+    /// once (containers that join another's namespaces always wait for it).
+    #[arg(long)]
+    pub sequential_restore: bool,
+
     /// Checkpoint and restore established TCP connections.
     #[arg(long)]
     pub tcp_established: bool,

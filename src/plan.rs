@@ -41,6 +41,7 @@ pub struct SendPlan {
     pub spawn_receiver: bool,
     pub install_receiver: bool,
     pub dry_run: bool,
+    pub sequential_restore: bool,
 }
 
 /// Splits `[user@]host`.
@@ -216,6 +217,7 @@ impl SendPlan {
             spawn_receiver: t.spawn_receiver,
             install_receiver: t.install_receiver,
             dry_run: a.dry_run,
+            sequential_restore: a.sequential_restore,
         })
     }
 }

@@ -357,15 +357,8 @@ async fn spawn_receiver(ssh: &Ssh, want: &Want<'_>, spawn: Spawn) -> Result<Vec<
         .find(|(_, v)| v.trim() == format!("migrate {ours}"))
         .map(|(b, _)| b.to_string());
     let bin = match (found, spawn.install) {
-        (Some(b), _) => {
-            findings.push(Finding::new(
-                Level::Ok,
-                "target",
-                format!("{b} is migrate {ours}, the same version"),
-            ));
-            b
-        }
-        (None, true) if spawn.start => {
+        // --install-receiver: always this very binary, so both ends are the same build.
+        (_, true) if spawn.start => {
             let me = std::env::current_exe().map_err(|e| {
                 Finding::new(
                     Level::Fail,
@@ -402,13 +395,21 @@ async fn spawn_receiver(ssh: &Ssh, want: &Want<'_>, spawn: Spawn) -> Result<Vec<
             ));
             installed
         }
-        (None, true) => {
+        (_, true) => {
             findings.push(Finding::new(
                 Level::Info,
                 "target",
-                format!("no migrate {ours} there: --install-receiver will copy this binary to {installed}"),
+                format!("--install-receiver will copy this binary to {installed}"),
             ));
             return Ok(findings);
+        }
+        (Some(b), false) => {
+            findings.push(Finding::new(
+                Level::Ok,
+                "target",
+                format!("{b} is migrate {ours}, the same version"),
+            ));
+            b
         }
         (None, false) => {
             let have = out
@@ -799,6 +800,7 @@ mod tests {
                     destination: "/v".into(),
                 },
             ],
+            joins: vec![],
         }
     }
 

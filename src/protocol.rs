@@ -117,6 +117,8 @@ pub struct TargetOutcome {
     pub restore_s: f64,
     /// Per container restore seconds, in restore order.
     pub container_restore_s: Vec<(String, f64)>,
+    /// Longest time CRIU itself spent restoring one container (podman's statistics).
+    pub criu_restore_s: Option<f64>,
 }
 
 /// What the sender shipped, so the receiver can check it before restoring.
@@ -147,6 +149,10 @@ pub struct ContainerEntry {
     pub image_id: String,
     pub file_locks: bool,
     pub tcp_established: bool,
+    /// Containers of this migration that must be running before this one is restored
+    /// (it joins their namespaces, or the operator asked for sequential restores).
+    /// Containers without such a link are restored in parallel.
+    pub after: Vec<String>,
 }
 
 /// A run id: what names the per-migration folder on both hosts.
@@ -217,6 +223,17 @@ impl Manifest {
                 return bad(format!("archive {} listed twice", c.archive));
             }
         }
+        for c in &self.containers {
+            if let Some(a) = c.after.iter().find(|a| !names.contains(a)) {
+                return bad(format!(
+                    "{} is to follow {a:?}, which this migration does not carry",
+                    c.name
+                ));
+            }
+        }
+        if restore_waves(&self.containers).is_none() {
+            return bad("the restore order has a cycle".into());
+        }
         for d in &self.data {
             if !d.starts_with('/') || d.split('/').any(|p| p == "..") {
                 return bad(format!("data path {d:?} is not an absolute path"));
@@ -224,6 +241,26 @@ impl Manifest {
         }
         Ok(())
     }
+}
+
+/// Groups containers into waves: each wave only needs containers of earlier waves, and
+/// the containers of one wave are restored in parallel. `None` when the order has a cycle.
+pub fn restore_waves(containers: &[ContainerEntry]) -> Option<Vec<Vec<&ContainerEntry>>> {
+    let mut done: std::collections::HashSet<&str> = std::collections::HashSet::new();
+    let mut left: Vec<&ContainerEntry> = containers.iter().collect();
+    let mut waves = Vec::new();
+    while !left.is_empty() {
+        let (ready, wait): (Vec<&ContainerEntry>, Vec<&ContainerEntry>) = left
+            .into_iter()
+            .partition(|c| c.after.iter().all(|a| done.contains(a.as_str())));
+        if ready.is_empty() {
+            return None;
+        }
+        done.extend(ready.iter().map(|c| c.name.as_str()));
+        waves.push(ready);
+        left = wait;
+    }
+    Some(waves)
 }
 
 /// The wire form of a frame.
@@ -457,6 +494,7 @@ mod tests {
             image_id: "abc".into(),
             file_locks: false,
             tcp_established: false,
+            after: vec![],
         }
     }
 
@@ -503,6 +541,32 @@ mod tests {
         let mut m = manifest();
         m.containers[0].name = "-rf".into();
         assert!(m.validate("run-1").is_err());
+    }
+
+    #[test]
+    fn restore_waves_follow_dependencies() {
+        let mut m = manifest();
+        let names = |w: &Vec<Vec<&ContainerEntry>>| -> Vec<Vec<String>> {
+            w.iter()
+                .map(|wave| wave.iter().map(|c| c.name.clone()).collect())
+                .collect()
+        };
+        assert_eq!(
+            names(&restore_waves(&m.containers).unwrap()),
+            vec![vec!["db", "web"]]
+        );
+        m.containers[0].after = vec!["web".into()];
+        assert_eq!(
+            names(&restore_waves(&m.containers).unwrap()),
+            vec![vec!["web"], vec!["db"]]
+        );
+        m.validate("run-1").unwrap();
+        m.containers[1].after = vec!["db".into()];
+        assert!(restore_waves(&m.containers).is_none());
+        assert!(m.validate("run-1").is_err(), "cycle");
+        let mut m = manifest();
+        m.containers[0].after = vec!["ghost".into()];
+        assert!(m.validate("run-1").is_err(), "unknown dependency");
     }
 
     #[test]

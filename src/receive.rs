@@ -18,7 +18,7 @@ use crate::engine::podman::{CriuOptions, Podman};
 use crate::progress::Ui;
 use crate::protocol::{
     Auth, Channel, Direction, Manifest, PROTOCOL_VERSION, ProtocolError, TargetOutcome, ToReceiver,
-    ToSender, valid_run_id,
+    ToSender, restore_waves, valid_run_id,
 };
 use crate::timing::{Format, Outcome, Record, Stopwatch, now_us};
 
@@ -234,6 +234,7 @@ async fn handle(sock: TcpStream, peer: SocketAddr, ctx: &Ctx) -> Option<Done> {
     ));
 
     let mut msg = first;
+    let mut closing_reason = "the migration ended before \"OK\"; nothing was restored".to_string();
     loop {
         let got_us = now_us();
         match msg {
@@ -295,6 +296,7 @@ async fn handle(sock: TcpStream, peer: SocketAddr, ctx: &Ctx) -> Option<Done> {
             Ok(Err(e)) => {
                 ctx.ui
                     .warn(&format!("migration {run_id}: {e}; not acted on, closing"));
+                closing_reason = format!("the receiver refused a message: {e}");
                 break;
             }
             Err(_) => {
@@ -306,6 +308,18 @@ async fn handle(sock: TcpStream, peer: SocketAddr, ctx: &Ctx) -> Option<Done> {
             }
         };
     }
+    // A sender that lost us after "OK" reads this over SSH: nothing was restored here.
+    let outcome = TargetOutcome {
+        restored: false,
+        error: Some(closing_reason),
+        ready_us: now_us(),
+        up_us: None,
+        verify_s: 0.0,
+        restore_s: 0.0,
+        container_restore_s: Vec::new(),
+        criu_restore_s: None,
+    };
+    let _ = write_result(&dir, &outcome);
     remove_archives(&dir);
     None
 }
@@ -347,6 +361,7 @@ async fn restore(
         verify_s: 0.0,
         restore_s: 0.0,
         container_restore_s: Vec::new(),
+        criu_restore_s: None,
     };
     let verify = Stopwatch::start();
     if let Err(e) = verify_archives(manifest, run_id, dir).await {
@@ -373,38 +388,67 @@ async fn restore(
         }
     }
     let restore = Stopwatch::start();
+    let waves = restore_waves(&manifest.containers).expect("validated: no cycle");
     let mut restored: Vec<&str> = Vec::new();
-    for c in &manifest.containers {
-        let sw = Stopwatch::start();
-        let opts = CriuOptions {
-            file_locks: c.file_locks,
-            tcp_established: c.tcp_established,
-        };
-        ctx.ui.phase(&format!("restoring {}", c.name));
-        match podman.restore_import(&dir.join(&c.archive), opts).await {
-            Ok(()) => {
-                restored.push(&c.name);
-                out.container_restore_s.push((c.name.clone(), sw.secs()));
-                ctx.ui
-                    .info(&format!("restored {} in {:.3}s", c.name, sw.secs()));
+    for wave in waves {
+        let names: Vec<&str> = wave.iter().map(|c| c.name.as_str()).collect();
+        ctx.ui.phase(&format!("restoring {}", names.join(", ")));
+        let results = futures::future::join_all(wave.iter().map(|c| {
+            let podman = &podman;
+            async move {
+                let sw = Stopwatch::start();
+                let opts = CriuOptions {
+                    file_locks: c.file_locks,
+                    tcp_established: c.tcp_established,
+                };
+                (
+                    podman.restore_import(&dir.join(&c.archive), opts).await,
+                    sw.secs(),
+                )
             }
-            Err(e) => {
-                let msg = format!("restoring {} failed: {e}", c.name);
-                ctx.ui.warn(&msg);
-                // Whatever podman left of the failed one, and all that came up before it.
-                for name in std::iter::once(c.name.as_str()).chain(restored.iter().rev().copied()) {
-                    if podman.exists(name).await.unwrap_or(true)
-                        && let Err(e) = podman.remove(name).await
-                    {
-                        ctx.ui.warn(&format!(
-                            "could not remove {name} after the failed restore: {e}"
-                        ));
+        }))
+        .await;
+        let mut failures = Vec::new();
+        for (c, (r, secs)) in wave.iter().zip(results) {
+            match r {
+                Ok(stats) => {
+                    restored.push(&c.name);
+                    out.container_restore_s.push((c.name.clone(), secs));
+                    if let Some(criu) = stats.criu_s {
+                        out.criu_restore_s = Some(out.criu_restore_s.unwrap_or(0.0).max(criu));
                     }
+                    ctx.ui.info(&format!("restored {} in {secs:.3}s", c.name));
                 }
-                out.error = Some(msg);
-                out.restore_s = restore.secs();
-                return out;
+                Err(e) => {
+                    failures.push((c.name.as_str(), format!("restoring {} failed: {e}", c.name)))
+                }
             }
+        }
+        if !failures.is_empty() {
+            let msg = failures
+                .iter()
+                .map(|(_, m)| m.as_str())
+                .collect::<Vec<_>>()
+                .join("; ");
+            ctx.ui.warn(&msg);
+            // Whatever podman left of the failed ones, and all that came up: nothing
+            // half-restored stays here.
+            for name in failures
+                .iter()
+                .map(|(n, _)| *n)
+                .chain(restored.iter().rev().copied())
+            {
+                if podman.exists(name).await.unwrap_or(true)
+                    && let Err(e) = podman.remove(name).await
+                {
+                    ctx.ui.warn(&format!(
+                        "could not remove {name} after the failed restore: {e}"
+                    ));
+                }
+            }
+            out.error = Some(msg);
+            out.restore_s = restore.secs();
+            return out;
         }
     }
     out.restore_s = restore.secs();
@@ -492,6 +536,7 @@ fn print_record(
         down_us: Some(m.down_us),
         up_us: o.up_us.map(to_sender),
         restore_s: Some(o.restore_s),
+        criu_restore_s: o.criu_restore_s,
         verify_s: Some(o.verify_s),
         target_total_s: Some(crate::timing::secs_between(
             o.ready_us,

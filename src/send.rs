@@ -78,6 +78,8 @@ struct Item {
     opts: CriuOptions,
     archive_name: String,
     local_archive: PathBuf,
+    /// Containers of this migration to restore before this one.
+    after: Vec<String>,
 }
 
 /// Everything `migrate` learned and set up before the freeze.
@@ -190,6 +192,21 @@ async fn migrate(
         )));
     }
 
+    // Upload channels are opened before the freeze, so their start-up is not downtime.
+    let streams = match futures::future::try_join_all(items.iter().map(|it| {
+        let path = remote_join(&remote_dir, &it.archive_name);
+        let ssh = &ssh;
+        async move { ssh.open_upload(&path).await }
+    }))
+    .await
+    {
+        Ok(s) => s,
+        Err(e) => {
+            abort(&mut control, "cannot open upload channels", false).await;
+            return Err(refuse(anyhow!(e).context("nothing was frozen")));
+        }
+    };
+
     let podman = Podman;
     let rb = Rollback {
         podman: &podman,
@@ -228,8 +245,14 @@ async fn migrate(
     let mut first_error = None;
     for (it, (r, secs)) in items.iter().zip(results) {
         match r {
-            Ok(()) => {
-                ui.info(&format!("checkpointed {} in {secs:.3}s", it.info.name));
+            Ok(stats) => {
+                ui.info(&format!(
+                    "checkpointed {} in {secs:.3}s (CRIU froze it for {:.3}s)",
+                    it.info.name,
+                    stats.criu_s.unwrap_or_default()
+                ));
+                rec.podman_checkpoint_s = max_opt(rec.podman_checkpoint_s, stats.podman_s);
+                rec.criu_frozen_s = max_opt(rec.criu_frozen_s, stats.criu_s);
                 checkpointed.push(it.clone());
             }
             Err(e) => {
@@ -245,37 +268,43 @@ async fn migrate(
 
     // Ship the archives, then the data that changed; give up (and roll back) on a signal.
     let ship = async {
-        let transfer = Stopwatch::start();
-        let shipped = futures::future::try_join_all(items.iter().map(|it| {
-            let ssh = &ssh;
-            let remote = remote_join(&remote_dir, &it.archive_name);
-            async move {
-                let file = tokio::fs::File::open(&it.local_archive)
+        let started = Stopwatch::start();
+        let archives = async {
+            let entries = futures::future::try_join_all(items.iter().zip(streams).map(
+                |(it, stream)| async move {
+                    let file = tokio::fs::File::open(&it.local_archive)
+                        .await
+                        .with_context(|| format!("cannot open {}", it.local_archive.display()))?;
+                    let (size, sha256) = stream.feed(file, SHIP_TIMEOUT).await?;
+                    anyhow::Ok(ContainerEntry {
+                        name: it.info.name.clone(),
+                        archive: it.archive_name.clone(),
+                        size,
+                        sha256,
+                        image_id: it.info.image_id.clone(),
+                        file_locks: it.opts.file_locks,
+                        tcp_established: it.opts.tcp_established,
+                        after: it.after.clone(),
+                    })
+                },
+            ))
+            .await?;
+            anyhow::Ok((entries, started.secs()))
+        };
+        // The data folders are quiet once every container is frozen: sync them while
+        // the archives travel.
+        let postsync = async {
+            let mut bytes = 0;
+            for dir in &plan.data {
+                bytes += rsync::sync(dir, &ssh, compress_sync)
                     .await
-                    .with_context(|| format!("cannot open {}", it.local_archive.display()))?;
-                let (size, sha256) = ssh.upload(file, &remote, SHIP_TIMEOUT).await?;
-                anyhow::Ok(ContainerEntry {
-                    name: it.info.name.clone(),
-                    archive: it.archive_name.clone(),
-                    size,
-                    sha256,
-                    image_id: it.info.image_id.clone(),
-                    file_locks: it.opts.file_locks,
-                    tcp_established: it.opts.tcp_established,
-                })
+                    .with_context(|| format!("post-sync of {}", dir.display()))?
+                    .bytes_sent;
             }
-        }))
-        .await?;
-        let transfer_s = transfer.secs();
-        let post = Stopwatch::start();
-        let mut bytes = 0;
-        for dir in &plan.data {
-            bytes += rsync::sync(dir, &ssh, compress_sync)
-                .await
-                .with_context(|| format!("post-sync of {}", dir.display()))?
-                .bytes_sent;
-        }
-        anyhow::Ok((shipped, transfer_s, post.secs(), bytes))
+            anyhow::Ok((bytes, started.secs()))
+        };
+        let ((shipped, transfer_s), (bytes, postsync_s)) = tokio::try_join!(archives, postsync)?;
+        anyhow::Ok((shipped, transfer_s, postsync_s, bytes))
     };
     ui.phase("shipping archives and changed data");
     let shipped = tokio::select! {
@@ -347,6 +376,7 @@ async fn migrate(
         }
     };
     rec.restore_s = Some(outcome.restore_s);
+    rec.criu_restore_s = outcome.criu_restore_s;
     rec.verify_s = Some(outcome.verify_s);
     if !outcome.restored {
         let why = outcome
@@ -395,6 +425,15 @@ async fn migrate(
     ssh.close().await;
     ui.finish();
     Ok(())
+}
+
+/// The larger of two optional values.
+fn max_opt(a: Option<f64>, b: Option<f64>) -> Option<f64> {
+    match (a, b) {
+        (Some(x), Some(y)) => Some(x.max(y)),
+        (x, None) => x,
+        (None, y) => y,
+    }
 }
 
 /// Tells the receiver to forget this migration (best effort).
@@ -544,9 +583,11 @@ async fn preflight(
         ));
         return fail(&mut control, ssh, e).await;
     }
+    let order = restore_order(&infos, plan.sequential_restore);
     let items = infos
         .into_iter()
-        .map(|info| {
+        .zip(order)
+        .map(|(info, after)| {
             let locks = podman::holds_file_locks(info.pid).unwrap_or(true);
             let archive_name = format!("{}.{}", info.name, compression.extension());
             Item {
@@ -557,6 +598,7 @@ async fn preflight(
                 local_archive: local_dir.join(&archive_name),
                 archive_name,
                 info,
+                after,
             }
         })
         .collect();
@@ -727,6 +769,37 @@ pub fn estimate_downtime(
         .map(|b| PER_CONTAINER_S + *b as f64 / CRIU_BYTES_PER_S)
         .sum();
     (checkpoint, transfer, restore)
+}
+
+/// For each container, the migrated containers it must be restored after: those whose
+/// namespaces it joins (by name or ID prefix), or simply the one before it with
+/// `--sequential-restore`. Everything else is restored in parallel.
+fn restore_order(infos: &[ContainerInfo], sequential: bool) -> Vec<Vec<String>> {
+    infos
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let mut after: Vec<String> = c
+                .joins
+                .iter()
+                .filter_map(|r| {
+                    infos
+                        .iter()
+                        .find(|o| {
+                            o.name != c.name
+                                && (o.name == *r || (r.len() >= 12 && o.id.starts_with(r.as_str())))
+                        })
+                        .map(|o| o.name.clone())
+                })
+                .collect();
+            if sequential && i > 0 {
+                after.push(infos[i - 1].name.clone());
+            }
+            after.sort();
+            after.dedup();
+            after
+        })
+        .collect()
 }
 
 /// NTP-style offset estimate over the authenticated control connection.
@@ -925,6 +998,7 @@ async fn settle_over_ssh(
                 verify_s: 0.0,
                 restore_s: 0.0,
                 container_restore_s: Vec::new(),
+                criu_restore_s: None,
             }))
         }
         Settle::RollBack { remove_on_target } => {
@@ -948,6 +1022,7 @@ async fn settle_over_ssh(
                 verify_s: 0.0,
                 restore_s: 0.0,
                 container_restore_s: Vec::new(),
+                criu_restore_s: None,
             })
         }
     }
@@ -1002,7 +1077,7 @@ impl Rollback<'_> {
                 podman.restore_import(&it.local_archive, it.opts).await
             };
             match again.await {
-                Ok(()) => ui.info(&format!(
+                Ok(_) => ui.info(&format!(
                     "{name} restored here from {}",
                     it.local_archive.display()
                 )),
@@ -1123,6 +1198,41 @@ mod tests {
         let t = |n: usize| 0.05 + n as f64 / 100e6;
         let r = link_rate(1 << 20, t(1 << 20), 16 << 20, t(16 << 20));
         assert!((r - 100e6).abs() < 1.0, "{r}");
+    }
+
+    fn info(name: &str, id: &str, joins: &[&str]) -> ContainerInfo {
+        ContainerInfo {
+            id: id.into(),
+            name: name.into(),
+            image_id: "i".into(),
+            image_name: String::new(),
+            status: "running".into(),
+            running: true,
+            pid: 1,
+            mounts: vec![],
+            joins: joins.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn restore_order_follows_joined_namespaces() {
+        let infos = [
+            info("db", "aaaaaaaaaaaaaaaa", &[]),
+            info("web", "bbbbbbbbbbbbbbbb", &[]),
+            info("sidecar", "cccccccccccccccc", &["aaaaaaaaaaaaaaaa"]),
+        ];
+        assert_eq!(
+            restore_order(&infos, false),
+            vec![vec![], vec![], vec!["db".to_string()]]
+        );
+        assert_eq!(
+            restore_order(&infos, true),
+            vec![
+                vec![],
+                vec!["db".to_string()],
+                vec!["db".to_string(), "web".to_string()]
+            ]
+        );
     }
 
     #[test]

@@ -96,6 +96,12 @@ pub struct Record {
     pub clock_delay_us: Option<i64>,
     pub archive_bytes: Option<u64>,
     pub sync_bytes: Option<u64>,
+    /// Longest `podman container checkpoint` of one container (podman's own figure).
+    pub podman_checkpoint_s: Option<f64>,
+    /// Longest time CRIU kept one container's processes frozen while dumping.
+    pub criu_frozen_s: Option<f64>,
+    /// Longest time CRIU spent restoring one container on the target.
+    pub criu_restore_s: Option<f64>,
     pub role: &'static str,
     pub error: String,
 }
@@ -155,6 +161,9 @@ impl Record {
             ),
             ("archive_bytes", Count(self.archive_bytes)),
             ("sync_bytes", Count(self.sync_bytes)),
+            ("podman_checkpoint_s", Secs(self.podman_checkpoint_s)),
+            ("criu_frozen_s", Secs(self.criu_frozen_s)),
+            ("criu_restore_s", Secs(self.criu_restore_s)),
             ("role", Text(self.role.into())),
             ("error", Text(self.error.clone())),
         ]

@@ -203,7 +203,9 @@ fn missing_image_is_refused_then_shipped_with_ship_image() {
 #[test]
 fn spawn_receiver_migrates_with_one_command() {
     fresh_workload("a", 100);
-    on("b", &["rm", "-rf", "/var/lib/migrate/bin"]).ok();
+    for h in ["a", "b"] {
+        on(h, &["rm", "-rf", "/var/lib/migrate/bin"]).ok();
+    }
     // Without the same migrate on the target, --spawn-receiver alone is refused...
     let out = send(
         "a",

@@ -13,8 +13,17 @@ use anyhow::{Context, Result, bail};
 /// Set by SIGINT/SIGTERM: every wait checks it and gives up.
 pub static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
+/// Like INTERRUPTED, but never cleared (cleanup clears INTERRUPTED to run its commands).
+static EVER_INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
 extern "C" fn on_signal(_: libc::c_int) {
     INTERRUPTED.store(true, Ordering::SeqCst);
+    EVER_INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+/// Whether a SIGINT/SIGTERM arrived at any time.
+pub fn was_interrupted() -> bool {
+    EVER_INTERRUPTED.load(Ordering::SeqCst)
 }
 
 pub fn install_signal_handlers() {

@@ -159,7 +159,7 @@ fn main() {
     };
     if let Err(e) = res {
         eprintln!("bench: error: {e:#}");
-        std::process::exit(if lab::interrupted() { 130 } else { 1 });
+        std::process::exit(if lab::was_interrupted() { 130 } else { 1 });
     }
 }
 

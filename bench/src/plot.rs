@@ -8,6 +8,9 @@ use plotters::prelude::*;
 
 use crate::report::SummaryRow;
 
+/// One line: method name, colour, (rows, seconds) points.
+type Series<'a> = (&'a str, RGBColor, Vec<(f64, f64)>);
+
 const METHODS: [(&str, RGBColor); 3] = [
     ("migrate", BLUE),
     ("thesis", RED),
@@ -25,7 +28,7 @@ pub fn plot(
     with_floor: bool,
     metric: fn(&SummaryRow) -> Option<f64>,
 ) -> Result<()> {
-    let series: Vec<(&str, RGBColor, Vec<(f64, f64)>)> = METHODS
+    let series: Vec<Series> = METHODS
         .iter()
         .filter(|(m, _)| with_floor || *m != "floor")
         .map(|(m, c)| {

@@ -29,6 +29,15 @@ pub fn host_addr(h: &str) -> Result<String> {
     }
 }
 
+/// Rate-only fallback (tbf) for kernels without netem: same rate, no delay.
+pub fn tbf_args(profile: &str) -> Option<&'static str> {
+    match profile {
+        "cloud" => Some("tbf rate 1750mbit burst 512kb latency 20ms"),
+        "wan" => Some("tbf rate 45mbit burst 64kb latency 100ms"),
+        _ => None,
+    }
+}
+
 /// `tc qdisc` arguments for a profile on a host's eth0 egress (None = no shaping).
 /// RTT is split evenly: each side delays its egress by half.
 pub fn netem_args(profile: &str) -> Result<Option<&'static str>> {
@@ -117,6 +126,8 @@ struct Bench {
     /// Where the workload currently runs, and with how many rows (None: must be created).
     workload: Option<(String, u64)>,
     shaped: bool,
+    /// Profile -> the qdisc actually used (netem, or the tbf fallback).
+    shaping: std::collections::BTreeMap<String, String>,
 }
 
 fn repo_root() -> Result<PathBuf> {
@@ -189,6 +200,7 @@ pub fn run(plan: Plan) -> Result<()> {
         progress: Progress::new(total),
         workload: None,
         shaped: false,
+        shaping: Default::default(),
         plan,
     };
     let t0 = Instant::now();
@@ -247,7 +259,19 @@ impl Bench {
                 }
                 Some(a) => {
                     self.shaped = true;
-                    self.sh(&h, &format!("tc qdisc replace dev eth0 root {a}"), 20)?;
+                    let used = match self.sh(&h, &format!("tc qdisc replace dev eth0 root {a}"), 20)
+                    {
+                        Ok(_) => a.to_string(),
+                        // Kernels without sch_netem (CONFIG_NET_SCH_NETEM unset, like this
+                        // lab's): shape the rate with tbf, the delay cannot be emulated.
+                        Err(e) if format!("{e:#}").contains("qdisc kind is unknown") => {
+                            let t = tbf_args(profile).unwrap_or_default();
+                            self.sh(&h, &format!("tc qdisc replace dev eth0 root {t}"), 20)?;
+                            format!("{t} (no sch_netem in this kernel: rate only, NO added delay)")
+                        }
+                        Err(e) => return Err(e),
+                    };
+                    self.shaping.insert(profile.to_string(), used);
                 }
             }
         }
@@ -668,6 +692,7 @@ impl Bench {
                 &to,
                 "--data",
                 "/srv/app",
+                "--tcp-established",
                 "--label",
                 &label,
                 "db",
@@ -858,7 +883,7 @@ echo "DOWNTIME_S=$(s $t0 $t3)"; rm -rf "$f"; echo RESULT=ok
              no transfer, `--compress none` (wall time from start of checkpoint to restored; no migration time). \
              Client outage = the probe's longest outage (any of the two hosts' web answering counts as up). \
              Only runs whose state arrived (rows, counter, web answering on the target, nothing left on the \
-             source) enter the statistics.\n\n## Machine\n\n",
+             source) enter the statistics.\n\n",
             started.format("%Y-%m-%d %H:%M:%S"),
             took.as_secs_f64(),
             if p.quick { "quick" } else { "full" },
@@ -880,6 +905,18 @@ echo "DOWNTIME_S=$(s $t0 $t3)"; rm -rf "$f"; echo RESULT=ok
             netem_args("cloud").ok().flatten().unwrap_or(""),
             netem_args("wan").ok().flatten().unwrap_or(""),
         );
+        s.push_str(&format!(
+            "Flags: migrate send gets `--data /srv/app --tcp-established` (the thesis checkpoints with \
+             --tcp-established too; the probe's HTTP connections are established at checkpoint time); \
+             CRIU `skip-in-flight` on the bench hosts: {} (podman 4.3 has no --tcp-skip-in-flight; \
+             without it a checkpoint fails whenever a probe connection is half-open). Each run starts \
+             with a cold target (no /srv/app there), as the thesis's prepare() leaves it.\n\n",
+            if p.skip_in_flight { "yes (tmpfs /etc/criu/runc.conf inside those hosts only)" } else { "no" }
+        ));
+        for (p, q) in &self.shaping {
+            s.push_str(&format!("Shaping used for {p}: `{q}`.\n\n"));
+        }
+        s.push_str("## Machine\n\n");
         for (k, v) in machine_info() {
             s.push_str(&format!("- {k}: {v}\n"));
         }
@@ -921,6 +958,28 @@ fn cmd_line(prog: &str, args: &[&str]) -> String {
         .unwrap_or_else(|_| "?".into())
 }
 
+/// The commit the binaries were built from, `+dirty` when tracked files had changes.
+fn git_rev() -> String {
+    let Ok(repo) = repo_root() else {
+        return "?".into();
+    };
+    let r = repo.display().to_string();
+    let rev = cmd_line("git", &["-C", &r, "rev-parse", "--short", "HEAD"]);
+    let dirty = std::process::Command::new("git")
+        .args(["-C", &r, "status", "--porcelain", "--untracked-files=no"])
+        .output()
+        .map(|o| !o.stdout.is_empty())
+        .unwrap_or(false);
+    format!(
+        "{rev}{}",
+        if dirty {
+            " +dirty (uncommitted changes in the working tree)"
+        } else {
+            ""
+        }
+    )
+}
+
 fn machine_info() -> Vec<(&'static str, String)> {
     let cpuinfo = fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let cpu = cpuinfo
@@ -954,5 +1013,33 @@ fn machine_info() -> Vec<(&'static str, String)> {
         ("rsync", cmd_line("rsync", &["--version"])),
         ("ssh", cmd_line("ssh", &["-V"])),
         ("date", chrono::Utc::now().format("%Y-%m-%d").to_string()),
+        ("migrate built from", git_rev()),
     ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hosts_and_profiles() {
+        assert_eq!(host_addr("a").unwrap(), "10.77.0.11");
+        assert_eq!(host_addr("e").unwrap(), "10.77.0.15");
+        assert!(host_addr("f").is_err());
+        assert_eq!(netem_args("lan").unwrap(), None);
+        assert!(
+            netem_args("wan")
+                .unwrap()
+                .unwrap()
+                .contains("delay 25ms rate 45mbit")
+        );
+        assert!(
+            netem_args("cloud")
+                .unwrap()
+                .unwrap()
+                .contains("delay 1ms rate 1750mbit")
+        );
+        assert!(netem_args("mars").is_err());
+        assert!(tbf_args("wan").unwrap().contains("rate 45mbit"));
+    }
 }

@@ -86,8 +86,22 @@ struct RawState {
     pid: i64,
 }
 
+#[derive(Debug, Default, Deserialize)]
+struct RawHostConfig {
+    #[serde(rename = "NetworkMode", default)]
+    network_mode: String,
+    #[serde(rename = "PidMode", default)]
+    pid_mode: String,
+    #[serde(rename = "IpcMode", default)]
+    ipc_mode: String,
+    #[serde(rename = "UTSMode", default)]
+    uts_mode: String,
+}
+
 #[derive(Debug, Deserialize)]
 struct RawInspect {
+    #[serde(rename = "HostConfig", default)]
+    host_config: RawHostConfig,
     #[serde(rename = "Id")]
     id: String,
     #[serde(rename = "Name")]
@@ -113,6 +127,9 @@ pub struct ContainerInfo {
     pub running: bool,
     pub pid: i64,
     pub mounts: Vec<Mount>,
+    /// Containers (name or ID) whose namespaces this one joins (`--network container:X`):
+    /// they must be restored first.
+    pub joins: Vec<String>,
 }
 
 /// Parses `podman container inspect` JSON.
@@ -130,6 +147,17 @@ pub fn parse_inspect(json: &str) -> Result<Vec<ContainerInfo>, PodmanError> {
             running: r.state.running,
             pid: r.state.pid,
             mounts: r.mounts,
+            joins: {
+                let h = &r.host_config;
+                let mut j: Vec<String> = [&h.network_mode, &h.pid_mode, &h.ipc_mode, &h.uts_mode]
+                    .iter()
+                    .filter_map(|m| m.strip_prefix("container:"))
+                    .map(str::to_string)
+                    .collect();
+                j.sort();
+                j.dedup();
+                j
+            },
         })
         .collect())
 }
@@ -219,6 +247,39 @@ pub fn restore_in_place_args(name: &str, opts: CriuOptions) -> Vec<String> {
     a
 }
 
+/// What `--print-stats` says, in seconds: podman's whole operation and, inside it, the
+/// time CRIU kept the processes frozen (checkpoint) or spent restoring them (restore).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Stats {
+    pub podman_s: Option<f64>,
+    pub criu_s: Option<f64>,
+}
+
+impl Stats {
+    /// Parses podman 4's `--print-stats` JSON (durations in µs); missing parts stay
+    /// `None`.
+    pub fn parse(stdout: &str) -> Stats {
+        let Some(v) = stdout
+            .find('{')
+            .and_then(|i| serde_json::from_str::<serde_json::Value>(&stdout[i..]).ok())
+        else {
+            return Stats::default();
+        };
+        let us = |x: &serde_json::Value| x.as_f64().map(|u| u / 1e6);
+        let podman_s =
+            us(&v["podman_checkpoint_duration"]).or_else(|| us(&v["podman_restore_duration"]));
+        let criu_s = v["container_statistics"].as_array().and_then(|cs| {
+            cs.iter()
+                .filter_map(|c| {
+                    let s = &c["criu_statistics"];
+                    us(&s["frozen_time"]).or_else(|| us(&s["restore_time"]))
+                })
+                .reduce(f64::max)
+        });
+        Stats { podman_s, criu_s }
+    }
+}
+
 /// The local podman.
 #[derive(Debug, Clone, Default)]
 pub struct Podman;
@@ -258,24 +319,28 @@ impl Podman {
         }
     }
 
+    /// Checkpoints and exports; returns podman's own timing (`--print-stats`).
     pub async fn checkpoint(
         &self,
         name: &str,
         archive: &Path,
         opts: CriuOptions,
         compress: Compression,
-    ) -> Result<(), PodmanError> {
-        self.run(checkpoint_args(name, archive, opts, compress))
-            .await
-            .map(drop)
+    ) -> Result<Stats, PodmanError> {
+        let out = self
+            .run(checkpoint_args(name, archive, opts, compress))
+            .await?;
+        Ok(Stats::parse(&out))
     }
 
+    /// Restores from an exported archive; returns podman's own timing (`--print-stats`).
     pub async fn restore_import(
         &self,
         archive: &Path,
         opts: CriuOptions,
-    ) -> Result<(), PodmanError> {
-        self.run(restore_import_args(archive, opts)).await.map(drop)
+    ) -> Result<Stats, PodmanError> {
+        let out = self.run(restore_import_args(archive, opts)).await?;
+        Ok(Stats::parse(&out))
     }
 
     pub async fn restore_in_place(&self, name: &str, opts: CriuOptions) -> Result<(), PodmanError> {
@@ -353,12 +418,13 @@ mod tests {
         let json = r#"[{"Id":"abc","Name":"db","Image":"img1","ImageName":"localhost/m:latest",
             "State":{"Status":"running","Running":true,"Pid":123,"Other":1},
             "Mounts":[{"Type":"bind","Source":"/srv/app/mysql","Destination":"/var/lib/mysql","Options":["rbind"]}],
-            "Config":{}}]"#;
+            "Config":{},"HostConfig":{"NetworkMode":"container:abc123","IpcMode":"private"}}]"#;
         let c = &parse_inspect(json).unwrap()[0];
         assert_eq!(c.name, "db");
         assert_eq!(c.image_id, "img1");
         assert!(c.running);
         assert_eq!(c.mounts[0].source, "/srv/app/mysql");
+        assert_eq!(c.joins, vec!["abc123"]);
     }
 
     #[test]
@@ -374,6 +440,20 @@ mod tests {
         );
         let r = restore_import_args(Path::new("/w/db.tar"), opts);
         assert!(r.contains(&"--file-locks".to_string()));
+    }
+
+    #[test]
+    fn reads_print_stats() {
+        // Shapes printed by podman 4.3 (trimmed).
+        let cp = r#"{"podman_checkpoint_duration":480123,"container_statistics":[{"Id":"x","runtime_checkpoint_duration":300000,"criu_statistics":{"freezing_time":1000,"frozen_time":140000,"memdump_time":9000,"memwrite_time":4000,"pages_scanned":20000,"pages_written":2000}}]}"#;
+        let s = Stats::parse(cp);
+        assert_eq!(s.podman_s, Some(0.480123));
+        assert_eq!(s.criu_s, Some(0.14));
+        let rs = r#"{"podman_restore_duration":710000,"container_statistics":[{"Id":"x","runtime_restore_duration":400000,"criu_statistics":{"forking_time":2000,"restore_time":120000,"pages_restored":2000}}]}"#;
+        let s = Stats::parse(rs);
+        assert_eq!(s.podman_s, Some(0.71));
+        assert_eq!(s.criu_s, Some(0.12));
+        assert_eq!(Stats::parse("not json"), Stats::default());
     }
 
     #[test]

@@ -253,83 +253,57 @@ impl Ssh {
         remote_path: &str,
         timeout: Duration,
     ) -> Result<(u64, String), SshError> {
-        let part = format!("{remote_path}.part");
-        let script = format!(
-            "umask 077 && cat > {p} && mv -f {p} {f}",
-            p = shell_quote(&part),
-            f = shell_quote(remote_path)
-        );
-        self.stream_into(reader, &script, timeout).await
+        self.open_upload(remote_path)
+            .await?
+            .feed(reader, timeout)
+            .await
     }
 
     /// Streams `reader` into the stdin of a remote shell `script`. Returns the bytes sent
     /// and their SHA-256.
     pub async fn stream_into<R: AsyncRead + Unpin>(
         &self,
-        mut reader: R,
+        reader: R,
         script: &str,
         timeout: Duration,
     ) -> Result<(u64, String), SshError> {
+        self.open_stream(script).await?.feed(reader, timeout).await
+    }
+
+    /// Starts a remote shell `script` whose stdin is fed later: the command is up (and
+    /// its startup paid) before the data exists.
+    pub async fn open_stream(&self, script: &str) -> Result<RemoteStream<'_>, SshError> {
         let cmd = format!("sh -c {}", shell_quote(script));
-        let work = async {
-            let mut child = self
-                .session
-                .command("sh")
-                .arg("-c")
-                .arg(script)
-                .stdin(Stdio::piped())
-                .stdout(Stdio::null())
-                .stderr(Stdio::piped())
-                .spawn()
-                .await
-                .map_err(|e| self.transport(e))?;
-            let mut stdin = child.stdin().take().expect("stdin is piped");
-            let mut hasher = Sha256::new();
-            let mut total = 0u64;
-            let mut buf = vec![0u8; 1 << 20];
-            let copy: std::io::Result<()> = async {
-                loop {
-                    let n = reader.read(&mut buf).await?;
-                    if n == 0 {
-                        break;
-                    }
-                    hasher.update(&buf[..n]);
-                    stdin.write_all(&buf[..n]).await?;
-                    total += n as u64;
-                }
-                stdin.shutdown().await?;
-                Ok(())
-            }
-            .await;
-            drop(stdin);
-            let out = child
-                .wait_with_output()
-                .await
-                .map_err(|e| self.transport(e))?;
-            if let Err(e) = copy {
-                return Err(SshError::Transport {
-                    dest: self.label.clone(),
-                    detail: format!("streaming into `{cmd}`: {e}"),
-                });
-            }
-            if !out.status.success() {
-                return Err(SshError::Remote {
-                    dest: self.label.clone(),
-                    cmd: cmd.clone(),
-                    status: out.status.into(),
-                    stderr: tail_lines(&String::from_utf8_lossy(&out.stderr), 12),
-                });
-            }
-            Ok((total, hex::encode(hasher.finalize())))
-        };
-        match tokio::time::timeout(timeout, work).await {
-            Ok(r) => r,
-            Err(_) => Err(SshError::Timeout {
-                dest: self.label.clone(),
-                cmd,
-                after: timeout,
-            }),
-        }
+        let mut child = self
+            .session
+            .command("sh")
+            .arg("-c")
+            .arg(script)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .await
+            .map_err(|e| self.transport(e))?;
+        let stdin = child.stdin().take().expect("stdin is piped");
+        Ok(RemoteStream {
+            ssh: self,
+            child,
+            stdin,
+            cmd,
+        })
+    }
+
+    /// [`Ssh::open_stream`] for a file upload: written to a temporary name, renamed when
+    /// complete.
+    pub async fn open_upload(&self, remote_path: &str) -> Result<RemoteStream<'_>, SshError> {
+        let part = format!("{remote_path}.part");
+        self.open_stream(&format!(
+            "umask 077 && cat > {p} && mv -f {p} {f}",
+            p = shell_quote(&part),
+            f = shell_quote(remote_path)
+        ))
+        .await
     }
 
     /// Pipes a local program's stdout into a remote program's stdin (e.g. podman save |
@@ -426,6 +400,78 @@ fn identity_only_config() -> std::io::Result<tempfile::NamedTempFile> {
     f.write_all(b"IdentitiesOnly yes\nInclude ~/.ssh/config\nInclude /etc/ssh/ssh_config\n")?;
     f.flush()?;
     Ok(f)
+}
+
+/// A remote command waiting for its stdin.
+pub struct RemoteStream<'a> {
+    ssh: &'a Ssh,
+    child: openssh::Child<&'a Session>,
+    stdin: openssh::ChildStdin,
+    cmd: String,
+}
+
+impl RemoteStream<'_> {
+    /// Copies `reader` into the command, closes its stdin and waits for it. Returns the
+    /// bytes sent and their SHA-256.
+    pub async fn feed<R: AsyncRead + Unpin>(
+        self,
+        mut reader: R,
+        timeout: Duration,
+    ) -> Result<(u64, String), SshError> {
+        let RemoteStream {
+            ssh,
+            child,
+            mut stdin,
+            cmd,
+        } = self;
+        let work = async {
+            let mut hasher = Sha256::new();
+            let mut total = 0u64;
+            let mut buf = vec![0u8; 1 << 20];
+            let copy: std::io::Result<()> = async {
+                loop {
+                    let n = reader.read(&mut buf).await?;
+                    if n == 0 {
+                        break;
+                    }
+                    hasher.update(&buf[..n]);
+                    stdin.write_all(&buf[..n]).await?;
+                    total += n as u64;
+                }
+                stdin.shutdown().await?;
+                Ok(())
+            }
+            .await;
+            drop(stdin);
+            let out = child
+                .wait_with_output()
+                .await
+                .map_err(|e| ssh.transport(e))?;
+            if let Err(e) = copy {
+                return Err(SshError::Transport {
+                    dest: ssh.label.clone(),
+                    detail: format!("streaming into `{cmd}`: {e}"),
+                });
+            }
+            if !out.status.success() {
+                return Err(SshError::Remote {
+                    dest: ssh.label.clone(),
+                    cmd: cmd.clone(),
+                    status: out.status.into(),
+                    stderr: tail_lines(&String::from_utf8_lossy(&out.stderr), 12),
+                });
+            }
+            Ok((total, hex::encode(hasher.finalize())))
+        };
+        match tokio::time::timeout(timeout, work).await {
+            Ok(r) => r,
+            Err(_) => Err(SshError::Timeout {
+                dest: ssh.label.clone(),
+                cmd,
+                after: timeout,
+            }),
+        }
+    }
 }
 
 /// The whole chain of an openssh error in one line.
