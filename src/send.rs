@@ -11,7 +11,7 @@ use anyhow::{Context, anyhow};
 
 use crate::Signals;
 use crate::cli::CompressChoice;
-use crate::engine::podman::{self, Compression, ContainerInfo, CriuOptions, Podman};
+use crate::engine::podman::{self, Compression, ContainerInfo, CriuOptions, Podman, PodmanError};
 use crate::exec::shell_quote;
 use crate::hooks::{self, When};
 use crate::plan::SendPlan;
@@ -69,7 +69,7 @@ const CLOCK_ROUNDS: usize = 8;
 /// Bytes sent to measure the link rate when `--compress auto` must choose.
 const PROBE_BYTES: usize = 8 << 20;
 /// Above this rate, compressing costs more time than it saves.
-const FAST_LINK_BYTES_PER_S: f64 = 250e6;
+const FAST_LINK_BYTES_PER_S: f64 = 1e9;
 
 /// One container as it will be moved.
 #[derive(Debug, Clone)]
@@ -228,22 +228,48 @@ async fn migrate(
         let podman = podman.clone();
         async move {
             let sw = Stopwatch::start();
-            let r = podman
-                .checkpoint(
-                    &it.info.name,
-                    &it.local_archive,
-                    it.opts,
-                    compression_of(&it.archive_name),
-                )
-                .await;
-            (r, sw.secs())
+            let mut attempt = 1;
+            loop {
+                let r = podman
+                    .checkpoint(
+                        &it.info.name,
+                        &it.local_archive,
+                        it.opts,
+                        compression_of(&it.archive_name),
+                    )
+                    .await;
+                // A client caught half-way through connecting makes CRIU refuse the dump;
+                // the container keeps running, and a moment later the handshake is over.
+                let retry = match &r {
+                    Err(e)
+                        if attempt < CHECKPOINT_ATTEMPTS
+                            && tcp_trouble(e) == Some(TcpTrouble::InFlight) =>
+                    {
+                        podman
+                            .inspect(std::slice::from_ref(&it.info.name))
+                            .await
+                            .is_ok_and(|v| v.first().is_some_and(|c| c.running))
+                    }
+                    _ => false,
+                };
+                if !retry {
+                    break (r, sw.secs(), attempt);
+                }
+                attempt += 1;
+            }
         }
     }))
     .await;
     rec.checkpoint_s = Some(checkpoint.secs());
     let mut checkpointed = Vec::new();
     let mut first_error = None;
-    for (it, (r, secs)) in items.iter().zip(results) {
+    for (it, (r, secs, attempts)) in items.iter().zip(results) {
+        if attempts > 1 {
+            ui.warn(&format!(
+                "{}: a client was connecting at the freeze; checkpoint attempt {attempts}",
+                it.info.name
+            ));
+        }
         match r {
             Ok(stats) => {
                 ui.info(&format!(
@@ -256,7 +282,16 @@ async fn migrate(
                 checkpointed.push(it.clone());
             }
             Err(e) => {
-                let e = anyhow!(e).context(format!("checkpoint of {} failed", it.info.name));
+                let hint = match tcp_trouble(&e) {
+                    Some(TcpTrouble::Established) => {
+                        "; it had established TCP connections: pass --tcp-established to carry them"
+                    }
+                    Some(TcpTrouble::InFlight) => {
+                        "; clients kept connecting during the freeze: drain them first (e.g. a pre-freeze hook that takes the host out of the balancer) or set tcp-skip-in-flight in /etc/criu/runc.conf"
+                    }
+                    None => "",
+                };
+                let e = anyhow!(e).context(format!("checkpoint of {} failed{hint}", it.info.name));
                 first_error.get_or_insert(e);
             }
         }
@@ -393,6 +428,22 @@ async fn migrate(
         rec.downtime_s().unwrap_or_default()
     ));
 
+    // Traffic first: the switch hooks run the moment the target confirmed UP.
+    if plan.hooks.iter().any(|h| h.when == When::PostUp) {
+        ui.phase("post-up hooks");
+        if let Err(e) = hooks::run_all(
+            &plan.hooks,
+            When::PostUp,
+            &hook_env,
+            Some(&ssh),
+            plan.hook_timeout,
+        )
+        .await
+        {
+            ui.warn(&format!("{e}; the migration itself succeeded"));
+            rec.error = e.to_string();
+        }
+    }
     // Commit: the target runs the service; retire it here.
     for it in &items {
         if let Err(e) = podman.remove(&it.info.name).await {
@@ -410,21 +461,33 @@ async fn migrate(
             REMOTE_TIMEOUT,
         )
         .await;
-    if let Err(e) = hooks::run_all(
-        &plan.hooks,
-        When::PostUp,
-        &hook_env,
-        Some(&ssh),
-        plan.hook_timeout,
-    )
-    .await
-    {
-        ui.warn(&format!("{e}; the migration itself succeeded"));
-        rec.error = e.to_string();
-    }
     ssh.close().await;
     ui.finish();
     Ok(())
+}
+
+/// Checkpoint attempts when CRIU meets a half-open TCP connection.
+const CHECKPOINT_ATTEMPTS: u32 = 3;
+
+/// TCP states CRIU refuses to dump without an option.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TcpTrouble {
+    /// An established connection and no --tcp-established.
+    Established,
+    /// A connection still in its handshake (CRIU's --tcp-skip-in-flight, which podman 4.3
+    /// does not offer).
+    InFlight,
+}
+
+fn tcp_trouble(e: &PodmanError) -> Option<TcpTrouble> {
+    let text = format!("{e}");
+    if text.contains("In-flight") || text.contains("skip-in-flight") {
+        Some(TcpTrouble::InFlight)
+    } else if text.contains("tcp-established") || text.contains("Connected TCP socket") {
+        Some(TcpTrouble::Established)
+    } else {
+        None
+    }
 }
 
 /// The larger of two optional values.

@@ -37,6 +37,8 @@ const PROBE_ROUND_S: f64 = 0.02 + 0.2;
 /// ends by up_ts + fail_timeout + 1 s + one probe round (the first probe after that)
 /// + 0.3 s for scheduling. Measured: 3.1-3.5 s after up_ts with fail_timeout=3s.
 const PASSIVE_ALLOWANCE_S: f64 = FAIL_TIMEOUT_S + 1.0 + PROBE_ROUND_S + 0.3;
+// The switch hook must promise a clearly shorter window than passive failover.
+const _: () = assert!(HOOK_ALLOWANCE_S + 1.0 < PASSIVE_ALLOWANCE_S);
 
 /// Switch allowance with a post-up hook running `scripts/lab lb switch b`: `send` runs
 /// post-up hooks after it removed the source container (≈0.2-0.5 s); the hook runs on a,
@@ -549,7 +551,6 @@ fn balancer_round_trip_passive_then_hook() {
         hooked.sent,
         hooked.recovered_after_up_s
     );
-    assert!(HOOK_ALLOWANCE_S + 1.0 < PASSIVE_ALLOWANCE_S);
     assert!(
         hooked.recovered_after_up_s <= HOOK_ALLOWANCE_S,
         "the switch hook took {:.3}s after up_ts",

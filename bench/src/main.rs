@@ -5,7 +5,6 @@
 mod lab;
 mod parse;
 mod plot;
-mod probe;
 mod report;
 mod runner;
 mod stats;
@@ -13,26 +12,16 @@ mod stats;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
-use clap::{Parser, Subcommand};
+use clap::Parser;
 
 #[derive(Parser, Debug)]
 #[command(
     name = "bench",
-    about = "Benchmark migrate against the thesis method on the lab hosts",
-    args_conflicts_with_subcommands = true
+    about = "Benchmark migrate against the thesis method on the lab hosts"
 )]
 struct Cli {
-    #[command(subcommand)]
-    cmd: Option<Cmd>,
     #[command(flatten)]
     opts: Opts,
-}
-
-#[derive(Subcommand, Debug)]
-enum Cmd {
-    /// Fallback client probe (same contract as `migrate probe`); runs inside a lab host.
-    #[command(hide = true)]
-    Probe(probe::ProbeArgs),
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -135,7 +124,6 @@ impl Opts {
         if runs == 0 || rows.is_empty() || methods.is_empty() || profiles.is_empty() {
             bail!("nothing to run");
         }
-        probe::parse_duration(&self.probe_interval)?;
         Ok(Plan {
             quick: self.quick,
             out,
@@ -153,10 +141,7 @@ impl Opts {
 
 fn main() {
     let cli = Cli::parse();
-    let res = match cli.cmd {
-        Some(Cmd::Probe(a)) => probe::run(a),
-        None => cli.opts.plan().and_then(runner::run),
-    };
+    let res = cli.opts.plan().and_then(runner::run);
     if let Err(e) = res {
         eprintln!("bench: error: {e:#}");
         std::process::exit(if lab::was_interrupted() { 130 } else { 1 });

@@ -159,26 +159,8 @@ pub fn run(plan: Plan) -> Result<()> {
             migrate.display()
         );
     }
-    let bench_exe = std::env::current_exe()?;
-    // Prefer `migrate probe`; fall back to this binary's probe with the same contract.
-    let has_probe = std::process::Command::new(&migrate)
-        .args(["probe", "--help"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    let (probe_cmd, probe_tool) = if has_probe {
-        (
-            vec![migrate.display().to_string(), "probe".into()],
-            "migrate-probe",
-        )
-    } else {
-        (
-            vec![bench_exe.display().to_string(), "probe".into()],
-            "bench-probe-fallback",
-        )
-    };
+    let probe_cmd = vec![migrate.display().to_string(), "probe".into()];
+    let probe_tool = "migrate-probe";
     fs::create_dir_all(&plan.out).with_context(|| format!("creating {}", plan.out.display()))?;
     let logs = plan.out.join("logs");
     fs::create_dir_all(&logs)?;
