@@ -120,7 +120,7 @@ pub async fn stack_local() -> Facts {
 /// `migrate check`: every finding on both hosts, one per line; exit 0 when a migration
 /// would start, 2 when not.
 pub async fn run(args: crate::cli::CheckArgs) -> u8 {
-    use crate::preflight::{self, Level, Spawn, Want};
+    use crate::preflight::{self, Level, Want};
     use std::io::IsTerminal;
 
     let plan = match crate::plan::TargetPlan::resolve(&args.target, &args.containers) {
@@ -132,20 +132,7 @@ pub async fn run(args: crate::cli::CheckArgs) -> u8 {
     };
     let ui = crate::progress::Ui::new("check");
     let run_id = format!("check-{}", crate::secret::random_hex(4));
-    let want = Want {
-        dest: &plan.dest,
-        control_port: plan.control_port,
-        containers: &plan.containers,
-        data: &plan.data,
-        ship_images: plan.ship_images,
-        run_id: &run_id,
-        label: "",
-        create_run_dir: false,
-        spawn: plan.spawn_receiver.then_some(Spawn {
-            install: plan.install_receiver,
-            start: false,
-        }),
-    };
+    let want = Want::new(&plan, &run_id, "", false);
     let mut report = preflight::run(&want, &ui).await;
     if let Some(ssh) = report.ssh.take() {
         match clock_over_ssh(&ssh).await {

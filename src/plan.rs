@@ -25,11 +25,9 @@ fn bad<T>(msg: impl Into<String>) -> Result<T, PlanError> {
 #[derive(Debug, Clone)]
 pub struct SendPlan {
     pub run_id: String,
-    pub dest: Destination,
-    pub control_port: u16,
+    /// Where to, what to move, what must hold there.
+    pub target: TargetPlan,
     pub workdir: PathBuf,
-    pub data: Vec<PathBuf>,
-    pub containers: Vec<String>,
     pub tcp_established: bool,
     pub compress: CompressChoice,
     pub format: Format,
@@ -37,9 +35,6 @@ pub struct SendPlan {
     pub label: String,
     pub hooks: Vec<Hook>,
     pub hook_timeout: Duration,
-    pub ship_images: bool,
-    pub spawn_receiver: bool,
-    pub install_receiver: bool,
     pub dry_run: bool,
     pub sequential_restore: bool,
 }
@@ -201,11 +196,8 @@ impl SendPlan {
         }
         Ok(SendPlan {
             run_id: new_run_id(),
-            dest: t.dest,
-            control_port: t.control_port,
+            target: t,
             workdir: a.workdir.clone(),
-            data: t.data,
-            containers: t.containers,
             tcp_established: a.tcp_established,
             compress: a.compress,
             format: a.format,
@@ -213,9 +205,6 @@ impl SendPlan {
             label: a.label.clone(),
             hooks,
             hook_timeout: Duration::from_secs(a.hook_timeout),
-            ship_images: t.ship_images,
-            spawn_receiver: t.spawn_receiver,
-            install_receiver: t.install_receiver,
             dry_run: a.dry_run,
             sequential_restore: a.sequential_restore,
         })

@@ -79,6 +79,32 @@ pub struct Want<'a> {
     pub spawn: Option<Spawn>,
 }
 
+impl<'a> Want<'a> {
+    /// The checks for `target`. `act`: this is a real `send` (create the run folder, really
+    /// spawn a receiver) rather than `check` or `--dry-run`.
+    pub fn new(
+        target: &'a crate::plan::TargetPlan,
+        run_id: &'a str,
+        label: &'a str,
+        act: bool,
+    ) -> Want<'a> {
+        Want {
+            dest: &target.dest,
+            control_port: target.control_port,
+            containers: &target.containers,
+            data: &target.data,
+            ship_images: target.ship_images,
+            run_id,
+            label,
+            create_run_dir: act,
+            spawn: target.spawn_receiver.then_some(Spawn {
+                install: target.install_receiver,
+                start: act,
+            }),
+        }
+    }
+}
+
 /// `--spawn-receiver` / `--install-receiver`.
 #[derive(Debug, Clone, Copy)]
 pub struct Spawn {

@@ -103,8 +103,8 @@ pub async fn run(
         run_id: plan.run_id.clone(),
         label: plan.label.clone(),
         source: crate::hostname(),
-        target: plan.dest.host.clone(),
-        containers: plan.containers.clone(),
+        target: plan.target.dest.host.clone(),
+        containers: plan.target.containers.clone(),
         role: "sender",
         ..Default::default()
     };
@@ -148,7 +148,7 @@ async fn migrate(
     rec.start_us = Some(now_us());
     let presync = Stopwatch::start();
     let mut sync_bytes = 0u64;
-    for dir in &plan.data {
+    for dir in &plan.target.data {
         ui.phase(&format!("pre-sync {}", dir.display()));
         let r = tokio::select! {
             r = rsync::sync(dir, &ssh, compress_sync) => r,
@@ -330,7 +330,7 @@ async fn migrate(
         // the archives travel.
         let postsync = async {
             let mut bytes = 0;
-            for dir in &plan.data {
+            for dir in &plan.target.data {
                 bytes += rsync::sync(dir, &ssh, compress_sync)
                     .await
                     .with_context(|| format!("post-sync of {}", dir.display()))?
@@ -367,7 +367,12 @@ async fn migrate(
     let manifest = Manifest {
         run_id: plan.run_id.clone(),
         containers: entries,
-        data: plan.data.iter().map(|d| d.display().to_string()).collect(),
+        data: plan
+            .target
+            .data
+            .iter()
+            .map(|d| d.display().to_string())
+            .collect(),
         down_us: down,
         clock_offset_us: offset_us,
     };
@@ -397,14 +402,14 @@ async fn migrate(
             ui.warn(&format!(
                 "control connection lost after OK ({e:#}); asking the target over SSH"
             ));
-            match settle_over_ssh(&ssh, &remote_dir, &plan.containers, ui).await {
+            match settle_over_ssh(&ssh, &remote_dir, &plan.target.containers, ui).await {
                 Ok(o) => o,
                 Err(e) => return Err(stranded(e, &local_dir)),
             }
         }
         Err(_) => {
             ui.warn("no answer from the target in time; asking it over SSH");
-            match settle_over_ssh(&ssh, &remote_dir, &plan.containers, ui).await {
+            match settle_over_ssh(&ssh, &remote_dir, &plan.target.containers, ui).await {
                 Ok(o) => o,
                 Err(e) => return Err(stranded(e, &local_dir)),
             }
@@ -424,7 +429,7 @@ async fn migrate(
     rec.target_total_s = Some(crate::timing::secs_between(outcome.ready_us, up_target));
     ui.info(&format!(
         "UP on {}: downtime {:.3}s",
-        plan.dest.host,
+        plan.target.dest.host,
         rec.downtime_s().unwrap_or_default()
     ));
 
@@ -535,20 +540,7 @@ async fn preflight(
     ui: &Arc<Ui>,
     rec: &mut Record,
 ) -> Result<Prepared, SendFailure> {
-    let want = Want {
-        dest: &plan.dest,
-        control_port: plan.control_port,
-        containers: &plan.containers,
-        data: &plan.data,
-        ship_images: plan.ship_images,
-        run_id: &plan.run_id,
-        label: &plan.label,
-        create_run_dir: true,
-        spawn: plan.spawn_receiver.then_some(preflight::Spawn {
-            install: plan.install_receiver,
-            start: true,
-        }),
-    };
+    let want = Want::new(&plan.target, &plan.run_id, &plan.label, true);
     let report = preflight::run(&want, ui).await;
     if let Some(f) = report.first_failure() {
         let e = anyhow!(f.one_line());
@@ -679,20 +671,7 @@ async fn preflight(
 /// downtime estimate on stdout, and touches nothing. Exit 0 when the migration would
 /// start, 2 when it would be refused.
 pub async fn dry_run(plan: &SendPlan, ui: &Arc<Ui>) -> u8 {
-    let want = Want {
-        dest: &plan.dest,
-        control_port: plan.control_port,
-        containers: &plan.containers,
-        data: &plan.data,
-        ship_images: plan.ship_images,
-        run_id: &plan.run_id,
-        label: &plan.label,
-        create_run_dir: false,
-        spawn: plan.spawn_receiver.then_some(preflight::Spawn {
-            install: plan.install_receiver,
-            start: false,
-        }),
-    };
+    let want = Want::new(&plan.target, &plan.run_id, &plan.label, false);
     let mut report = preflight::run(&want, ui).await;
     ui.finish();
     if let Some(f) = report.first_failure() {
@@ -713,9 +692,9 @@ pub async fn dry_run(plan: &SendPlan, ui: &Arc<Ui>) -> u8 {
     };
     let mut lines = vec![format!(
         "plan: move {} from {} to {} (run id would be {})",
-        plan.containers.join(", "),
+        plan.target.containers.join(", "),
         crate::hostname(),
-        plan.dest.ssh_target(),
+        plan.target.dest.ssh_target(),
         plan.run_id
     )];
     lines.push(format!(
@@ -728,7 +707,7 @@ pub async fn dry_run(plan: &SendPlan, ui: &Arc<Ui>) -> u8 {
         ));
     }
     let mut presync_bytes = 0;
-    for d in &plan.data {
+    for d in &plan.target.data {
         match rsync::preview(d, &ssh).await {
             Ok(s) => {
                 presync_bytes += s.transferred_file_size;
@@ -745,7 +724,7 @@ pub async fn dry_run(plan: &SendPlan, ui: &Arc<Ui>) -> u8 {
             )),
         }
     }
-    if plan.data.is_empty() {
+    if plan.target.data.is_empty() {
         lines.push("  2. no --data folders: nothing to pre-sync".into());
     }
     let rss: Vec<(String, u64, bool)> = report
@@ -783,7 +762,7 @@ pub async fn dry_run(plan: &SendPlan, ui: &Arc<Ui>) -> u8 {
     ));
     lines.push(format!(
         "  5. \"OK\" to the receiver; it verifies the archives and restores {} in this order",
-        plan.containers.join(", ")
+        plan.target.containers.join(", ")
     ));
     lines.push(
         "  6. once the target confirms UP: remove the containers here (data folders stay)".into(),
@@ -921,8 +900,11 @@ fn hook_env(plan: &SendPlan, rec: &Record) -> Vec<(String, String)> {
     vec![
         ("MIGRATE_RUN_ID".into(), plan.run_id.clone()),
         ("MIGRATE_SOURCE".into(), rec.source.clone()),
-        ("MIGRATE_TARGET".into(), plan.dest.host.clone()),
-        ("MIGRATE_CONTAINERS".into(), plan.containers.join(" ")),
+        ("MIGRATE_TARGET".into(), plan.target.dest.host.clone()),
+        (
+            "MIGRATE_CONTAINERS".into(),
+            plan.target.containers.join(" "),
+        ),
     ]
 }
 

@@ -113,13 +113,22 @@ fn a_file_written_after_the_presync_arrives() {
             "/srv/app",
             "--hook",
             "pre-freeze=echo written-late > /srv/app/www/late.txt",
+            "--target-hook",
+            "post-up=echo \"$MIGRATE_PHASE $MIGRATE_RUN_ID $MIGRATE_CONTAINERS\" > /srv/post-up.txt",
             "db",
             "web",
         ],
     )
     .ok();
-    assert_eq!(out.record()["outcome"], "ok");
+    let rec = out.record();
+    assert_eq!(rec["outcome"], "ok");
     rx.wait(T);
+    // The target hook ran on the target, with the migration's facts.
+    let hook = on("b", &["cat", "/srv/post-up.txt"]).ok();
+    assert_eq!(
+        hook.stdout.trim(),
+        format!("post-up {} db web", rec["run_id"])
+    );
     let late = on("b", &["cat", "/srv/app/www/late.txt"]).ok();
     assert_eq!(late.stdout.trim(), "written-late");
     let page = lab(&["workload", "http", "b", "/late.txt"]).ok();
