@@ -135,6 +135,9 @@ async fn run_local(h: &Hook, env: &[(String, String)], timeout: Duration) -> Res
         .stdin(Stdio::null())
         .stdout(Stdio::inherit_stderr())
         .stderr(Stdio::piped())
+        // Its own process group, so a timeout or a cancelled migration stops everything
+        // the hook started, not only its shell.
+        .process_group(0)
         .kill_on_drop(true)
         .spawn()
         .map_err(|e| HookError::Spawn {
@@ -142,6 +145,7 @@ async fn run_local(h: &Hook, env: &[(String, String)], timeout: Duration) -> Res
             command: h.command.clone(),
             detail: e.to_string(),
         })?;
+    let _group = child.id().map(GroupKiller);
     match tokio::time::timeout(timeout, child.wait_with_output()).await {
         Err(_) => Err(HookError::Timeout {
             when,
@@ -160,6 +164,20 @@ async fn run_local(h: &Hook, env: &[(String, String)], timeout: Duration) -> Res
             status: out.status.into(),
             stderr: tail_lines(&String::from_utf8_lossy(&out.stderr), 5),
         }),
+    }
+}
+
+/// Kills a hook's whole process group when the hook is over, however it ended (a no-op
+/// when everything in it already exited).
+struct GroupKiller(u32);
+
+impl Drop for GroupKiller {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("kill")
+            .args(["-KILL", "--", &format!("-{}", self.0)])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
     }
 }
 
@@ -280,5 +298,33 @@ mod tests {
             .await
             .unwrap_err();
         assert!(matches!(e, HookError::Timeout { .. }), "{e}");
+
+        // Everything the hook started goes with it.
+        let pidfile = dir.path().join("child.pid");
+        let spawner = vec![Hook {
+            when: When::Rollback,
+            place: Place::Source,
+            command: format!("sleep 30 & echo $! > {}; wait", pidfile.display()),
+        }];
+        run_all(
+            &spawner,
+            When::Rollback,
+            &[],
+            None,
+            Duration::from_millis(300),
+        )
+        .await
+        .unwrap_err();
+        let pid: u32 = std::fs::read_to_string(&pidfile)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        assert!(
+            state.is_empty() || state.contains(") Z"),
+            "hook child {pid} still alive: {state}"
+        );
     }
 }
