@@ -8,6 +8,7 @@ pub const STACK_SCRIPT: &str = r#"export PATH="$PATH:/usr/local/sbin:/usr/sbin:/
 if command -v podman >/dev/null 2>&1; then
   echo "podman=$(podman version --format '{{.Client.Version}}' 2>/dev/null)"
   echo "runtime=$(podman info --format '{{.Host.OCIRuntime.Name}}' 2>/dev/null)"
+  if command -v crun >/dev/null 2>&1 && crun --version 2>/dev/null | grep -q '+CRIU'; then echo crun_criu=yes; else echo crun_criu=no; fi
 else
   echo podman=missing
 fi
@@ -29,6 +30,8 @@ pub struct Facts {
     pub runtime: Option<String>,
     pub criu: Option<String>,
     pub criu_check: Option<String>,
+    /// crun reports `+CRIU` (built with checkpoint support).
+    pub crun_criu: bool,
     /// Optional CRIU features (`criu check --feature X`): "yes" or "no".
     pub features: std::collections::BTreeMap<String, String>,
 }
@@ -46,6 +49,7 @@ impl Facts {
                 "runtime" => f.runtime = v,
                 "criu" => f.criu = v,
                 "criu_check" => f.criu_check = v,
+                "crun_criu" => f.crun_criu = v.as_deref() == Some("yes"),
                 _ => {
                     if let (Some(feature), Some(v)) = (k.strip_prefix("feature_"), v) {
                         f.features.insert(feature.to_string(), v);
@@ -84,7 +88,7 @@ impl Facts {
                 self.criu_check.as_deref().unwrap_or("no output")
             ));
         }
-        if self.runtime.as_deref() == Some("crun") {
+        if self.runtime.as_deref() == Some("crun") && !self.crun_criu {
             return Some(
                 "podman uses crun, which is built without CRIU here; set runtime = \"runc\" in /etc/containers/containers.conf".into(),
             );
@@ -245,6 +249,10 @@ mod tests {
             .problem()
             .unwrap();
         assert!(p.contains("runc"), "{p}");
+        // A crun built with CRIU is fine.
+        let f =
+            Facts::parse("podman=4.3.1\nruntime=crun\ncrun_criu=yes\ncriu=4.2\ncriu_check=ok\n");
+        assert_eq!(f.problem(), None);
     }
 
     #[test]

@@ -159,7 +159,16 @@ async fn migrate(
             }
         };
         match r {
-            Ok(s) => sync_bytes += s.bytes_sent,
+            Ok(s) => {
+                ui.info(&format!(
+                    "pre-sync {}: {} files, sent {} in {:.3}s",
+                    dir.display(),
+                    s.files_transferred,
+                    human_bytes(s.bytes_sent),
+                    presync.secs()
+                ));
+                sync_bytes += s.bytes_sent;
+            }
             Err(e) => {
                 abort(&mut control, "pre-sync failed", false).await;
                 ssh.close().await;
@@ -348,6 +357,13 @@ async fn migrate(
     };
     let entries = match shipped {
         Ok((entries, transfer_s, postsync_s, bytes)) => {
+            let archives: u64 = entries.iter().map(|e| e.size).sum();
+            ui.info(&format!(
+                "shipped {} of archives in {transfer_s:.3}s ({}/s); post-sync sent {} in {postsync_s:.3}s",
+                human_bytes(archives),
+                human_bytes((archives as f64 / transfer_s.max(1e-6)) as u64),
+                human_bytes(bytes)
+            ));
             rec.transfer_s = Some(transfer_s);
             rec.postsync_s = Some(postsync_s);
             sync_bytes += bytes;
@@ -492,6 +508,22 @@ fn tcp_trouble(e: &PodmanError) -> Option<TcpTrouble> {
         Some(TcpTrouble::Established)
     } else {
         None
+    }
+}
+
+/// 1536 → "1.5 KiB".
+fn human_bytes(n: u64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < units.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", units[u])
     }
 }
 
@@ -1278,6 +1310,13 @@ mod tests {
                 vec!["db".to_string(), "web".to_string()]
             ]
         );
+    }
+
+    #[test]
+    fn bytes_for_humans() {
+        assert_eq!(human_bytes(512), "512 B");
+        assert_eq!(human_bytes(1536), "1.5 KiB");
+        assert_eq!(human_bytes(80 << 20), "80.0 MiB");
     }
 
     #[test]
