@@ -11,16 +11,15 @@
 //! the thesis-pair tests (`db`, `web`, 12345) use.
 mod common;
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::Read;
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
 
 const T: Duration = Duration::from_secs(120);
 /// Receiver control port of these tests (the thesis-pair tests use the default 12345).
-const CONTROL_PORT: &str = "12350";
+const CONTROL_PORT: u16 = 12350;
 const LB: &str = "http://10.77.0.13";
 const SHOP_PORT: u16 = 8081;
 /// nginx's fail_timeout in these tests (`scripts/lab lb up --fail-timeout`).
@@ -65,95 +64,6 @@ fn kill_own_receivers() {
         .args(["-KILL", "-f", &pattern])
         .status();
     std::thread::sleep(Duration::from_millis(200));
-}
-
-/// A `migrate receive --listen ADDR:12350` on a lab host (common's `Receiver` always
-/// listens on the thesis tests' port 12345).
-struct Rx {
-    child: Child,
-    lines: Arc<Mutex<Vec<String>>>,
-    stdout: Option<std::thread::JoinHandle<String>>,
-}
-
-impl Rx {
-    fn start(host: &str) -> Rx {
-        let b = bin();
-        let listen = format!("{}:{CONTROL_PORT}", host_addr(host));
-        let mut child = Command::new(repo().join("scripts/lab"))
-            .args([
-                "exec",
-                host,
-                b.as_str(),
-                "receive",
-                "--listen",
-                listen.as_str(),
-            ])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start receiver");
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let l = lines.clone();
-        let err = child.stderr.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(err).lines().map_while(Result::ok) {
-                eprintln!("[receiver] {line}");
-                l.lock().unwrap().push(line);
-            }
-        });
-        let mut out = child.stdout.take().unwrap();
-        let stdout = Some(std::thread::spawn(move || {
-            let mut s = String::new();
-            let _ = out.read_to_string(&mut s);
-            s
-        }));
-        let rx = Rx {
-            child,
-            lines,
-            stdout,
-        };
-        let end = Instant::now() + Duration::from_secs(10);
-        while !rx
-            .lines
-            .lock()
-            .unwrap()
-            .iter()
-            .any(|l| l.contains("listening on"))
-        {
-            assert!(
-                Instant::now() < end,
-                "receiver never said \"listening on\":\n{}",
-                rx.lines.lock().unwrap().join("\n")
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        rx
-    }
-
-    /// Waits for the receiver to exit; returns its exit code and stdout.
-    fn wait(mut self, timeout: Duration) -> (Option<i32>, String) {
-        let end = Instant::now() + timeout;
-        loop {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                let out = self.stdout.take().unwrap().join().unwrap();
-                return (st.code(), out);
-            }
-            assert!(
-                Instant::now() < end,
-                "receiver did not exit; its log:\n{}",
-                self.lines.lock().unwrap().join("\n")
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Rx {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// An HTTP answer seen by the client on c.
@@ -381,16 +291,17 @@ struct Seen {
 /// the client's view against the record: every lost probe lies in
 /// [down_ts, up_ts + allowance]; the outage is no longer than downtime + allowance.
 fn move_and_watch(from: &str, dest: &str, extra: &[&str], allowance_s: f64, label: &str) -> Seen {
-    let rx = Rx::start(dest);
+    let rx = Receiver::start_on(dest, CONTROL_PORT, &[]);
     let probe = Probe::start(&format!("balancer-probe-{label}"));
     // A second of normal traffic first: the probe must see the service up before.
     std::thread::sleep(Duration::from_millis(1000));
     let target = to(dest);
+    let port = CONTROL_PORT.to_string();
     let mut args = vec![
         "--to",
         target.as_str(),
         "--control-port",
-        CONTROL_PORT,
+        port.as_str(),
         "--label",
         label,
     ];

@@ -232,9 +232,15 @@ pub struct Receiver {
 }
 
 impl Receiver {
+    /// A receiver on the suite's usual control port, 12345.
     pub fn start(host: &str, args: &[&str]) -> Receiver {
+        Receiver::start_on(host, 12345, args)
+    }
+
+    /// A receiver listening on HOST's address and `port`.
+    pub fn start_on(host: &str, port: u16, args: &[&str]) -> Receiver {
         let b = bin();
-        let listen = format!("{}:12345", host_addr(host));
+        let listen = format!("{}:{port}", host_addr(host));
         let mut a = vec![
             "exec",
             host,
