@@ -911,8 +911,7 @@ async fn ship_image(ssh: &Ssh, id: &str, image: &str) -> anyhow::Result<()> {
             "docker-archive".into(),
             image.into(),
         ],
-        "podman",
-        &["load".into()],
+        "podman load",
         SHIP_TIMEOUT,
     )
     .await

@@ -306,14 +306,13 @@ impl Ssh {
         .await
     }
 
-    /// Pipes a local program's stdout into a remote program's stdin (e.g. podman save |
-    /// podman load).
+    /// Pipes a local program's stdout into a remote shell script's stdin (e.g. `podman
+    /// save` into `podman load`).
     pub async fn pipe_from_local(
         &self,
         local: &str,
         local_args: &[String],
-        remote: &str,
-        remote_args: &[String],
+        remote_script: &str,
         timeout: Duration,
     ) -> anyhow::Result<()> {
         use anyhow::Context;
@@ -326,59 +325,25 @@ impl Ssh {
             .kill_on_drop(true)
             .spawn()
             .with_context(|| format!("could not run `{local_cmd}`"))?;
-        let mut src_out = src.stdout.take().expect("piped");
+        let src_out = src.stdout.take().expect("piped");
         let mut src_err = src.stderr.take().expect("piped");
-        let remote_cmd = display_command(remote, remote_args);
-        let work = async {
-            let mut dst = self
-                .session
-                .command(remote)
-                .args(remote_args)
-                .stdin(Stdio::piped())
-                .stdout(Stdio::null())
-                .stderr(Stdio::piped())
-                .spawn()
-                .await
-                .map_err(|e| self.transport(e))?;
-            let mut dst_in = dst.stdin().take().expect("piped");
-            let copied = tokio::io::copy(&mut src_out, &mut dst_in).await;
-            let _ = dst_in.shutdown().await;
-            drop(dst_in);
-            let mut local_err = String::new();
-            let _ = src_err.read_to_string(&mut local_err).await;
-            let status = src.wait().await?;
-            let out = dst
-                .wait_with_output()
-                .await
-                .map_err(|e| self.transport(e))?;
-            if !status.success() {
-                anyhow::bail!(
-                    "`{local_cmd}` {}: {}",
-                    StatusText::from(status),
-                    tail_lines(&local_err, 8)
-                );
-            }
-            copied.with_context(|| {
-                format!("piping `{local_cmd}` into `{remote_cmd}` on {}", self.label)
-            })?;
-            if !out.status.success() {
-                return Err(SshError::Remote {
-                    dest: self.label.clone(),
-                    cmd: remote_cmd.clone(),
-                    status: out.status.into(),
-                    stderr: tail_lines(&String::from_utf8_lossy(&out.stderr), 8),
-                }
-                .into());
-            }
-            Ok(())
-        };
-        tokio::time::timeout(timeout, work).await.map_err(|_| {
-            anyhow::anyhow!(
-                "`{local_cmd} | ssh {} {remote_cmd}` did not finish within {}s",
-                self.label,
-                timeout.as_secs()
-            )
-        })?
+        let fed = self
+            .open_stream(remote_script)
+            .await?
+            .feed(src_out, timeout)
+            .await;
+        let mut local_err = String::new();
+        let _ = src_err.read_to_string(&mut local_err).await;
+        let status = src.wait().await?;
+        if !status.success() {
+            anyhow::bail!(
+                "`{local_cmd}` {}: {}",
+                StatusText::from(status),
+                tail_lines(&local_err, 8)
+            );
+        }
+        fed?;
+        Ok(())
     }
 
     /// Closes the master connection.
