@@ -120,8 +120,8 @@ pub struct TargetArgs {
     #[arg(long)]
     pub spawn_receiver: bool,
 
-    /// When the target lacks this version of migrate, copy this binary there first (to
-    /// /var/lib/migrate/bin). Implies --spawn-receiver.
+    /// Copy this very binary to the target (/var/lib/migrate/bin) and start it there as the
+    /// receiver, so both ends are the same build. Implies --spawn-receiver.
     #[arg(long)]
     pub install_receiver: bool,
 
@@ -204,7 +204,8 @@ pub struct SendArgs {
     #[arg(long, value_name = "TEXT", default_value = "")]
     pub label: String,
 
-    /// Containers to move, in start order (dependencies first).
+    /// Containers to move. They are restored in parallel (a container that joins another's
+    /// namespaces waits for it); with --sequential-restore, in this order.
     #[arg(value_name = "CONTAINER", required = true)]
     pub containers: Vec<String>,
 }
