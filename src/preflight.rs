@@ -240,7 +240,7 @@ pub async fn run(want: &Want<'_>, ui: &Ui) -> Report {
                 needs.push((d.display().to_string(), local_kib(d).await));
             }
             let (findings, missing) =
-                target_findings(&out.stdout, &r.infos, want.data, &needs, want.ship_images);
+                target_findings(&out.stdout, &r.infos, &needs, want.ship_images);
             r.findings.extend(findings);
             r.missing_images = missing;
             if out.stdout.lines().any(|l| l == "run_dir=ok") {
@@ -628,7 +628,6 @@ pub fn target_script(
 pub fn target_findings(
     stdout: &str,
     infos: &[ContainerInfo],
-    data: &[PathBuf],
     needs: &[(String, u64)],
     ship_images: bool,
 ) -> (Vec<Finding>, Vec<(String, String)>) {
@@ -710,7 +709,6 @@ pub fn target_findings(
             "every image is there with the same ID",
         ));
     }
-    let _ = data;
     match space_problem(stdout, needs) {
         Some(p) => out.push(
             Finding::new(Level::Fail, "target", p)
@@ -861,10 +859,8 @@ mod tests {
 
     #[test]
     fn target_findings_name_problem_and_fix() {
-        let data = [PathBuf::from("/srv/app")];
         let out = "exists=db\nmissing_image=img123\nmissing_path=db=/etc/app.conf\nspace=archives=100 / 0\n";
-        let (f, missing) =
-            target_findings(out, &[info()], &data, &[("archives".into(), 1000)], false);
+        let (f, missing) = target_findings(out, &[info()], &[("archives".into(), 1000)], false);
         let fails: Vec<String> = f
             .iter()
             .filter(|f| f.level == Level::Fail)
@@ -880,7 +876,7 @@ mod tests {
             vec![("img123".to_string(), "localhost/m:latest".to_string())]
         );
         // With --ship-image the missing image is no longer a failure.
-        let (f, _) = target_findings("missing_image=img123\n", &[info()], &data, &[], true);
+        let (f, _) = target_findings("missing_image=img123\n", &[info()], &[], true);
         assert!(f.iter().all(|f| f.level != Level::Fail), "{f:#?}");
     }
 

@@ -738,11 +738,9 @@ pub async fn dry_run(plan: &SendPlan, ui: &Arc<Ui>) -> u8 {
             "     image {image} will be shipped first (podman save | podman load)"
         ));
     }
-    let mut presync_bytes = 0;
     for d in &plan.target.data {
         match rsync::preview(d, &ssh).await {
             Ok(s) => {
-                presync_bytes += s.transferred_file_size;
                 lines.push(format!(
                     "  2. pre-sync {} while the containers run: {} files, {:.1} MiB to send now",
                     d.display(),
@@ -811,7 +809,6 @@ pub async fn dry_run(plan: &SendPlan, ui: &Arc<Ui>) -> u8 {
         est.1,
         est.2
     ));
-    let _ = presync_bytes;
     println!("{}", lines.join("\n"));
     if let Some(mut w) = report.receiver.take() {
         abort(&mut w.control, "dry run", false).await;
