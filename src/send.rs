@@ -78,6 +78,8 @@ struct Item {
     opts: CriuOptions,
     archive_name: String,
     local_archive: PathBuf,
+    /// The FIFO podman exports into while the archive streams out.
+    fifo: PathBuf,
     /// Containers of this migration to restore before this one.
     after: Vec<String>,
 }
@@ -201,18 +203,33 @@ async fn migrate(
         )));
     }
 
-    // Upload channels are opened before the freeze, so their start-up is not downtime.
-    let streams = match futures::future::try_join_all(items.iter().map(|it| {
-        let path = remote_join(&remote_dir, &it.archive_name);
-        let ssh = &ssh;
-        async move { ssh.open_upload(&path).await }
-    }))
-    .await
-    {
+    // Upload channels and the FIFOs podman exports into are set up before the freeze, so
+    // their start-up is not downtime.
+    let mut prepare_err = None;
+    for it in &items {
+        let fifo = it.fifo.display().to_string();
+        if let Err(e) =
+            crate::exec::run("mkfifo", &["-m".into(), "600".into(), fifo], REMOTE_TIMEOUT).await
+        {
+            prepare_err = Some(anyhow!(e));
+            break;
+        }
+    }
+    let streams = match prepare_err {
+        Some(e) => Err(e),
+        None => futures::future::try_join_all(items.iter().map(|it| {
+            let path = remote_join(&remote_dir, &it.archive_name);
+            let ssh = &ssh;
+            async move { ssh.open_upload(&path).await }
+        }))
+        .await
+        .map_err(anyhow::Error::from),
+    };
+    let streams = match streams {
         Ok(s) => s,
         Err(e) => {
-            abort(&mut control, "cannot open upload channels", false).await;
-            return Err(refuse(anyhow!(e).context("nothing was frozen")));
+            abort(&mut control, "cannot prepare the archive streams", false).await;
+            return Err(refuse(e.context("nothing was frozen")));
         }
     };
 
@@ -228,116 +245,34 @@ async fn migrate(
         hook_timeout: plan.hook_timeout,
     };
 
-    // DOWN: checkpoint every container at once.
+    // DOWN: every container is checkpointed at once; each archive streams to the target
+    // while podman writes it. Once all containers are stopped, the data folders are
+    // post-synced (only what changed since the pre-sync).
     let down = now_us();
     rec.down_us = Some(down);
     ui.info("DOWN: checkpointing");
-    let checkpoint = Stopwatch::start();
-    let results = futures::future::join_all(items.iter().map(|it| {
-        let podman = podman.clone();
-        async move {
-            let sw = Stopwatch::start();
-            let mut attempt = 1;
-            loop {
-                let r = podman
-                    .checkpoint(
-                        &it.info.name,
-                        &it.local_archive,
-                        it.opts,
-                        compression_of(&it.archive_name),
-                    )
-                    .await;
-                // A client caught half-way through connecting makes CRIU refuse the dump;
-                // the container keeps running, and a moment later the handshake is over.
-                let retry = match &r {
-                    Err(e)
-                        if attempt < CHECKPOINT_ATTEMPTS
-                            && tcp_trouble(e) == Some(TcpTrouble::InFlight) =>
-                    {
-                        podman
-                            .inspect(std::slice::from_ref(&it.info.name))
-                            .await
-                            .is_ok_and(|v| v.first().is_some_and(|c| c.running))
-                    }
-                    _ => false,
-                };
-                if !retry {
-                    break (r, sw.secs(), attempt);
-                }
-                attempt += 1;
+    ui.phase("checkpointing and streaming the archives");
+    let since_down = Stopwatch::start();
+    let mut done_rx = Vec::new();
+    let item_work: Vec<_> = items
+        .iter()
+        .zip(streams)
+        .map(|(it, stream)| {
+            let (tx, rx) = tokio::sync::oneshot::channel::<bool>();
+            done_rx.push(rx);
+            freeze_and_stream(&podman, &ssh, &remote_dir, it, stream, tx, since_down)
+        })
+        .collect();
+    let postsync = async {
+        for rx in done_rx {
+            if rx.await != Ok(true) {
+                // A checkpoint failed: this migration rolls back, nothing to sync.
+                return Ok(None);
             }
         }
-    }))
-    .await;
-    rec.checkpoint_s = Some(checkpoint.secs());
-    let mut checkpointed = Vec::new();
-    let mut first_error = None;
-    for (it, (r, secs, attempts)) in items.iter().zip(results) {
-        if attempts > 1 {
-            ui.warn(&format!(
-                "{}: a client was connecting at the freeze; checkpoint attempt {attempts}",
-                it.info.name
-            ));
-        }
-        match r {
-            Ok(stats) => {
-                ui.info(&format!(
-                    "checkpointed {} in {secs:.3}s (CRIU froze it for {:.3}s)",
-                    it.info.name,
-                    stats.criu_s.unwrap_or_default()
-                ));
-                rec.podman_checkpoint_s = max_opt(rec.podman_checkpoint_s, stats.podman_s);
-                rec.criu_frozen_s = max_opt(rec.criu_frozen_s, stats.criu_s);
-                checkpointed.push(it.clone());
-            }
-            Err(e) => {
-                let hint = match tcp_trouble(&e) {
-                    Some(TcpTrouble::Established) => {
-                        "; it had established TCP connections: pass --tcp-established to carry them"
-                    }
-                    Some(TcpTrouble::InFlight) => {
-                        "; clients kept connecting during the freeze: drain them first (e.g. a pre-freeze hook that takes the host out of the balancer) or set tcp-skip-in-flight in /etc/criu/runc.conf"
-                    }
-                    None => "",
-                };
-                let e = anyhow!(e).context(format!("checkpoint of {} failed{hint}", it.info.name));
-                first_error.get_or_insert(e);
-            }
-        }
-    }
-    if let Some(e) = first_error {
-        abort(&mut control, "checkpoint failed", true).await;
-        return Err(rb.run(&checkpointed, e).await);
-    }
-
-    // Ship the archives, then the data that changed; give up (and roll back) on a signal.
-    let ship = async {
+        ui.phase("shipping archives and changed data");
         let started = Stopwatch::start();
-        let archives = async {
-            let entries = futures::future::try_join_all(items.iter().zip(streams).map(
-                |(it, stream)| async move {
-                    let file = tokio::fs::File::open(&it.local_archive)
-                        .await
-                        .with_context(|| format!("cannot open {}", it.local_archive.display()))?;
-                    let (size, sha256) = stream.feed(file, SHIP_TIMEOUT).await?;
-                    anyhow::Ok(ContainerEntry {
-                        name: it.info.name.clone(),
-                        archive: it.archive_name.clone(),
-                        size,
-                        sha256,
-                        image_id: it.info.image_id.clone(),
-                        file_locks: it.opts.file_locks,
-                        tcp_established: it.opts.tcp_established,
-                        after: it.after.clone(),
-                    })
-                },
-            ))
-            .await?;
-            anyhow::Ok((entries, started.secs()))
-        };
-        // The data folders are quiet once every container is frozen: sync them while
-        // the archives travel.
-        let postsync = async {
+        let sync = async {
             let mut bytes = 0;
             for dir in &plan.target.data {
                 bytes += rsync::sync(dir, &ssh, compress_sync)
@@ -345,35 +280,87 @@ async fn migrate(
                     .with_context(|| format!("post-sync of {}", dir.display()))?
                     .bytes_sent;
             }
-            anyhow::Ok((bytes, started.secs()))
+            anyhow::Ok(Some((bytes, started.secs())))
         };
-        let ((shipped, transfer_s), (bytes, postsync_s)) = tokio::try_join!(archives, postsync)?;
-        anyhow::Ok((shipped, transfer_s, postsync_s, bytes))
+        tokio::select! {
+            r = sync => r,
+            _ = signals.changed() => Err(anyhow!("interrupted while frozen")),
+        }
     };
-    ui.phase("shipping archives and changed data");
-    let shipped = tokio::select! {
-        r = ship => r,
-        _ = signals.changed() => Err(anyhow!("interrupted while frozen")),
-    };
-    let entries = match shipped {
-        Ok((entries, transfer_s, postsync_s, bytes)) => {
-            let archives: u64 = entries.iter().map(|e| e.size).sum();
-            ui.info(&format!(
-                "shipped {} of archives in {transfer_s:.3}s ({}/s); post-sync sent {} in {postsync_s:.3}s",
-                human_bytes(archives),
-                human_bytes((archives as f64 / transfer_s.max(1e-6)) as u64),
-                human_bytes(bytes)
+    let (frozen, post) = tokio::join!(futures::future::join_all(item_work), postsync);
+    let mut checkpointed = Vec::new();
+    let mut entries = Vec::new();
+    let mut first_error: Option<anyhow::Error> = None;
+    for (it, f) in items.iter().zip(frozen) {
+        if f.attempts > 1 {
+            ui.warn(&format!(
+                "{}: a client was connecting at the freeze; checkpoint attempt {}",
+                it.info.name, f.attempts
             ));
-            rec.transfer_s = Some(transfer_s);
+        }
+        rec.checkpoint_s = max_opt(rec.checkpoint_s, Some(f.checkpoint_s));
+        rec.transfer_s = max_opt(rec.transfer_s, Some(f.shipped_s));
+        match f.checkpoint {
+            Ok(stats) => {
+                ui.info(&format!(
+                    "checkpointed {} in {:.3}s (CRIU froze it for {:.3}s)",
+                    it.info.name,
+                    f.checkpoint_s,
+                    stats.criu_s.unwrap_or_default()
+                ));
+                rec.podman_checkpoint_s = max_opt(rec.podman_checkpoint_s, stats.podman_s);
+                rec.criu_frozen_s = max_opt(rec.criu_frozen_s, stats.criu_s);
+                checkpointed.push(it.clone());
+            }
+            Err(e) => {
+                first_error
+                    .get_or_insert(e.context(format!("checkpoint of {} failed", it.info.name)));
+                continue;
+            }
+        }
+        match f.shipped {
+            Ok((size, sha256)) => entries.push(ContainerEntry {
+                name: it.info.name.clone(),
+                archive: it.archive_name.clone(),
+                size,
+                sha256,
+                image_id: it.info.image_id.clone(),
+                file_locks: it.opts.file_locks,
+                tcp_established: it.opts.tcp_established,
+                after: it.after.clone(),
+            }),
+            Err(e) => {
+                first_error.get_or_insert(
+                    anyhow!(e).context(format!("shipping the archive of {}", it.info.name)),
+                );
+            }
+        }
+    }
+    match post {
+        Ok(Some((bytes, postsync_s))) => {
             rec.postsync_s = Some(postsync_s);
             sync_bytes += bytes;
-            entries
         }
+        Ok(None) => {}
         Err(e) => {
-            abort(&mut control, "shipping failed", true).await;
-            return Err(rb.run(&checkpointed, e).await);
+            first_error.get_or_insert(e);
         }
-    };
+    }
+    if first_error.is_none() && signals.fired() {
+        first_error = Some(anyhow!("interrupted while frozen"));
+    }
+    if let Some(e) = first_error {
+        abort(&mut control, "failed while frozen", true).await;
+        return Err(rb.run(&checkpointed, e).await);
+    }
+    let archives: u64 = entries.iter().map(|e| e.size).sum();
+    ui.info(&format!(
+        "shipped {} of archives {:.3}s after DOWN; post-sync sent {} in {:.3}s",
+        human_bytes(archives),
+        rec.transfer_s.unwrap_or_default(),
+        human_bytes(sync_bytes),
+        rec.postsync_s.unwrap_or_default()
+    ));
     let archive_bytes: u64 = entries.iter().map(|e| e.size).sum();
     rec.archive_bytes = Some(archive_bytes);
     rec.sync_bytes = Some(sync_bytes);
@@ -485,6 +472,117 @@ async fn migrate(
     ssh.close().await;
     ui.finish();
     Ok(())
+}
+
+/// What freezing one container produced.
+struct Frozen {
+    checkpoint: anyhow::Result<podman::Stats>,
+    /// Seconds from DOWN until podman's checkpoint ended.
+    checkpoint_s: f64,
+    shipped: Result<(u64, String), crate::transport::ssh::SshError>,
+    /// Seconds from DOWN until the archive was complete on the target.
+    shipped_s: f64,
+    attempts: u32,
+}
+
+/// Checkpoints one container into its FIFO while the archive streams to the target;
+/// retries a dump refused over a half-open TCP connection. `done` says, once the
+/// container is stopped for good, whether its checkpoint succeeded.
+async fn freeze_and_stream(
+    podman: &Podman,
+    ssh: &Ssh,
+    remote_dir: &str,
+    it: &Item,
+    stream: crate::transport::ssh::RemoteStream<'_>,
+    done: tokio::sync::oneshot::Sender<bool>,
+    since_down: Stopwatch,
+) -> Frozen {
+    let remote = remote_join(remote_dir, &it.archive_name);
+    let mut stream = Some(stream);
+    let mut done = Some(done);
+    let mut attempt = 1;
+    loop {
+        let s = match stream.take() {
+            Some(s) => s,
+            None => match ssh.open_upload(&remote).await {
+                Ok(s) => s,
+                Err(e) => {
+                    if let Some(d) = done.take() {
+                        let _ = d.send(false);
+                    }
+                    return Frozen {
+                        checkpoint: Err(anyhow!(e).context("reopening the upload for a retry")),
+                        checkpoint_s: since_down.secs(),
+                        shipped: Ok((0, String::new())),
+                        shipped_s: since_down.secs(),
+                        attempts: attempt,
+                    };
+                }
+            },
+        };
+        let (w, r) = tokio::io::duplex(4 << 20);
+        let checkpoint = async {
+            let r = podman
+                .checkpoint_streaming(
+                    &it.info.name,
+                    &it.fifo,
+                    &it.local_archive,
+                    it.opts,
+                    compression_of(&it.archive_name),
+                    w,
+                )
+                .await;
+            let secs = since_down.secs();
+            // A client caught half-way through connecting makes CRIU refuse the dump; the
+            // container keeps running, and a moment later the handshake is over.
+            let retry = match &r {
+                Err(e)
+                    if attempt < CHECKPOINT_ATTEMPTS
+                        && tcp_trouble(e) == Some(TcpTrouble::InFlight) =>
+                {
+                    podman
+                        .inspect(std::slice::from_ref(&it.info.name))
+                        .await
+                        .is_ok_and(|v| v.first().is_some_and(|c| c.running))
+                }
+                _ => false,
+            };
+            if !retry && let Some(d) = done.take() {
+                let _ = d.send(r.is_ok());
+            }
+            (r, secs, retry)
+        };
+        let shipping = async {
+            let r = s.feed(r, SHIP_TIMEOUT).await;
+            (r, since_down.secs())
+        };
+        let ((checkpoint, checkpoint_s, retry), (shipped, shipped_s)) =
+            tokio::join!(checkpoint, shipping);
+        if retry {
+            attempt += 1;
+            continue;
+        }
+        let checkpoint = checkpoint.map(|(stats, _)| stats).map_err(|e| {
+            let hint = match tcp_trouble(&e) {
+                Some(TcpTrouble::Established) => {
+                    "; it had established TCP connections: pass --tcp-established to carry them"
+                }
+                Some(TcpTrouble::InFlight) => {
+                    "; clients kept connecting during the freeze: drain them first (e.g. a pre-freeze hook that takes the host out of the balancer) or set tcp-skip-in-flight in /etc/criu/runc.conf"
+                }
+                None => "",
+            };
+            let e = anyhow!(e);
+            if hint.is_empty() { e } else { e.context(hint.trim_start_matches("; ").to_string()) }
+        });
+        return Frozen {
+            checkpoint,
+            checkpoint_s,
+            shipped,
+            shipped_s,
+            attempts: attempt,
+        };
+    }
 }
 
 /// Checkpoint attempts when CRIU meets a half-open TCP connection.
@@ -683,6 +781,7 @@ async fn preflight(
                     tcp_established: plan.tcp_established,
                 },
                 local_archive: local_dir.join(&archive_name),
+                fifo: local_dir.join(format!("{}.fifo", info.name)),
                 archive_name,
                 info,
                 after,

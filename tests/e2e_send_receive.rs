@@ -260,34 +260,55 @@ fn strangers_on_the_control_port_do_not_trigger_a_restore() {
     assert_pair_alive("b", 100, before);
 }
 
-/// Makes CRIU on host b fail whenever it is asked to work (swrk: what runc uses for
-/// checkpoint and restore), while `criu check` still passes: a CRIU that fails only at
-/// restore.
-struct BrokenCriuOnB;
+/// Makes CRIU on a host fail whenever it is asked to work (swrk: what runc uses for
+/// checkpoint and restore), while `criu check` still passes: a CRIU that fails only when
+/// it matters.
+struct BrokenCriu(&'static str);
 
-impl BrokenCriuOnB {
-    fn install() -> BrokenCriuOnB {
+impl BrokenCriu {
+    fn install(host: &'static str) -> BrokenCriu {
         let script = "cp /usr/local/sbin/criu /tmp/criu.real && cat > /tmp/criu.fake <<'FAKE'
 #!/bin/sh
-if [ \"$1\" = swrk ]; then echo 'injected restore failure' >&2; exit 1; fi
+if [ \"$1\" = swrk ]; then echo 'injected CRIU failure' >&2; exit 1; fi
 exec /tmp/criu.real \"$@\"
 FAKE
 chmod +x /tmp/criu.fake && mount --bind /tmp/criu.fake /usr/local/sbin/criu";
-        on("b", &["sh", "-c", script]).ok();
-        BrokenCriuOnB
+        on(host, &["sh", "-c", script]).ok();
+        BrokenCriu(host)
     }
 }
 
-impl Drop for BrokenCriuOnB {
+impl Drop for BrokenCriu {
     fn drop(&mut self) {
-        on("b", &["umount", "/usr/local/sbin/criu"]);
+        on(self.0, &["umount", "/usr/local/sbin/criu"]);
     }
+}
+
+#[test]
+fn checkpoint_failing_on_the_source_leaves_the_service_running() {
+    fresh_workload("a", 100);
+    let ids = identities();
+    let broken = BrokenCriu::install("a");
+    let rx = Receiver::start("b", &[]);
+    let before = counter("a");
+    let out = send("a", &["--to", &to("b"), "--data", "/srv/app", "db", "web"]).expect_code(1);
+    assert_eq!(out.record()["outcome"], "rolled_back", "{}", out.describe());
+    assert!(out.stderr.contains("checkpoint of"), "{}", out.describe());
+    drop(broken);
+    drop(rx);
+    assert!(
+        all_containers("b").is_empty(),
+        "left on b: {:?}",
+        all_containers("b")
+    );
+    assert_untouched(&ids);
+    assert_pair_alive("a", 100, before);
 }
 
 #[test]
 fn restore_failing_on_the_target_rolls_back_to_the_source() {
     fresh_workload("a", 100);
-    let broken = BrokenCriuOnB::install();
+    let broken = BrokenCriu::install("b");
     let rx = Receiver::start("b", &[]);
     let before = counter("a");
     let out = send("a", &["--to", &to("b"), "--data", "/srv/app", "db", "web"]).expect_code(1);

@@ -3,7 +3,11 @@
 use std::path::Path;
 use std::time::Duration;
 
+use std::process::Stdio;
+
 use serde::Deserialize;
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::unix::pipe;
 
 use crate::exec::{self, ExecError, args};
 
@@ -24,6 +28,12 @@ pub enum PodmanError {
     },
     #[error("cannot read `podman inspect` output: {0}")]
     Parse(String),
+    #[error("streaming the checkpoint of {name}: {source}")]
+    Stream {
+        name: String,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 fn criu_hint(log: &Option<(String, String)>) -> String {
@@ -319,18 +329,92 @@ impl Podman {
         }
     }
 
-    /// Checkpoints and exports; returns podman's own timing (`--print-stats`).
-    pub async fn checkpoint(
+    /// Checkpoints with `--export` into the FIFO `fifo` and, while podman writes it, copies
+    /// every byte to `copy` (kept for a rollback) and to `sink` (the target). Returns
+    /// podman's timing and the bytes streamed. `sink` is shut down at the end.
+    pub async fn checkpoint_streaming<W: AsyncWrite + Unpin>(
         &self,
         name: &str,
-        archive: &Path,
+        fifo: &Path,
+        copy: &Path,
         opts: CriuOptions,
         compress: Compression,
-    ) -> Result<Stats, PodmanError> {
-        let out = self
-            .run(checkpoint_args(name, archive, opts, compress))
-            .await?;
-        Ok(Stats::parse(&out))
+        mut sink: W,
+    ) -> Result<(Stats, u64), PodmanError> {
+        let io = |source: std::io::Error| PodmanError::Stream {
+            name: name.to_string(),
+            source,
+        };
+        // Opened read-write: never blocks, and podman exiting early cannot hang the read.
+        let mut rx = pipe::OpenOptions::new()
+            .read_write(true)
+            .open_receiver(fifo)
+            .map_err(io)?;
+        let mut file = tokio::fs::File::create(copy).await.map_err(io)?;
+        let a = checkpoint_args(name, fifo, opts, compress);
+        let cmd = exec::display_command("podman", &a);
+        let mut child = tokio::process::Command::new("podman")
+            .args(&a)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|source| ExecError::Spawn {
+                cmd: cmd.clone(),
+                source,
+            })?;
+        let mut out = child.stdout.take().expect("piped");
+        let mut err = child.stderr.take().expect("piped");
+        let out = tokio::spawn(async move {
+            let mut s = String::new();
+            let _ = out.read_to_string(&mut s).await;
+            s
+        });
+        let err = tokio::spawn(async move {
+            let mut s = String::new();
+            let _ = err.read_to_string(&mut s).await;
+            s
+        });
+        let mut buf = vec![0u8; 1 << 20];
+        let mut total = 0u64;
+        let status = loop {
+            tokio::select! {
+                r = rx.read(&mut buf) => {
+                    let n = r.map_err(io)?;
+                    file.write_all(&buf[..n]).await.map_err(io)?;
+                    sink.write_all(&buf[..n]).await.map_err(io)?;
+                    total += n as u64;
+                }
+                st = child.wait() => break st.map_err(io)?,
+            }
+        };
+        // podman closed the FIFO before exiting: what is left sits in the pipe.
+        loop {
+            match rx.try_read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    file.write_all(&buf[..n]).await.map_err(io)?;
+                    sink.write_all(&buf[..n]).await.map_err(io)?;
+                    total += n as u64;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(io(e)),
+            }
+        }
+        file.flush().await.map_err(io)?;
+        sink.shutdown().await.map_err(io)?;
+        let stdout = out.await.unwrap_or_default();
+        let stderr = err.await.unwrap_or_default();
+        if !status.success() {
+            return Err(ExecError::Failed {
+                cmd,
+                status: status.into(),
+                stderr,
+            }
+            .into());
+        }
+        Ok((Stats::parse(&stdout), total))
     }
 
     /// Restores from an exported archive; returns podman's own timing (`--print-stats`).
