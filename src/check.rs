@@ -8,6 +8,7 @@ pub const STACK_SCRIPT: &str = r#"export PATH="$PATH:/usr/local/sbin:/usr/sbin:/
 if command -v podman >/dev/null 2>&1; then
   echo "podman=$(podman version --format '{{.Client.Version}}' 2>/dev/null)"
   echo "runtime=$(podman info --format '{{.Host.OCIRuntime.Name}}' 2>/dev/null)"
+  if command -v zstd >/dev/null 2>&1; then echo zstd=yes; else echo zstd=no; fi
   if command -v crun >/dev/null 2>&1 && crun --version 2>/dev/null | grep -q '+CRIU'; then echo crun_criu=yes; else echo crun_criu=no; fi
 else
   echo podman=missing
@@ -32,6 +33,8 @@ pub struct Facts {
     pub criu_check: Option<String>,
     /// crun reports `+CRIU` (built with checkpoint support).
     pub crun_criu: bool,
+    /// The `zstd` command is there (archives can be decompressed as they arrive).
+    pub zstd: bool,
     /// Optional CRIU features (`criu check --feature X`): "yes" or "no".
     pub features: std::collections::BTreeMap<String, String>,
 }
@@ -50,6 +53,7 @@ impl Facts {
                 "criu" => f.criu = v,
                 "criu_check" => f.criu_check = v,
                 "crun_criu" => f.crun_criu = v.as_deref() == Some("yes"),
+                "zstd" => f.zstd = v.as_deref() == Some("yes"),
                 _ => {
                     if let (Some(feature), Some(v)) = (k.strip_prefix("feature_"), v) {
                         f.features.insert(feature.to_string(), v);

@@ -136,6 +136,8 @@ pub struct Report {
     pub missing_images: Vec<(String, String)>,
     /// The run folder on the target, when it was created.
     pub remote_dir: Option<String>,
+    /// The target can decompress zstd streams (`zstd` command).
+    pub target_zstd: bool,
 }
 
 impl Report {
@@ -157,6 +159,7 @@ pub async fn run(want: &Want<'_>, ui: &Ui) -> Report {
         receiver: None,
         missing_images: Vec::new(),
         remote_dir: None,
+        target_zstd: false,
     };
     ui.phase("checking the containers here");
     source_containers(want, &mut r).await;
@@ -229,6 +232,7 @@ pub async fn run(want: &Want<'_>, ui: &Ui) -> Report {
         Ok(out) => {
             let facts = Facts::parse(&out.stdout);
             stack_findings(&facts, "target", &mut r.findings);
+            r.target_zstd = facts.zstd;
             let mut needs = vec![(
                 "archives".to_string(),
                 r.infos

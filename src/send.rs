@@ -80,6 +80,8 @@ struct Item {
     local_archive: PathBuf,
     /// The FIFO podman exports into while the archive streams out.
     fifo: PathBuf,
+    /// The archive is zstd-compressed on the wire and decompressed on the target.
+    stream_zstd: bool,
     /// Containers of this migration to restore before this one.
     after: Vec<String>,
 }
@@ -144,7 +146,7 @@ async fn migrate(
     // rsync compresses only where the archives are compressed too: on slow links.
     let compress_sync = items
         .iter()
-        .any(|it| compression_of(&it.archive_name) != Compression::None);
+        .any(|it| it.stream_zstd || compression_of(&it.archive_name) != Compression::None);
 
     // Pre-sync while the service runs.
     rec.start_us = Some(now_us());
@@ -220,7 +222,7 @@ async fn migrate(
         None => futures::future::try_join_all(items.iter().map(|it| {
             let path = remote_join(&remote_dir, &it.archive_name);
             let ssh = &ssh;
-            async move { ssh.open_upload(&path).await }
+            async move { open_upload(ssh, &path, it.stream_zstd).await }
         }))
         .await
         .map_err(anyhow::Error::from),
@@ -290,6 +292,7 @@ async fn migrate(
     let (frozen, post) = tokio::join!(futures::future::join_all(item_work), postsync);
     let mut checkpointed = Vec::new();
     let mut entries = Vec::new();
+    let mut wire_bytes = 0u64;
     let mut first_error: Option<anyhow::Error> = None;
     for (it, f) in items.iter().zip(frozen) {
         if f.attempts > 1 {
@@ -300,6 +303,7 @@ async fn migrate(
         }
         rec.checkpoint_s = max_opt(rec.checkpoint_s, Some(f.checkpoint_s));
         rec.transfer_s = max_opt(rec.transfer_s, Some(f.shipped_s));
+        wire_bytes += f.wire_bytes;
         match f.checkpoint {
             Ok(stats) => {
                 ui.info(&format!(
@@ -355,8 +359,9 @@ async fn migrate(
     }
     let archives: u64 = entries.iter().map(|e| e.size).sum();
     ui.info(&format!(
-        "shipped {} of archives {:.3}s after DOWN; post-sync sent {} in {:.3}s",
+        "shipped {} of archives ({} on the wire), complete {:.3}s after DOWN; post-sync sent {} in {:.3}s",
         human_bytes(archives),
+        human_bytes(wire_bytes),
         rec.transfer_s.unwrap_or_default(),
         human_bytes(sync_bytes),
         rec.postsync_s.unwrap_or_default()
@@ -364,7 +369,7 @@ async fn migrate(
     let archive_bytes: u64 = entries.iter().map(|e| e.size).sum();
     rec.archive_bytes = Some(archive_bytes);
     rec.sync_bytes = Some(sync_bytes);
-    rec.bytes_sent = Some(archive_bytes + sync_bytes);
+    rec.bytes_sent = Some(wire_bytes + sync_bytes);
 
     // "OK": from here on the target decides; a signal no longer aborts.
     let manifest = Manifest {
@@ -482,6 +487,8 @@ struct Frozen {
     shipped: Result<(u64, String), crate::transport::ssh::SshError>,
     /// Seconds from DOWN until the archive was complete on the target.
     shipped_s: f64,
+    /// Bytes that went over the wire (compressed when the stream is).
+    wire_bytes: u64,
     attempts: u32,
 }
 
@@ -504,7 +511,7 @@ async fn freeze_and_stream(
     loop {
         let s = match stream.take() {
             Some(s) => s,
-            None => match ssh.open_upload(&remote).await {
+            None => match open_upload(ssh, &remote, it.stream_zstd).await {
                 Ok(s) => s,
                 Err(e) => {
                     if let Some(d) = done.take() {
@@ -515,12 +522,21 @@ async fn freeze_and_stream(
                         checkpoint_s: since_down.secs(),
                         shipped: Ok((0, String::new())),
                         shipped_s: since_down.secs(),
+                        wire_bytes: 0,
                         attempts: attempt,
                     };
                 }
             },
         };
         let (w, r) = tokio::io::duplex(4 << 20);
+        let sink: Box<dyn tokio::io::AsyncWrite + Unpin + Send> = if it.stream_zstd {
+            Box::new(async_compression::tokio::write::ZstdEncoder::with_quality(
+                w,
+                async_compression::Level::Fastest,
+            ))
+        } else {
+            Box::new(w)
+        };
         let checkpoint = async {
             let r = podman
                 .checkpoint_streaming(
@@ -529,7 +545,7 @@ async fn freeze_and_stream(
                     &it.local_archive,
                     it.opts,
                     compression_of(&it.archive_name),
-                    w,
+                    sink,
                 )
                 .await;
             let secs = since_down.secs();
@@ -562,7 +578,14 @@ async fn freeze_and_stream(
             attempt += 1;
             continue;
         }
-        let checkpoint = checkpoint.map(|(stats, _)| stats).map_err(|e| {
+        // The manifest describes the archive as it lands on the target: what podman wrote.
+        let wire_bytes = shipped.as_ref().map(|(n, _)| *n).unwrap_or(0);
+        let shipped = match (&checkpoint, shipped) {
+            (Ok((_, size, sha256)), Ok(_)) => Ok((*size, sha256.clone())),
+            (_, Err(e)) => Err(e),
+            (Err(_), Ok(x)) => Ok(x),
+        };
+        let checkpoint = checkpoint.map(|(stats, _, _)| stats).map_err(|e| {
             let hint = match tcp_trouble(&e) {
                 Some(TcpTrouble::Established) => {
                     "; it had established TCP connections: pass --tcp-established to carry them"
@@ -580,8 +603,22 @@ async fn freeze_and_stream(
             checkpoint_s,
             shipped,
             shipped_s,
+            wire_bytes,
             attempts: attempt,
         };
+    }
+}
+
+/// Opens the upload of one archive; a zstd stream is decompressed on the target.
+async fn open_upload<'a>(
+    ssh: &'a Ssh,
+    path: &str,
+    zstd: bool,
+) -> Result<crate::transport::ssh::RemoteStream<'a>, crate::transport::ssh::SshError> {
+    if zstd {
+        ssh.open_upload_via(path, "zstd -d -q -c").await
+    } else {
+        ssh.open_upload(path).await
     }
 }
 
@@ -685,6 +722,7 @@ async fn preflight(
     }
     let preflight::Report {
         infos,
+        target_zstd,
         ssh,
         receiver,
         missing_images,
@@ -774,8 +812,18 @@ async fn preflight(
         .zip(order)
         .map(|(info, after)| {
             let locks = podman::holds_file_locks(info.pid).unwrap_or(true);
-            let archive_name = format!("{}.{}", info.name, compression.extension());
+            // zstd travels as a stream the target decompresses as it arrives (podman
+            // exports plain tar, restores plain tar: both faster); without the `zstd`
+            // command there, podman compresses itself.
+            let stream_zstd = compression == Compression::Zstd && target_zstd;
+            let podman_compression = if stream_zstd {
+                Compression::None
+            } else {
+                compression
+            };
+            let archive_name = format!("{}.{}", info.name, podman_compression.extension());
             Item {
+                stream_zstd,
                 opts: CriuOptions {
                     file_locks: locks,
                     tcp_established: plan.tcp_established,

@@ -331,7 +331,7 @@ impl Podman {
 
     /// Checkpoints with `--export` into the FIFO `fifo` and, while podman writes it, copies
     /// every byte to `copy` (kept for a rollback) and to `sink` (the target). Returns
-    /// podman's timing and the bytes streamed. `sink` is shut down at the end.
+    /// podman's timing, the archive's size and its SHA-256. `sink` is shut down at the end.
     pub async fn checkpoint_streaming<W: AsyncWrite + Unpin>(
         &self,
         name: &str,
@@ -340,7 +340,9 @@ impl Podman {
         opts: CriuOptions,
         compress: Compression,
         mut sink: W,
-    ) -> Result<(Stats, u64), PodmanError> {
+    ) -> Result<(Stats, u64, String), PodmanError> {
+        use sha2::Digest;
+        let mut hasher = sha2::Sha256::new();
         let io = |source: std::io::Error| PodmanError::Stream {
             name: name.to_string(),
             source,
@@ -382,6 +384,7 @@ impl Podman {
             tokio::select! {
                 r = rx.read(&mut buf) => {
                     let n = r.map_err(io)?;
+                    hasher.update(&buf[..n]);
                     file.write_all(&buf[..n]).await.map_err(io)?;
                     sink.write_all(&buf[..n]).await.map_err(io)?;
                     total += n as u64;
@@ -394,6 +397,7 @@ impl Podman {
             match rx.try_read(&mut buf) {
                 Ok(0) => break,
                 Ok(n) => {
+                    hasher.update(&buf[..n]);
                     file.write_all(&buf[..n]).await.map_err(io)?;
                     sink.write_all(&buf[..n]).await.map_err(io)?;
                     total += n as u64;
@@ -414,7 +418,7 @@ impl Podman {
             }
             .into());
         }
-        Ok((Stats::parse(&stdout), total))
+        Ok((Stats::parse(&stdout), total, hex::encode(hasher.finalize())))
     }
 
     /// Restores from an exported archive; returns podman's own timing (`--print-stats`).

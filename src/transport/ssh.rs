@@ -297,9 +297,19 @@ impl Ssh {
     /// [`Ssh::open_stream`] for a file upload: written to a temporary name, renamed when
     /// complete.
     pub async fn open_upload(&self, remote_path: &str) -> Result<RemoteStream<'_>, SshError> {
+        self.open_upload_via(remote_path, "cat").await
+    }
+
+    /// Like [`Ssh::open_upload`], with the bytes passed through `filter` (a remote command
+    /// reading stdin, writing stdout, e.g. `zstd -d -q -c`) on the way into the file.
+    pub async fn open_upload_via(
+        &self,
+        remote_path: &str,
+        filter: &str,
+    ) -> Result<RemoteStream<'_>, SshError> {
         let part = format!("{remote_path}.part");
         self.open_stream(&format!(
-            "umask 077 && cat > {p} && mv -f {p} {f}",
+            "umask 077 && {filter} > {p} && mv -f {p} {f}",
             p = shell_quote(&part),
             f = shell_quote(remote_path)
         ))
