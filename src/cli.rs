@@ -43,6 +43,18 @@ pub enum Command {
     Man,
 }
 
+/// How records are printed on stdout (`send` and `receive`).
+#[derive(Debug, Args)]
+pub struct OutputArgs {
+    /// Record format on stdout.
+    #[arg(long, value_enum, default_value_t = Format::Csv)]
+    pub format: Format,
+
+    /// Leave out the CSV header line (for appending to a file).
+    #[arg(long)]
+    pub no_header: bool,
+}
+
 /// Options of `migrate receive`.
 #[derive(Debug, Args)]
 pub struct ReceiveArgs {
@@ -68,13 +80,8 @@ pub struct ReceiveArgs {
     #[arg(long)]
     pub serve: bool,
 
-    /// Record format on stdout.
-    #[arg(long, value_enum, default_value_t = Format::Csv)]
-    pub format: Format,
-
-    /// Leave out the CSV header line (for appending to a file).
-    #[arg(long)]
-    pub no_header: bool,
+    #[command(flatten)]
+    pub output: OutputArgs,
 
     /// Exit (status 1) when no migration has started within this many seconds.
     #[arg(long, value_name = "SECS")]
@@ -175,13 +182,8 @@ pub struct SendArgs {
     #[arg(long, value_enum, default_value_t = CompressChoice::Auto)]
     pub compress: CompressChoice,
 
-    /// Record format on stdout.
-    #[arg(long, value_enum, default_value_t = Format::Csv)]
-    pub format: Format,
-
-    /// Leave out the CSV header line (for appending to a file).
-    #[arg(long)]
-    pub no_header: bool,
+    #[command(flatten)]
+    pub output: OutputArgs,
 
     /// Run a shell command at a point of the migration: WHEN is `pre-freeze` (after the
     /// pre-sync, before the freeze; a failure stops the migration before anything is
@@ -251,7 +253,7 @@ mod tests {
         };
         assert_eq!(s.target.control_port, 12345);
         assert_eq!(s.workdir, PathBuf::from("/var/lib/migrate"));
-        assert_eq!(s.format, Format::Csv);
+        assert_eq!(s.output.format, Format::Csv);
         assert_eq!(s.containers, vec!["db", "web"]);
         let cli = Cli::try_parse_from(["migrate", "receive"]).unwrap();
         let Command::Receive(r) = cli.command else {

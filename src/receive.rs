@@ -82,8 +82,8 @@ pub async fn run(args: ReceiveArgs, ui: Arc<Ui>) -> anyhow::Result<u8> {
         hostname: crate::hostname(),
         busy: Mutex::new(()),
         ui: ui.clone(),
-        format: args.format,
-        header_done: AtomicBool::new(args.no_header),
+        format: args.output.format,
+        header_done: AtomicBool::new(args.output.no_header),
         started: AtomicBool::new(false),
     });
     let idle_deadline = args
