@@ -226,20 +226,27 @@ fn spawn_receiver_migrates_with_one_command() {
         out.describe()
     );
     // ... --install-receiver copies this binary there, starts it, and migrates.
+    let install_send = |from: &str, to: &str| {
+        let b = bin();
+        let dest = format!("root@{}", host_addr(to));
+        on(
+            from,
+            &[
+                &b,
+                "send",
+                "--to",
+                &dest,
+                "--data",
+                "/srv/app",
+                "--install-receiver",
+                "db",
+                "web",
+            ],
+        )
+        .ok()
+    };
     let before = counter("a");
-    let out = send(
-        "a",
-        &[
-            "--to",
-            "root@10.77.0.12",
-            "--data",
-            "/srv/app",
-            "--install-receiver",
-            "db",
-            "web",
-        ],
-    )
-    .ok();
+    let out = install_send("a", "b");
     assert_eq!(out.record()["outcome"], "ok", "{}", out.describe());
     assert_pair_alive("b", 100, before);
     // The spawned receiver handled its one migration and is gone.
@@ -251,23 +258,9 @@ fn spawn_receiver_migrates_with_one_command() {
         "spawned receiver still running: {}",
         left.stdout
     );
-    // Now the target has it: --spawn-receiver alone works for the way back.
+    // And the way back, installing on a this time.
     let before = counter("b");
-    let out = on(
-        "b",
-        &[
-            &bin(),
-            "send",
-            "--to",
-            "root@10.77.0.11",
-            "--data",
-            "/srv/app",
-            "--install-receiver",
-            "db",
-            "web",
-        ],
-    )
-    .ok();
+    let out = install_send("b", "a");
     assert_eq!(out.record()["outcome"], "ok", "{}", out.describe());
     assert_pair_alive("a", 100, before);
 }
