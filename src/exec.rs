@@ -113,6 +113,18 @@ pub struct Output {
 /// Runs `program args…` to the end (or until `timeout`), capturing stdout and stderr.
 /// A non-zero exit is an error carrying the command line, status and stderr.
 pub async fn run(program: &str, args: &[String], timeout: Duration) -> Result<Output, ExecError> {
+    spawn(program, args)?.finish(timeout).await
+}
+
+/// A program started by [`spawn`]; killed when dropped unfinished.
+#[derive(Debug)]
+pub struct Running {
+    cmd: String,
+    child: tokio::process::Child,
+}
+
+/// Starts `program args…` with stdout and stderr captured; [`Running::finish`] waits.
+pub fn spawn(program: &str, args: &[String]) -> Result<Running, ExecError> {
     let cmd = display_command(program, args);
     let child = Command::new(program)
         .args(args)
@@ -125,30 +137,39 @@ pub async fn run(program: &str, args: &[String], timeout: Duration) -> Result<Ou
             cmd: cmd.clone(),
             source,
         })?;
-    let out = match tokio::time::timeout(timeout, child.wait_with_output()).await {
-        Ok(res) => res.map_err(|source| ExecError::Spawn {
-            cmd: cmd.clone(),
-            source,
-        })?,
-        Err(_) => {
-            return Err(ExecError::Timeout {
+    Ok(Running { cmd, child })
+}
+
+impl Running {
+    /// Waits for the end (or `timeout`); a non-zero exit is an error carrying the
+    /// command line, status and stderr.
+    pub async fn finish(self, timeout: Duration) -> Result<Output, ExecError> {
+        let Running { cmd, child } = self;
+        let out = match tokio::time::timeout(timeout, child.wait_with_output()).await {
+            Ok(res) => res.map_err(|source| ExecError::Spawn {
+                cmd: cmd.clone(),
+                source,
+            })?,
+            Err(_) => {
+                return Err(ExecError::Timeout {
+                    cmd,
+                    after: timeout,
+                });
+            }
+        };
+        let output = Output {
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        };
+        if out.status.success() {
+            Ok(output)
+        } else {
+            Err(ExecError::Failed {
                 cmd,
-                after: timeout,
-            });
+                status: out.status.into(),
+                stderr: output.stderr,
+            })
         }
-    };
-    let output = Output {
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    };
-    if out.status.success() {
-        Ok(output)
-    } else {
-        Err(ExecError::Failed {
-            cmd,
-            status: out.status.into(),
-            stderr: output.stderr,
-        })
     }
 }
 

@@ -364,28 +364,37 @@ async fn restore(
         criu_restore_s: None,
     };
     let verify = Stopwatch::start();
-    if let Err(e) = verify_archives(manifest, run_id, dir).await {
-        ctx.ui.warn(&format!("{e:#}"));
-        out.error = Some(format!("{e:#}"));
-        return out;
-    }
-    out.verify_s = verify.secs();
     let podman = Podman;
-    for c in &manifest.containers {
-        match podman.exists(&c.name).await {
-            Ok(false) => {}
-            Ok(true) => {
-                out.error = Some(format!(
-                    "a container named {} already exists on {}; remove it there first",
-                    c.name, ctx.hostname
-                ));
-                return out;
-            }
-            Err(e) => {
-                out.error = Some(format!("podman on {}: {e}", ctx.hostname));
-                return out;
-            }
+    // The archives are checked while podman says which names are taken (a restore over
+    // a taken name would fail, and its clean-up must not remove somebody else's).
+    let (checked, taken) = tokio::join!(
+        async {
+            let r = verify_archives(manifest, run_id, dir).await;
+            (r, verify.secs())
+        },
+        podman.names()
+    );
+    match checked {
+        (Err(e), _) => {
+            ctx.ui.warn(&format!("{e:#}"));
+            out.error = Some(format!("{e:#}"));
+            return out;
         }
+        (Ok(()), secs) => out.verify_s = secs,
+    }
+    let taken = match taken {
+        Ok(t) => t,
+        Err(e) => {
+            out.error = Some(format!("podman on {}: {e}", ctx.hostname));
+            return out;
+        }
+    };
+    if let Some(c) = manifest.containers.iter().find(|c| taken.contains(&c.name)) {
+        out.error = Some(format!(
+            "a container named {} already exists on {}; remove it there first",
+            c.name, ctx.hostname
+        ));
+        return out;
     }
     let restore = Stopwatch::start();
     let waves = restore_waves(&manifest.containers).expect("validated: no cycle");

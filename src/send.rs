@@ -234,6 +234,23 @@ async fn migrate(
             return Err(refuse(e.context("nothing was frozen")));
         }
     };
+    // The post-syncs are started too, held before their file lists.
+    let armed: Result<Vec<_>, _> = plan
+        .target
+        .data
+        .iter()
+        .map(|dir| {
+            rsync::arm(dir, &ssh, compress_sync)
+                .with_context(|| format!("starting the post-sync of {}", dir.display()))
+        })
+        .collect();
+    let armed = match armed {
+        Ok(a) => a,
+        Err(e) => {
+            abort(&mut control, "cannot start the post-sync", false).await;
+            return Err(refuse(e.context("nothing was frozen")));
+        }
+    };
 
     let podman = Podman;
     let rb = Rollback {
@@ -260,27 +277,36 @@ async fn migrate(
         .iter()
         .zip(streams)
         .map(|(it, stream)| {
-            let (tx, rx) = tokio::sync::oneshot::channel::<bool>();
+            let (tx, rx) = tokio::sync::oneshot::channel::<()>();
             done_rx.push(rx);
             freeze_and_stream(&podman, &ssh, &remote_dir, it, stream, tx, since_down)
         })
         .collect();
+    let dump_at = std::cell::Cell::new(None);
     let postsync = async {
+        // Once every dump is over the containers' processes are gone and their data
+        // folders stay as they are: the post-sync runs while podman still exports.
         for rx in done_rx {
-            if rx.await != Ok(true) {
+            if rx.await.is_err() {
                 // A checkpoint failed: this migration rolls back, nothing to sync.
                 return Ok(None);
             }
         }
+        dump_at.set(Some(since_down.secs()));
         ui.phase("shipping archives and changed data");
         let started = Stopwatch::start();
         let sync = async {
+            let runs = armed
+                .into_iter()
+                .zip(&plan.target.data)
+                .map(|(a, dir)| async move {
+                    a.fire()
+                        .await
+                        .with_context(|| format!("post-sync of {}", dir.display()))
+                });
             let mut bytes = 0;
-            for dir in &plan.target.data {
-                bytes += rsync::sync(dir, &ssh, compress_sync)
-                    .await
-                    .with_context(|| format!("post-sync of {}", dir.display()))?
-                    .bytes_sent;
+            for r in futures::future::join_all(runs).await {
+                bytes += r?.bytes_sent;
             }
             anyhow::Ok(Some((bytes, started.secs())))
         };
@@ -290,7 +316,9 @@ async fn migrate(
         }
     };
     let (frozen, post) = tokio::join!(futures::future::join_all(item_work), postsync);
+    rec.dump_s = dump_at.get();
     let mut checkpointed = Vec::new();
+    let mut exits = Vec::new();
     let mut entries = Vec::new();
     let mut wire_bytes = 0u64;
     let mut first_error: Option<anyhow::Error> = None;
@@ -305,15 +333,14 @@ async fn migrate(
         rec.transfer_s = max_opt(rec.transfer_s, Some(f.shipped_s));
         wire_bytes += f.wire_bytes;
         match f.checkpoint {
-            Ok(stats) => {
+            Ok(st) => {
                 ui.info(&format!(
-                    "checkpointed {} in {:.3}s (CRIU froze it for {:.3}s)",
+                    "checkpointed {}: dump over {:.3}s after DOWN, archive complete at {:.3}s",
                     it.info.name,
-                    f.checkpoint_s,
-                    stats.criu_s.unwrap_or_default()
+                    st.first_byte.map(|t| since_down.at(t)).unwrap_or_default(),
+                    since_down.at(st.complete),
                 ));
-                rec.podman_checkpoint_s = max_opt(rec.podman_checkpoint_s, stats.podman_s);
-                rec.criu_frozen_s = max_opt(rec.criu_frozen_s, stats.criu_s);
+                exits.push((it.info.name.clone(), st.exit));
                 checkpointed.push(it.clone());
             }
             Err(e) => {
@@ -355,6 +382,7 @@ async fn migrate(
     }
     if let Some(e) = first_error {
         abort(&mut control, "failed while frozen", true).await;
+        podman_exits(std::mem::take(&mut exits), rec, ui).await;
         return Err(rb.run(&checkpointed, e).await);
     }
     let archives: u64 = entries.iter().map(|e| e.size).sum();
@@ -430,6 +458,7 @@ async fn migrate(
         let why = outcome
             .error
             .unwrap_or_else(|| "the target did not restore".into());
+        podman_exits(std::mem::take(&mut exits), rec, ui).await;
         return Err(rb.run(&checkpointed, anyhow!(why)).await);
     }
     let up_target = outcome.up_us.unwrap_or_else(|| now_us() + offset_us);
@@ -458,6 +487,7 @@ async fn migrate(
         }
     }
     // Commit: the target runs the service; retire it here.
+    podman_exits(std::mem::take(&mut exits), rec, ui).await;
     for it in &items {
         if let Err(e) = podman.remove(&it.info.name).await {
             ui.warn(&format!(
@@ -479,10 +509,35 @@ async fn migrate(
     Ok(())
 }
 
+/// Waits for the podman processes that were still cleaning up when their archives were
+/// complete, and records their own timing. Their dumps and archives are done; a failure
+/// this late is worth a warning, not a rollback.
+async fn podman_exits(
+    exits: Vec<(
+        String,
+        tokio::task::JoinHandle<Result<podman::Stats, PodmanError>>,
+    )>,
+    rec: &mut Record,
+    ui: &Ui,
+) {
+    for (name, exit) in exits {
+        match exit.await {
+            Ok(Ok(stats)) => {
+                rec.podman_checkpoint_s = max_opt(rec.podman_checkpoint_s, stats.podman_s);
+                rec.criu_frozen_s = max_opt(rec.criu_frozen_s, stats.criu_s);
+            }
+            Ok(Err(e)) => ui.warn(&format!(
+                "{name}: podman failed after its archive was complete: {e}"
+            )),
+            Err(e) => ui.warn(&format!("{name}: waiting for podman: {e}")),
+        }
+    }
+}
+
 /// What freezing one container produced.
 struct Frozen {
-    checkpoint: anyhow::Result<podman::Stats>,
-    /// Seconds from DOWN until podman's checkpoint ended.
+    checkpoint: anyhow::Result<podman::Streamed>,
+    /// Seconds from DOWN until the archive was complete (podman may still be cleaning up).
     checkpoint_s: f64,
     shipped: Result<(u64, String), crate::transport::ssh::SshError>,
     /// Seconds from DOWN until the archive was complete on the target.
@@ -493,20 +548,20 @@ struct Frozen {
 }
 
 /// Checkpoints one container into its FIFO while the archive streams to the target;
-/// retries a dump refused over a half-open TCP connection. `done` says, once the
-/// container is stopped for good, whether its checkpoint succeeded.
+/// retries a dump refused over a half-open TCP connection. `dumped` fires once the
+/// container's dump is over for good; it is dropped unfired when the checkpoint failed.
 async fn freeze_and_stream(
     podman: &Podman,
     ssh: &Ssh,
     remote_dir: &str,
     it: &Item,
     stream: crate::transport::ssh::RemoteStream<'_>,
-    done: tokio::sync::oneshot::Sender<bool>,
+    dumped: tokio::sync::oneshot::Sender<()>,
     since_down: Stopwatch,
 ) -> Frozen {
     let remote = remote_join(remote_dir, &it.archive_name);
     let mut stream = Some(stream);
-    let mut done = Some(done);
+    let mut dumped = Some(dumped);
     let mut attempt = 1;
     loop {
         let s = match stream.take() {
@@ -514,9 +569,6 @@ async fn freeze_and_stream(
             None => match open_upload(ssh, &remote, it.stream_zstd).await {
                 Ok(s) => s,
                 Err(e) => {
-                    if let Some(d) = done.take() {
-                        let _ = d.send(false);
-                    }
                     return Frozen {
                         checkpoint: Err(anyhow!(e).context("reopening the upload for a retry")),
                         checkpoint_s: since_down.secs(),
@@ -546,6 +598,7 @@ async fn freeze_and_stream(
                     it.opts,
                     compression_of(&it.archive_name),
                     sink,
+                    &mut dumped,
                 )
                 .await;
             let secs = since_down.secs();
@@ -563,9 +616,6 @@ async fn freeze_and_stream(
                 }
                 _ => false,
             };
-            if !retry && let Some(d) = done.take() {
-                let _ = d.send(r.is_ok());
-            }
             (r, secs, retry)
         };
         let shipping = async {
@@ -581,11 +631,11 @@ async fn freeze_and_stream(
         // The manifest describes the archive as it lands on the target: what podman wrote.
         let wire_bytes = shipped.as_ref().map(|(n, _)| *n).unwrap_or(0);
         let shipped = match (&checkpoint, shipped) {
-            (Ok((_, size, sha256)), Ok(_)) => Ok((*size, sha256.clone())),
+            (Ok(st), Ok(_)) => Ok((st.size, st.sha256.clone())),
             (_, Err(e)) => Err(e),
             (Err(_), Ok(x)) => Ok(x),
         };
-        let checkpoint = checkpoint.map(|(stats, _, _)| stats).map_err(|e| {
+        let checkpoint = checkpoint.map_err(|e| {
             let hint = match tcp_trouble(&e) {
                 Some(TcpTrouble::Established) => {
                     "; it had established TCP connections: pass --tcp-established to carry them"
@@ -1085,15 +1135,16 @@ fn hook_env(plan: &SendPlan, rec: &Record) -> Vec<(String, String)> {
 
 /// Sends a few MB to the target's /dev/null and returns bytes per second.
 async fn measure_link(ssh: &Ssh) -> anyhow::Result<f64> {
-    // Random bytes (ssh may compress); each upload also pays for starting a remote
-    // command, so time a small and a large one and take the difference.
+    // Random bytes (ssh may compress). The remote command is started before the clock
+    // runs; what is left of fixed cost (end of stream, exit status) cancels out in the
+    // difference between a small and a large upload.
     let mut data = vec![0u8; PROBE_BYTES];
     crate::secret::fill_random(&mut data);
     let small = PROBE_BYTES / 16;
     let time = async |n: usize| -> anyhow::Result<f64> {
+        let stream = ssh.open_stream("cat > /dev/null").await?;
         let sw = Stopwatch::start();
-        ssh.stream_into(&data[..n], "cat > /dev/null", REMOTE_TIMEOUT)
-            .await?;
+        stream.feed(&data[..n], REMOTE_TIMEOUT).await?;
         Ok(sw.secs())
     };
     let t_small = time(small).await?;
@@ -1104,13 +1155,12 @@ async fn measure_link(ssh: &Ssh) -> anyhow::Result<f64> {
     let t_big = time(PROBE_BYTES).await?;
     Ok(link_rate(small, t_small, PROBE_BYTES, t_big))
 }
-
-/// Bytes per second from two timed uploads of different sizes (their fixed costs cancel).
 pub fn link_rate(small: usize, t_small: f64, big: usize, t_big: f64) -> f64 {
     let dt = t_big - t_small;
-    if dt <= 1e-4 {
-        // Too fast to tell apart: at least this fast.
-        return big as f64 / 1e-4;
+    if dt <= t_big / 4.0 {
+        // The two differ by noise more than by size: the large upload alone is a
+        // lower bound.
+        return big as f64 / t_big.max(1e-6);
     }
     (big - small) as f64 / dt
 }
@@ -1418,6 +1468,10 @@ mod tests {
         let t = |n: usize| 0.05 + n as f64 / 100e6;
         let r = link_rate(1 << 20, t(1 << 20), 16 << 20, t(16 << 20));
         assert!((r - 100e6).abs() < 1.0, "{r}");
+        // Noise larger than the difference (the small upload took longer): the large
+        // upload alone bounds the rate, it does not become infinite.
+        let r = link_rate(1 << 20, 0.03, 8 << 20, 0.02);
+        assert!((r - (8 << 20) as f64 / 0.02).abs() < 1.0, "{r}");
     }
 
     fn info(name: &str, id: &str, joins: &[&str]) -> ContainerInfo {

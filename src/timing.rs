@@ -35,6 +35,10 @@ impl Stopwatch {
     pub fn secs(&self) -> f64 {
         self.0.elapsed().as_secs_f64()
     }
+    /// Seconds from the start to `t` (0 when `t` is earlier).
+    pub fn at(&self, t: Instant) -> f64 {
+        t.saturating_duration_since(self.0).as_secs_f64()
+    }
 }
 
 /// Output format of records.
@@ -102,6 +106,8 @@ pub struct Record {
     pub criu_frozen_s: Option<f64>,
     /// Longest time CRIU spent restoring one container on the target.
     pub criu_restore_s: Option<f64>,
+    /// From DOWN until every container's dump was over (its processes gone).
+    pub dump_s: Option<f64>,
     pub role: &'static str,
     pub error: String,
 }
@@ -164,6 +170,7 @@ impl Record {
             ("podman_checkpoint_s", Secs(self.podman_checkpoint_s)),
             ("criu_frozen_s", Secs(self.criu_frozen_s)),
             ("criu_restore_s", Secs(self.criu_restore_s)),
+            ("dump_s", Secs(self.dump_s)),
             ("role", Text(self.role.into())),
             ("error", Text(self.error.clone())),
         ]

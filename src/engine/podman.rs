@@ -1,7 +1,7 @@
 //! Checkpoint, restore and inspect through the `podman` command line.
 
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use std::process::Stdio;
 
@@ -290,6 +290,73 @@ impl Stats {
     }
 }
 
+/// One archive podman exported into a FIFO, as it was read.
+#[derive(Debug)]
+pub struct Streamed {
+    pub size: u64,
+    pub sha256: String,
+    /// When podman began writing the archive: CRIU's dump was over, the processes gone.
+    pub first_byte: Option<Instant>,
+    /// When the whole archive had been handed to the sink.
+    pub complete: Instant,
+    /// podman's exit, after it has cleaned up the container: its `--print-stats`.
+    pub exit: tokio::task::JoinHandle<Result<Stats, PodmanError>>,
+}
+
+/// Bytes read from the FIFO at a time; the pipe is widened to this where allowed.
+const PIPE_BYTES: usize = 1 << 20;
+const TAR_BLOCK: usize = 512;
+
+/// A wider pipe lets podman write the archive in fewer, larger steps; failing to widen
+/// it (a lower `fs.pipe-max-size`) only costs speed.
+fn widen_pipe(rx: &pipe::Receiver) {
+    let _ = rustix::pipe::fcntl_setpipe_size(rx, PIPE_BYTES);
+}
+
+/// Keeps the last two tar blocks seen.
+fn keep_tail(tail: &mut Vec<u8>, chunk: &[u8]) {
+    tail.extend_from_slice(&chunk[chunk.len().saturating_sub(2 * TAR_BLOCK)..]);
+    let extra = tail.len().saturating_sub(2 * TAR_BLOCK);
+    tail.drain(..extra);
+}
+
+fn ready_exit(
+    r: Result<Stats, PodmanError>,
+) -> tokio::task::JoinHandle<Result<Stats, PodmanError>> {
+    tokio::spawn(async move { r })
+}
+
+/// Hashes the archive and writes the local copy on a thread of its own, off the path
+/// between the FIFO and the upload.
+struct ArchiveKeeper {
+    tx: tokio::sync::mpsc::Sender<std::sync::Arc<[u8]>>,
+    done: tokio::task::JoinHandle<std::io::Result<String>>,
+}
+
+fn spawn_archive_keeper(copy: std::path::PathBuf) -> ArchiveKeeper {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<std::sync::Arc<[u8]>>(64);
+    let done = tokio::task::spawn_blocking(move || {
+        use sha2::Digest;
+        use std::io::Write;
+        let mut hasher = sha2::Sha256::new();
+        let mut file = std::io::BufWriter::with_capacity(PIPE_BYTES, std::fs::File::create(&copy)?);
+        while let Some(chunk) = rx.blocking_recv() {
+            hasher.update(&chunk);
+            file.write_all(&chunk)?;
+        }
+        file.flush()?;
+        Ok(hex::encode(hasher.finalize()))
+    });
+    ArchiveKeeper { tx, done }
+}
+
+impl ArchiveKeeper {
+    async fn finish(self) -> std::io::Result<String> {
+        drop(self.tx);
+        self.done.await.map_err(std::io::Error::other)?
+    }
+}
+
 /// The local podman.
 #[derive(Debug, Clone, Default)]
 pub struct Podman;
@@ -320,6 +387,19 @@ impl Podman {
         Ok(found)
     }
 
+    /// The names of all containers here, running or not.
+    pub async fn names(&self) -> Result<std::collections::BTreeSet<String>, PodmanError> {
+        let out = self
+            .run(args(["ps", "--all", "--format", "{{.Names}}"]))
+            .await?;
+        Ok(out
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(String::from)
+            .collect())
+    }
+
     /// True when a container of that name exists.
     pub async fn exists(&self, name: &str) -> Result<bool, PodmanError> {
         match self.inspect(&[name.to_string()]).await {
@@ -329,9 +409,15 @@ impl Podman {
         }
     }
 
-    /// Checkpoints with `--export` into the FIFO `fifo` and, while podman writes it, copies
-    /// every byte to `copy` (kept for a rollback) and to `sink` (the target). Returns
-    /// podman's timing, the archive's size and its SHA-256. `sink` is shut down at the end.
+    /// Checkpoints `name` and exports its archive into `fifo`. Every byte read from it
+    /// is hashed, copied to `copy` (a local archive for a rollback) and written to `sink`
+    /// (the upload). `dumped` fires with the first byte: CRIU's dump is over and the
+    /// container's processes are gone, so its data folders can no longer change.
+    ///
+    /// Returns once the archive is complete, which is before podman has cleaned up the
+    /// container's network and storage; [`Streamed::exit`] resolves when podman exits.
+    /// A podman that fails before the archive is complete is an error here.
+    #[allow(clippy::too_many_arguments)]
     pub async fn checkpoint_streaming<W: AsyncWrite + Unpin>(
         &self,
         name: &str,
@@ -340,19 +426,17 @@ impl Podman {
         opts: CriuOptions,
         compress: Compression,
         mut sink: W,
-    ) -> Result<(Stats, u64, String), PodmanError> {
-        use sha2::Digest;
-        let mut hasher = sha2::Sha256::new();
+        dumped: &mut Option<tokio::sync::oneshot::Sender<()>>,
+    ) -> Result<Streamed, PodmanError> {
         let io = |source: std::io::Error| PodmanError::Stream {
             name: name.to_string(),
             source,
         };
-        // Opened read-write: never blocks, and podman exiting early cannot hang the read.
-        let mut rx = pipe::OpenOptions::new()
-            .read_write(true)
-            .open_receiver(fifo)
-            .map_err(io)?;
-        let mut file = tokio::fs::File::create(copy).await.map_err(io)?;
+        // Read-only: the end of the archive shows as end of file when podman closes the
+        // FIFO (Linux reports no hang-up before a writer has come and gone).
+        let mut rx = pipe::OpenOptions::new().open_receiver(fifo).map_err(io)?;
+        widen_pipe(&rx);
+        let keeper = spawn_archive_keeper(copy.to_path_buf());
         let a = checkpoint_args(name, fifo, opts, compress);
         let cmd = exec::display_command("podman", &a);
         let mut child = tokio::process::Command::new("podman")
@@ -368,57 +452,95 @@ impl Podman {
             })?;
         let mut out = child.stdout.take().expect("piped");
         let mut err = child.stderr.take().expect("piped");
-        let out = tokio::spawn(async move {
-            let mut s = String::new();
-            let _ = out.read_to_string(&mut s).await;
-            s
-        });
-        let err = tokio::spawn(async move {
-            let mut s = String::new();
-            let _ = err.read_to_string(&mut s).await;
-            s
-        });
-        let mut buf = vec![0u8; 1 << 20];
-        let mut total = 0u64;
-        let status = loop {
-            tokio::select! {
-                r = rx.read(&mut buf) => {
-                    let n = r.map_err(io)?;
-                    hasher.update(&buf[..n]);
-                    file.write_all(&buf[..n]).await.map_err(io)?;
-                    sink.write_all(&buf[..n]).await.map_err(io)?;
-                    total += n as u64;
+        let who = name.to_string();
+        let mut exit = tokio::spawn(async move {
+            let (status, stdout, stderr) = tokio::join!(
+                child.wait(),
+                async {
+                    let mut s = String::new();
+                    let _ = out.read_to_string(&mut s).await;
+                    s
+                },
+                async {
+                    let mut s = String::new();
+                    let _ = err.read_to_string(&mut s).await;
+                    s
                 }
-                st = child.wait() => break st.map_err(io)?,
+            );
+            let status = status.map_err(|source| PodmanError::Stream { name: who, source })?;
+            if !status.success() {
+                return Err(ExecError::Failed {
+                    cmd,
+                    status: status.into(),
+                    stderr,
+                }
+                .into());
+            }
+            Ok(Stats::parse(&stdout))
+        });
+        let mut first_byte = None;
+        let mut buf = vec![0u8; PIPE_BYTES];
+        let mut total = 0u64;
+        let mut tail = Vec::with_capacity(2 * TAR_BLOCK);
+        let mut finished = None;
+        loop {
+            let n = tokio::select! {
+                r = rx.read(&mut buf) => r.map_err(io)?,
+                r = &mut exit, if finished.is_none() => {
+                    finished = Some(r.unwrap_or_else(|e| Err(io(std::io::Error::other(e)))));
+                    // podman closed the FIFO before exiting: what is left sits in the pipe.
+                    match rx.try_read(&mut buf) {
+                        Ok(n) => n,
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => 0,
+                        Err(e) => return Err(io(e)),
+                    }
+                }
+            };
+            if n == 0 {
+                break;
+            }
+            if first_byte.is_none() {
+                first_byte = Some(Instant::now());
+                if let Some(d) = dumped.take() {
+                    let _ = d.send(());
+                }
+            }
+            let chunk: std::sync::Arc<[u8]> = buf[..n].into();
+            keep_tail(&mut tail, &chunk);
+            if keeper.tx.send(chunk.clone()).await.is_err() {
+                break;
+            }
+            sink.write_all(&chunk).await.map_err(io)?;
+            total += n as u64;
+        }
+        sink.shutdown().await.map_err(io)?;
+        let complete = Instant::now();
+        let sha256 = keeper.finish().await.map_err(io)?;
+        if let Some(Err(e)) = finished {
+            return Err(e);
+        }
+        // An archive cut short (podman failing half-way) lacks tar's two closing zero
+        // blocks: then podman's own verdict decides.
+        let whole = compress == Compression::None
+            && total >= (2 * TAR_BLOCK) as u64
+            && tail.iter().all(|&b| b == 0);
+        let exit = match finished {
+            Some(r) => ready_exit(r),
+            None if whole => exit,
+            None => {
+                let r = exit
+                    .await
+                    .unwrap_or_else(|e| Err(io(std::io::Error::other(e))));
+                ready_exit(Ok(r?))
             }
         };
-        // podman closed the FIFO before exiting: what is left sits in the pipe.
-        loop {
-            match rx.try_read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => {
-                    hasher.update(&buf[..n]);
-                    file.write_all(&buf[..n]).await.map_err(io)?;
-                    sink.write_all(&buf[..n]).await.map_err(io)?;
-                    total += n as u64;
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                Err(e) => return Err(io(e)),
-            }
-        }
-        file.flush().await.map_err(io)?;
-        sink.shutdown().await.map_err(io)?;
-        let stdout = out.await.unwrap_or_default();
-        let stderr = err.await.unwrap_or_default();
-        if !status.success() {
-            return Err(ExecError::Failed {
-                cmd,
-                status: status.into(),
-                stderr,
-            }
-            .into());
-        }
-        Ok((Stats::parse(&stdout), total, hex::encode(hasher.finalize())))
+        Ok(Streamed {
+            size: total,
+            sha256,
+            first_byte,
+            complete,
+            exit,
+        })
     }
 
     /// Restores from an exported archive; returns podman's own timing (`--print-stats`).

@@ -259,17 +259,6 @@ impl Ssh {
             .await
     }
 
-    /// Streams `reader` into the stdin of a remote shell `script`. Returns the bytes sent
-    /// and their SHA-256.
-    pub async fn stream_into<R: AsyncRead + Unpin>(
-        &self,
-        reader: R,
-        script: &str,
-        timeout: Duration,
-    ) -> Result<(u64, String), SshError> {
-        self.open_stream(script).await?.feed(reader, timeout).await
-    }
-
     /// Starts a remote shell `script` whose stdin is fed later: the command is up (and
     /// its startup paid) before the data exists.
     pub async fn open_stream(&self, script: &str) -> Result<RemoteStream<'_>, SshError> {
