@@ -41,6 +41,9 @@ pub enum Command {
     },
     /// Print the man page (roff) to stdout.
     Man,
+    /// Internal: the target end of an archive upload (started by `migrate send`).
+    #[command(hide = true)]
+    Sink(crate::sink::SinkArgs),
 }
 
 /// How records are printed on stdout (`send` and `receive`).

@@ -14,6 +14,7 @@ mod protocol;
 mod receive;
 mod secret;
 mod send;
+mod sink;
 mod sync;
 mod timing;
 mod transport;
@@ -95,6 +96,7 @@ async fn dispatch(cli: Cli) -> u8 {
             );
             0
         }
+        Command::Sink(args) => sink::run(args),
         Command::Man => {
             match clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout()) {
                 Ok(()) => 0,

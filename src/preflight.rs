@@ -124,6 +124,8 @@ pub struct Welcome {
     pub control: Control,
     pub workdir: String,
     pub nonce: String,
+    /// The receiver's binary, offered as the upload sink.
+    pub sink: Option<String>,
 }
 
 /// All that the checks found, and what they opened on the way.
@@ -138,6 +140,8 @@ pub struct Report {
     pub remote_dir: Option<String>,
     /// The target can decompress zstd streams (`zstd` command).
     pub target_zstd: bool,
+    /// The receiver's binary runs for this SSH user: archives go through `migrate sink`.
+    pub target_sink: Option<String>,
 }
 
 impl Report {
@@ -160,6 +164,7 @@ pub async fn run(want: &Want<'_>, ui: &Ui) -> Report {
         missing_images: Vec::new(),
         remote_dir: None,
         target_zstd: false,
+        target_sink: None,
     };
     ui.phase("checking the containers here");
     source_containers(want, &mut r).await;
@@ -222,17 +227,24 @@ pub async fn run(want: &Want<'_>, ui: &Ui) -> Report {
         .map(|w| w.workdir.clone())
         .unwrap_or_else(|| "/var/lib/migrate".into());
     let run_dir = format!("{}/runs/{}", workdir.trim_end_matches('/'), want.run_id);
-    let script = target_script(
+    let sink = r.receiver.as_ref().and_then(|w| w.sink.clone());
+    let mut script = target_script(
         &r.infos,
         want.data,
         &run_dir,
         want.create_run_dir && r.receiver.is_some(),
     );
+    if let Some(exe) = &sink {
+        script.push_str(&format!("{} sink --check 2>/dev/null\n", shell_quote(exe)));
+    }
     match ssh.sh(&script, REMOTE_TIMEOUT).await {
         Ok(out) => {
             let facts = Facts::parse(&out.stdout);
             stack_findings(&facts, "target", &mut r.findings);
             r.target_zstd = facts.zstd;
+            if out.stdout.lines().any(|l| l == "sink=ok") {
+                r.target_sink = sink;
+            }
             let mut needs = vec![(
                 "archives".to_string(),
                 r.infos
@@ -557,10 +569,16 @@ async fn connect_receiver(want: &Want<'_>) -> Result<Welcome, Finding> {
         control.recv::<ToSender>().await
     };
     match tokio::time::timeout(CONTROL_REPLY_TIMEOUT, welcome).await {
-        Ok(Ok(ToSender::Welcome { workdir, nonce, .. })) => Ok(Welcome {
+        Ok(Ok(ToSender::Welcome {
+            workdir,
+            nonce,
+            sink,
+            ..
+        })) => Ok(Welcome {
             control,
             workdir,
             nonce,
+            sink,
         }),
         Ok(Ok(ToSender::Refused { reason })) => Err(fail(
             format!("the receiver on {addr} refused: {reason}"),

@@ -90,6 +90,9 @@ pub enum ToSender {
         hostname: String,
         workdir: String,
         nonce: String,
+        /// The receiver's own binary: the sender writes archives through its `sink`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        sink: Option<String>,
     },
     /// The receiver will not take this migration.
     Refused { reason: String },
@@ -683,6 +686,7 @@ mod tests {
             let hello: ToReceiver = ch.recv().await.unwrap();
             assert!(matches!(hello, ToReceiver::Hello { .. }));
             ch.send(&ToSender::Welcome {
+                sink: None,
                 protocol: PROTOCOL_VERSION,
                 receiver_version: "t".into(),
                 hostname: "b".into(),

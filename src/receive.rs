@@ -189,6 +189,7 @@ async fn handle(sock: TcpStream, peer: SocketAddr, ctx: &Ctx) -> Option<Done> {
         hostname: ctx.hostname.clone(),
         workdir: ctx.workdir.display().to_string(),
         nonce: nonce.clone(),
+        sink: own_binary(),
     };
     if ch.send(&welcome).await.is_err() {
         return None;
@@ -481,6 +482,16 @@ async fn verify_archives(manifest: &Manifest, run_id: &str, dir: &Path) -> anyho
                 c.size
             );
         }
+        // Written by `migrate sink` from the very bytes it wrote: no second read.
+        if let Ok(d) = std::fs::read_to_string(crate::sink::digest_path(&path)) {
+            if d.trim() != c.sha256 {
+                bail!(
+                    "archive {} does not match its SHA-256 in the manifest",
+                    path.display()
+                );
+            }
+            continue;
+        }
         let p = path.clone();
         let digest = tokio::task::spawn_blocking(move || -> std::io::Result<String> {
             let mut f = std::fs::File::open(&p)?;
@@ -504,6 +515,13 @@ async fn verify_archives(manifest: &Manifest, run_id: &str, dir: &Path) -> anyho
         }
     }
     Ok(())
+}
+
+/// This very binary, while it is still on disk (a rebuilt one reads "… (deleted)").
+fn own_binary() -> Option<String> {
+    let exe = std::env::current_exe().ok()?;
+    let s = exe.to_str()?;
+    (exe.is_file() && !s.ends_with(" (deleted)")).then(|| s.to_string())
 }
 
 /// Writes `result.json` so a sender that lost the control connection can read it over SSH.

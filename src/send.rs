@@ -82,6 +82,8 @@ struct Item {
     fifo: PathBuf,
     /// The archive is zstd-compressed on the wire and decompressed on the target.
     stream_zstd: bool,
+    /// The receiver's binary, whose `sink` writes the archive on the target.
+    sink: Option<String>,
     /// Containers of this migration to restore before this one.
     after: Vec<String>,
 }
@@ -222,7 +224,7 @@ async fn migrate(
         None => futures::future::try_join_all(items.iter().map(|it| {
             let path = remote_join(&remote_dir, &it.archive_name);
             let ssh = &ssh;
-            async move { open_upload(ssh, &path, it.stream_zstd).await }
+            async move { open_upload(ssh, &path, it).await }
         }))
         .await
         .map_err(anyhow::Error::from),
@@ -566,7 +568,7 @@ async fn freeze_and_stream(
     loop {
         let s = match stream.take() {
             Some(s) => s,
-            None => match open_upload(ssh, &remote, it.stream_zstd).await {
+            None => match open_upload(ssh, &remote, it).await {
                 Ok(s) => s,
                 Err(e) => {
                     return Frozen {
@@ -629,11 +631,11 @@ async fn freeze_and_stream(
             continue;
         }
         // The manifest describes the archive as it lands on the target: what podman wrote.
-        let wire_bytes = shipped.as_ref().map(|(n, _)| *n).unwrap_or(0);
+        let wire_bytes = shipped.as_ref().copied().unwrap_or(0);
         let shipped = match (&checkpoint, shipped) {
             (Ok(st), Ok(_)) => Ok((st.size, st.sha256.clone())),
             (_, Err(e)) => Err(e),
-            (Err(_), Ok(x)) => Ok(x),
+            (Err(_), Ok(n)) => Ok((n, String::new())),
         };
         let checkpoint = checkpoint.map_err(|e| {
             let hint = match tcp_trouble(&e) {
@@ -659,16 +661,26 @@ async fn freeze_and_stream(
     }
 }
 
-/// Opens the upload of one archive; a zstd stream is decompressed on the target.
+/// Opens the upload of one archive: through the receiver's `migrate sink` when it runs
+/// there (it decodes zstd and leaves the SHA-256 for the receiver), else through `zstd -d`
+/// or `cat`.
 async fn open_upload<'a>(
     ssh: &'a Ssh,
     path: &str,
-    zstd: bool,
+    it: &Item,
 ) -> Result<crate::transport::ssh::RemoteStream<'a>, crate::transport::ssh::SshError> {
-    if zstd {
-        ssh.open_upload_via(path, "zstd -d -q -c").await
-    } else {
-        ssh.open_upload(path).await
+    match &it.sink {
+        Some(exe) => {
+            let zstd = if it.stream_zstd { " --zstd" } else { "" };
+            ssh.open_stream(&format!(
+                "{} sink{zstd} {}",
+                crate::exec::shell_quote(exe),
+                crate::exec::shell_quote(path)
+            ))
+            .await
+        }
+        None if it.stream_zstd => ssh.open_upload_via(path, "zstd -d -q -c").await,
+        None => ssh.open_upload(path).await,
     }
 }
 
@@ -773,6 +785,7 @@ async fn preflight(
     let preflight::Report {
         infos,
         target_zstd,
+        target_sink,
         ssh,
         receiver,
         missing_images,
@@ -865,7 +878,8 @@ async fn preflight(
             // zstd travels as a stream the target decompresses as it arrives (podman
             // exports plain tar, restores plain tar: both faster); without the `zstd`
             // command there, podman compresses itself.
-            let stream_zstd = compression == Compression::Zstd && target_zstd;
+            let stream_zstd =
+                compression == Compression::Zstd && (target_zstd || target_sink.is_some());
             let podman_compression = if stream_zstd {
                 Compression::None
             } else {
@@ -874,6 +888,7 @@ async fn preflight(
             let archive_name = format!("{}.{}", info.name, podman_compression.extension());
             Item {
                 stream_zstd,
+                sink: target_sink.clone(),
                 opts: CriuOptions {
                     file_locks: locks,
                     tcp_established: plan.tcp_established,

@@ -44,6 +44,10 @@ pub struct Opts {
     /// Runs per case [default: 10; 3 with --quick].
     #[arg(long)]
     pub runs: Option<u32>,
+    /// MiB of touched memory for the memory series (the `hog` moved by migrate), comma
+    /// separated, or `none` [default: 64,256,1024; none with --quick].
+    #[arg(long)]
+    pub memory: Option<String>,
     /// Methods: migrate, thesis, floor.
     #[arg(long, default_value = "migrate,thesis,floor")]
     pub methods: String,
@@ -69,6 +73,8 @@ pub struct Plan {
     pub rows: Vec<u64>,
     pub runs: u32,
     pub methods: Vec<String>,
+    /// Sizes of the memory series, MiB (empty: none).
+    pub memory: Vec<u64>,
     pub probe_host: String,
     pub probe_interval: String,
     pub skip_in_flight: bool,
@@ -114,6 +120,18 @@ impl Opts {
             None if self.quick => vec![1000],
             None => vec![100, 500, 1000, 5000, 10000],
         };
+        let memory = match self.memory.as_deref() {
+            Some("none") => Vec::new(),
+            Some(m) => list(m)
+                .iter()
+                .map(|x| match x.parse::<u64>() {
+                    Ok(n) if n > 0 => Ok(n),
+                    _ => bail!("bad --memory value '{x}': MiB, e.g. 64,256,1024, or none"),
+                })
+                .collect::<Result<Vec<_>>>()?,
+            None if self.quick => Vec::new(),
+            None => vec![64, 256, 1024],
+        };
         let methods = list(&self.methods);
         for m in &methods {
             if !["migrate", "thesis", "floor"].contains(&m.as_str()) {
@@ -121,7 +139,7 @@ impl Opts {
             }
         }
         let runs = self.runs.unwrap_or(if self.quick { 3 } else { 10 });
-        if runs == 0 || rows.is_empty() || methods.is_empty() || profiles.is_empty() {
+        if runs == 0 || (rows.is_empty() && memory.is_empty()) || profiles.is_empty() {
             bail!("nothing to run");
         }
         Ok(Plan {
@@ -132,6 +150,7 @@ impl Opts {
             rows,
             runs,
             methods,
+            memory,
             probe_host: self.probe_host.clone(),
             probe_interval: self.probe_interval.clone(),
             skip_in_flight: !self.no_skip_in_flight,
@@ -169,6 +188,21 @@ mod tests {
         assert_eq!(full.rows.len(), 5);
         assert_eq!(full.runs, 10);
         assert_eq!(full.profiles.len(), 3);
+        assert_eq!(full.memory, vec![64, 256, 1024]);
+        assert!(p.memory.is_empty());
+        let none = Cli::try_parse_from(["bench", "--out", "x", "--memory", "none"])
+            .unwrap()
+            .opts
+            .plan()
+            .unwrap();
+        assert!(none.memory.is_empty());
+        assert!(
+            Cli::try_parse_from(["bench", "--out", "x", "--memory", "0"])
+                .unwrap()
+                .opts
+                .plan()
+                .is_err()
+        );
         assert!(Cli::try_parse_from(["bench"]).unwrap().opts.plan().is_err());
         assert!(
             Cli::try_parse_from(["bench", "--out", "x", "--hosts", "d,c"])

@@ -44,6 +44,17 @@ pub fn plot(
         })
         .filter(|(_, _, p)| !p.is_empty())
         .collect();
+    draw(
+        path,
+        title,
+        "rows in app.users (log scale)",
+        y_label,
+        series,
+    )
+}
+
+/// Draws `series` (lines with points) on a log-scale x axis.
+fn draw(path: &Path, title: &str, x_label: &str, y_label: &str, series: Vec<Series>) -> Result<()> {
     if series.is_empty() {
         return Ok(());
     }
@@ -72,7 +83,7 @@ pub fn plot(
         .map_err(|e| anyhow!("{e:?}"))?;
     chart
         .configure_mesh()
-        .x_desc("rows in app.users (log scale)")
+        .x_desc(x_label)
         .y_desc(y_label)
         .x_label_formatter(&|x| format!("{x:.0}"))
         .draw()
@@ -98,4 +109,42 @@ pub fn plot(
         .map_err(|e| anyhow!("{e:?}"))?;
     root.present().map_err(|e| anyhow!("{e:?}"))?;
     Ok(())
+}
+
+/// Downtime against the memory the hog holds (method memory), for one profile, with
+/// the two parts that grow with it: archives complete after DOWN, and the restore.
+pub fn plot_memory(path: &Path, title: &str, profile: &str, rows: &[SummaryRow]) -> Result<()> {
+    let cells: Vec<&SummaryRow> = rows
+        .iter()
+        .filter(|r| r.method == "memory" && r.profile == profile)
+        .collect();
+    let line = |f: fn(&SummaryRow) -> Option<f64>| -> Vec<(f64, f64)> {
+        cells
+            .iter()
+            .filter_map(|r| f(r).map(|v| (r.rows as f64, v)))
+            .collect()
+    };
+    let series: Vec<Series> = vec![
+        ("downtime", BLUE, line(|r| r.downtime_mean_s)),
+        (
+            "archives complete (after DOWN)",
+            RGBColor(230, 120, 0),
+            line(|r| r.checkpoint_mean_s),
+        ),
+        (
+            "restore on the target",
+            RGBColor(0, 140, 0),
+            line(|r| r.restore_mean_s),
+        ),
+    ]
+    .into_iter()
+    .filter(|s| !s.2.is_empty())
+    .collect();
+    draw(
+        path,
+        title,
+        "MiB of touched memory held by the process (log scale)",
+        "seconds",
+        series,
+    )
 }

@@ -9,11 +9,13 @@ use serde::Serialize;
 
 use crate::stats::{Stats, ratio, stats};
 
-/// One run of one method (migrate, thesis or floor).
+/// One run of one method (migrate, thesis or floor on the thesis pair; memory: migrate
+/// moving the `hog` container, whose size in MiB stands in the `rows` column).
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct RunRow {
     pub method: String,
     pub profile: String,
+    /// Rows in app.users; for method memory, the MiB the hog holds.
     pub rows: u64,
     pub run: u32,
     pub direction: String,
@@ -35,6 +37,15 @@ pub struct RunRow {
     pub transfer_s: Option<f64>,
     pub postsync_s: Option<f64>,
     pub restore_s: Option<f64>,
+    /// migrate only: DOWN until every dump was over (the processes gone).
+    pub dump_s: Option<f64>,
+    /// migrate only: "OK" sent until the target's answer (verify + restore + messages).
+    pub control_s: Option<f64>,
+    pub verify_s: Option<f64>,
+    pub podman_checkpoint_s: Option<f64>,
+    pub criu_frozen_s: Option<f64>,
+    pub criu_restore_s: Option<f64>,
+    pub archive_bytes: Option<f64>,
     pub bytes_sent: Option<f64>,
     /// Longest outage the client probe saw.
     pub client_outage_s: Option<f64>,
@@ -89,6 +100,17 @@ pub struct SummaryRow {
     pub outage_min_s: Option<f64>,
     pub outage_max_s: Option<f64>,
     pub n_probe_exceeds: usize,
+    /// Where the downtime went (means; migrate and memory rows).
+    pub dump_mean_s: Option<f64>,
+    pub checkpoint_mean_s: Option<f64>,
+    pub transfer_mean_s: Option<f64>,
+    pub postsync_mean_s: Option<f64>,
+    pub control_mean_s: Option<f64>,
+    pub verify_mean_s: Option<f64>,
+    pub restore_mean_s: Option<f64>,
+    pub criu_frozen_mean_s: Option<f64>,
+    pub criu_restore_mean_s: Option<f64>,
+    pub archive_mean_bytes: Option<f64>,
     /// migrate rows only: mean(migrate) / mean(thesis) in the same profile and rows.
     pub downtime_ratio_migrate_thesis: Option<f64>,
     pub migration_ratio_migrate_thesis: Option<f64>,
@@ -121,6 +143,7 @@ pub fn summarize(runs: &[RunRow]) -> Vec<SummaryRow> {
             let [dm, ds, dmin, dmax] = parts(col(|r| r.downtime_s));
             let [mm, ms, mmin, mmax] = parts(col(|r| r.migration_time_s));
             let [om, os, omin, omax] = parts(col(|r| r.client_outage_s));
+            let mean = |f: fn(&RunRow) -> Option<f64>| col(f).map(|s| s.mean);
             SummaryRow {
                 method: method.clone(),
                 profile: profile.clone(),
@@ -140,6 +163,16 @@ pub fn summarize(runs: &[RunRow]) -> Vec<SummaryRow> {
                 outage_min_s: omin,
                 outage_max_s: omax,
                 n_probe_exceeds: valid.iter().filter(|r| r.probe_exceeds_reported).count(),
+                dump_mean_s: mean(|r| r.dump_s),
+                checkpoint_mean_s: mean(|r| r.checkpoint_s),
+                transfer_mean_s: mean(|r| r.transfer_s),
+                postsync_mean_s: mean(|r| r.postsync_s),
+                control_mean_s: mean(|r| r.control_s),
+                verify_mean_s: mean(|r| r.verify_s),
+                restore_mean_s: mean(|r| r.restore_s),
+                criu_frozen_mean_s: mean(|r| r.criu_frozen_s),
+                criu_restore_mean_s: mean(|r| r.criu_restore_s),
+                archive_mean_bytes: mean(|r| r.archive_bytes),
                 downtime_ratio_migrate_thesis: None,
                 migration_ratio_migrate_thesis: None,
                 outage_ratio_migrate_thesis: None,
@@ -213,6 +246,45 @@ pub fn summary_markdown(rows: &[SummaryRow], runs: &[RunRow], header: &str) -> S
             f(r.downtime_ratio_migrate_thesis),
             f(r.migration_ratio_migrate_thesis),
         );
+    }
+    let phased: Vec<&SummaryRow> = rows
+        .iter()
+        .filter(|r| (r.method == "migrate" || r.method == "memory") && r.dump_mean_s.is_some())
+        .collect();
+    if !phased.is_empty() {
+        s.push_str(
+            "\n## Where migrate's downtime goes (means over valid runs, seconds)\n\n\
+             Counted from DOWN: `dump` until every container's CRIU dump was over (processes gone), \
+             `archives` until podman's archives were complete, `shipped` until they were on the target; \
+             `post-sync` is the rsync of the data folders, started at `dump`. From \"OK\": `control` \
+             until the target's answer, of which `verify` (size and SHA-256 of the archives) and \
+             `restore` (podman restore of all containers, in parallel). `CRIU frozen` and `CRIU restore` \
+             are CRIU's own figures inside podman's. For method memory the rows column is the MiB held.\n\n",
+        );
+        s.push_str("| profile | rows / MiB | method | downtime | dump | archives | shipped | post-sync | control | verify | restore | CRIU frozen | CRIU restore | archive MiB |\n");
+        s.push_str("| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n");
+        for r in phased {
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                r.profile,
+                r.rows,
+                r.method,
+                f(r.downtime_mean_s),
+                f(r.dump_mean_s),
+                f(r.checkpoint_mean_s),
+                f(r.transfer_mean_s),
+                f(r.postsync_mean_s),
+                f(r.control_mean_s),
+                f(r.verify_mean_s),
+                f(r.restore_mean_s),
+                f(r.criu_frozen_mean_s),
+                f(r.criu_restore_mean_s),
+                r.archive_mean_bytes
+                    .map(|b| format!("{:.1}", b / 1048576.0))
+                    .unwrap_or_else(|| "–".into()),
+            );
+        }
     }
     let bad: Vec<&RunRow> = runs.iter().filter(|r| !r.valid()).collect();
     s.push_str("\n## Runs excluded from the statistics\n\n");

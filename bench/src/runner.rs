@@ -19,6 +19,8 @@ use crate::stats;
 static CLEANUP: AtomicBool = AtomicBool::new(false);
 
 const STOP_FILE: &str = "/tmp/bench-stop-probe";
+/// Port of the memory workload (testdata/workloads/memory/hog.args).
+const HOG_PORT: u16 = 8083;
 const FILLER_FILES: u32 = 9; // x 4 MiB of random data in /srv/app/www/files: ~40 MB of www
 
 /// Address of a lab host (scripts/lab: a=10.77.0.11 ... e=10.77.0.15).
@@ -123,8 +125,9 @@ struct Bench {
     runs_csv: csv::Writer<File>,
     results: Vec<RunRow>,
     progress: Progress,
-    /// Where the workload currently runs, and with how many rows (None: must be created).
-    workload: Option<(String, u64)>,
+    /// Where the workload currently runs, which one ("thesis" pair or "memory" hog) and
+    /// its size (rows or MiB); None: it must be created.
+    workload: Option<(String, &'static str, u64)>,
     shaped: bool,
     /// Profile -> the qdisc actually used (netem, or the tbf fallback).
     shaping: std::collections::BTreeMap<String, String>,
@@ -170,7 +173,8 @@ pub fn run(plan: Plan) -> Result<()> {
         * (plan.methods.iter().filter(|m| *m != "floor").count() as u64
             * plan.profiles.len() as u64
             + u64::from(plan.methods.iter().any(|m| m == "floor")));
-    let total = per_rows * plan.rows.len() as u64;
+    let total = per_rows * plan.rows.len() as u64
+        + plan.runs as u64 * plan.memory.len() as u64 * plan.profiles.len() as u64;
     let mut b = Bench {
         lab: Lab { repo: repo.clone() },
         migrate: migrate.display().to_string(),
@@ -300,11 +304,11 @@ impl Bench {
     fn clean_host(&self, h: &str) -> Result<()> {
         self.sh(
             h,
-            "podman rm -f -t 1 --ignore web db >/dev/null 2>&1; \
+            "podman rm -f -t 1 --ignore web db hog >/dev/null 2>&1; \
              rm -rf /srv/app /srv/thesis /var/tmp/bench-floor; \
              for p in $(ss -ltnpH '( sport = :12345 or sport = :12346 )' | grep -o 'pid=[0-9]*' | cut -d= -f2 | sort -u); do \
                kill \"$p\" 2>/dev/null; done; \
-             podman ps -a --format '{{.Names}}' | grep -qxE 'web|db' && exit 1; true",
+             podman ps -a --format '{{.Names}}' | grep -qxE 'web|db|hog' && exit 1; true",
             120,
         )
         .map(|_| ())
@@ -328,18 +332,34 @@ impl Bench {
         if self.web_answers(host, Duration::from_secs(20))?.is_none() {
             bail!("web on {host} does not answer after workload up");
         }
-        self.workload = Some((host.to_string(), rows));
+        self.workload = Some((host.to_string(), "thesis", rows));
         Ok(())
     }
 
-    /// Make sure the workload with ROWS rows runs on HOST (fresh if it does not).
-    fn ensure_workload(&mut self, host: &str, rows: u64) -> Result<()> {
-        if self.workload.as_ref() == Some(&(host.to_string(), rows)) {
+    fn hog_up(&mut self, host: &str, mb: u64) -> Result<()> {
+        self.workload = None;
+        for h in self.plan.hosts.clone() {
+            self.clean_host(&h)?;
+        }
+        self.lab
+            .lab(&["hog", "up", host, "--mb", &mb.to_string()], 300)?;
+        self.workload = Some((host.to_string(), "memory", mb));
+        Ok(())
+    }
+
+    /// Make sure the workload of `kind` and `size` runs on HOST (fresh if it does not).
+    fn ensure_workload(&mut self, host: &str, kind: &'static str, size: u64) -> Result<()> {
+        if self.workload.as_ref() == Some(&(host.to_string(), kind, size)) {
             return Ok(());
         }
         let mut last = None;
         for attempt in 1..=2 {
-            match self.workload_up(host, rows) {
+            let up = if kind == "memory" {
+                self.hog_up(host, size)
+            } else {
+                self.workload_up(host, size)
+            };
+            match up {
                 Ok(()) => return Ok(()),
                 Err(e) => {
                     self.progress.println(&format!(
@@ -393,19 +413,50 @@ impl Bench {
     fn leftovers(&self, h: &str) -> Result<Vec<String>> {
         let s = self.sh(h, "podman ps -a --format '{{.Names}}'", 30)?;
         Ok(s.lines()
-            .filter(|l| *l == "web" || *l == "db")
+            .filter(|l| ["web", "db", "hog"].contains(l))
             .map(String::from)
             .collect())
     }
 
+    /// The hog's (checksum of its memory, ticks lived), asked from the probe host; None
+    /// while it does not answer within `limit`.
+    fn hog_state(&self, host: &str, limit: Duration) -> Result<Option<(u64, u64)>> {
+        let url = format!("http://{}:{HOG_PORT}/state", host_addr(host)?);
+        let end = Instant::now() + limit;
+        loop {
+            if let Ok(out) = self.sh(
+                &self.plan.probe_host,
+                &format!("curl -sS -f --max-time 30 {url}"),
+                60,
+            ) {
+                let kv = |k: &str| {
+                    out.split_whitespace()
+                        .find_map(|w| w.strip_prefix(k))
+                        .and_then(|v| v.parse::<u64>().ok())
+                };
+                if let (Some(sum), Some(ticks)) = (kv("sum="), kv("ticks=")) {
+                    return Ok(Some((sum, ticks)));
+                }
+            }
+            if Instant::now() > end {
+                return Ok(None);
+            }
+            lab::sleep(Duration::from_millis(200))?;
+        }
+    }
+
     // ------------------------------------------------------------ probe
 
-    fn start_probe(&self, prefix: &Path) -> Result<Bg> {
+    fn start_probe(&self, prefix: &Path, memory: bool) -> Result<Bg> {
         let ph = &self.plan.probe_host;
         self.sh(ph, &format!("rm -f {STOP_FILE}"), 10)?;
         let mut args: Vec<String> = self.probe_cmd.clone();
         for h in &self.plan.hosts {
-            args.push(format!("http://{}:8080/cgi-bin/counter", host_addr(h)?));
+            args.push(if memory {
+                format!("http://{}:{HOG_PORT}/health", host_addr(h)?)
+            } else {
+                format!("http://{}:8080/cgi-bin/counter", host_addr(h)?)
+            });
         }
         for a in [
             "--interval",
@@ -476,6 +527,12 @@ impl Bench {
                     }
                 }
             }
+            for mb in self.plan.memory.clone() {
+                self.workload = None;
+                for run in 1..=self.plan.runs {
+                    self.one("memory", &profile, mb, run)?;
+                }
+            }
         }
         Ok(())
     }
@@ -491,8 +548,14 @@ impl Bench {
             (self.plan.hosts[1].clone(), self.plan.hosts[0].clone())
         };
         let direction = format!("{src}->{dst}");
+        let kind = if method == "memory" {
+            "memory"
+        } else {
+            "thesis"
+        };
+        let size = if kind == "memory" { "MiB" } else { "rows" };
         let case = format!(
-            "{method} {profile} rows={rows} run {run}/{} {direction}",
+            "{method} {profile} {size}={rows} run {run}/{} {direction}",
             self.plan.runs
         );
         self.progress.start(&case);
@@ -517,7 +580,7 @@ impl Bench {
         };
         let t0 = Instant::now();
         let res = self
-            .ensure_workload(&src, rows)
+            .ensure_workload(&src, kind, rows)
             .and_then(|()| self.measure(method, &src, &dst, rows, &prefix, &mut row));
         row.wall_s = t0.elapsed().as_secs_f64();
         if let Err(e) = &res {
@@ -557,7 +620,7 @@ impl Bench {
         self.progress.inc();
         lab::check_interrupt()?;
         if ok {
-            self.workload = Some((dst, rows));
+            self.workload = Some((dst, kind, rows));
         } else {
             // Recover: next run starts from clean hosts and a fresh workload.
             self.workload = None;
@@ -582,11 +645,14 @@ impl Bench {
         if method != "floor" {
             self.clean_host(dst)?;
         }
+        if method == "memory" {
+            return self.measure_memory(src, dst, prefix, row);
+        }
         let before = self.counter(src)?;
         row.counter_before = Some(before);
-        let probe = self.start_probe(prefix)?;
+        let probe = self.start_probe(prefix, false)?;
         let sent = match method {
-            "migrate" => self.run_migrate(src, dst, prefix, row),
+            "migrate" => self.run_migrate(src, dst, prefix, row, &["db", "web"]),
             "thesis" => self.run_thesis(src, dst, prefix, row),
             "floor" => self.run_floor(src, prefix, row),
             _ => unreachable!(),
@@ -653,7 +719,78 @@ impl Bench {
         Ok(())
     }
 
-    fn run_migrate(&self, src: &str, dst: &str, prefix: &Path, row: &mut RunRow) -> Result<()> {
+    /// One move of the hog: its memory checksum must be the same on the target and its
+    /// tick count must have gone on.
+    fn measure_memory(
+        &mut self,
+        src: &str,
+        dst: &str,
+        prefix: &Path,
+        row: &mut RunRow,
+    ) -> Result<()> {
+        let (sum, ticks) = self
+            .hog_state(src, Duration::from_secs(30))?
+            .ok_or_else(|| anyhow!("hog on {src} does not answer"))?;
+        row.counter_before = Some(ticks);
+        let probe = self.start_probe(prefix, true)?;
+        let sent = self.run_migrate(src, dst, prefix, row, &["hog"]);
+        let after = self.hog_state(dst, Duration::from_secs(if sent.is_ok() { 30 } else { 3 }))?;
+        lab::sleep(Duration::from_millis(200))?;
+        match self.stop_probe(probe) {
+            Ok(p) => {
+                row.client_outage_s = p.longest_outage_s;
+                row.probe_outages = Some(p.outages.len() as u64);
+                row.probe_sent = p.sent;
+                row.probe_received = p.received;
+                row.probe_lost = p.lost;
+                row.probe_rtt_min_ms = p.rtt_min_ms;
+                row.probe_rtt_mdev_ms = p.rtt_mdev_ms;
+                row.probe_loss_pct = p.loss_pct;
+                row.probe_rtt_avg_ms = p.rtt_avg_ms;
+                row.probe_rtt_max_ms = p.rtt_max_ms;
+            }
+            Err(e) => self.progress.println(&format!("bench:   probe: {e:#}")),
+        }
+        if let Err(e) = sent {
+            if row.outcome.is_empty() {
+                row.outcome = "failed".into();
+            }
+            row.error = format!("{e:#}");
+            return Ok(());
+        }
+        row.counter_after = after.map(|a| a.1);
+        let left = self.leftovers(src).unwrap_or_default();
+        let mut problems = Vec::new();
+        row.outcome = match after {
+            None => {
+                problems.push(format!("hog on {dst} does not answer"));
+                "not_serving"
+            }
+            Some((s, t)) if s != sum || t < ticks => {
+                problems.push(format!(
+                    "hog on {dst}: sum {s} ticks {t}, before: sum {sum} ticks {ticks}"
+                ));
+                "state_lost"
+            }
+            Some(_) if !left.is_empty() => {
+                problems.push(format!("left on {src}: {}", left.join(" ")));
+                "source_leftover"
+            }
+            Some(_) => "ok",
+        }
+        .into();
+        row.error = problems.join("; ");
+        Ok(())
+    }
+
+    fn run_migrate(
+        &self,
+        src: &str,
+        dst: &str,
+        prefix: &Path,
+        row: &mut RunRow,
+        containers: &[&str],
+    ) -> Result<()> {
         let mut recv = self.lab.spawn(
             dst,
             &[&self.migrate, "receive"],
@@ -664,24 +801,22 @@ impl Bench {
         recv.wait_for_text("listening", Duration::from_secs(30))
             .context("migrate receive did not start")?;
         let to = format!("root@{}", host_addr(dst)?);
-        let label = format!("{}-{}-r{}", row.profile, row.rows, row.run);
-        let out = self.lab.run(
-            src,
-            &[
-                &self.migrate,
-                "send",
-                "--to",
-                &to,
-                "--data",
-                "/srv/app",
-                "--tcp-established",
-                "--label",
-                &label,
-                "db",
-                "web",
-            ],
-            900,
-        )?;
+        let label = format!("{}-{}-{}-r{}", row.method, row.profile, row.rows, row.run);
+        let mut argv = vec![
+            self.migrate.as_str(),
+            "send",
+            "--to",
+            &to,
+            "--tcp-established",
+            "--label",
+            &label,
+        ];
+        // The thesis pair's data folder; the hog has none.
+        if containers.contains(&"db") {
+            argv.extend(["--data", "/srv/app"]);
+        }
+        argv.extend(containers);
+        let out = self.lab.run(src, &argv, 900)?;
         fs::write(prefix.with_extension("send.out"), &out.stdout)?;
         fs::write(prefix.with_extension("send.err"), &out.stderr)?;
         let code = out.status.code().unwrap_or(-1);
@@ -704,6 +839,13 @@ impl Bench {
             row.postsync_s = n("postsync_s");
             row.restore_s = n("restore_s");
             row.bytes_sent = n("bytes_sent");
+            row.dump_s = n("dump_s");
+            row.control_s = n("control_s");
+            row.verify_s = n("verify_s");
+            row.podman_checkpoint_s = n("podman_checkpoint_s");
+            row.criu_frozen_s = n("criu_frozen_s");
+            row.criu_restore_s = n("criu_restore_s");
+            row.archive_bytes = n("archive_bytes");
         }
         if code != 0 {
             row.outcome = match code {
@@ -839,6 +981,14 @@ echo "DOWNTIME_S=$(s $t0 $t3)"; rm -rf "$f"; echo RESULT=ok
                 true,
                 |r| r.downtime_mean_s,
             )?;
+            if !self.plan.memory.is_empty() {
+                crate::plot::plot_memory(
+                    &self.plan.out.join(format!("downtime-memory-{p}.svg")),
+                    &format!("Downtime vs memory held, profile {p}"),
+                    p,
+                    &summary,
+                )?;
+            }
             crate::plot::plot(
                 &self.plan.out.join(format!("migration-{p}.svg")),
                 &format!("Migration time vs rows, profile {p}"),
@@ -857,7 +1007,7 @@ echo "DOWNTIME_S=$(s $t0 $t3)"; rm -rf "$f"; echo RESULT=ok
         let mut s = format!(
             "# migrate vs the thesis method: benchmark results\n\n\
              - started: {} (UTC), took {:.0} s\n- mode: {}\n- hosts: {} <-> {} (runs alternate: odd {}->{}, even back), probe on {} every {} ({})\n\
-             - profiles: {}\n- rows: {}\n- runs per case: {}\n- methods: {}\n\n\
+             - profiles: {}\n- rows: {}\n- memory series (MiB held by the hog): {}\n- runs per case: {}\n- methods: {}\n\n\
              Profiles (tc netem on each host's eth0 egress): lan = none; cloud = `{}`; wan = `{}`.\n\n\
              Definitions: migrate's downtime and migration time are those of its own record; thesis: \
              downtime = UP_TIMESTAMP - DOWN_TIMESTAMP, migration time = sending script total + receiving \
@@ -865,7 +1015,11 @@ echo "DOWNTIME_S=$(s $t0 $t3)"; rm -rf "$f"; echo RESULT=ok
              no transfer, `--compress none` (wall time from start of checkpoint to restored; no migration time). \
              Client outage = the probe's longest outage (any of the two hosts' web answering counts as up). \
              Only runs whose state arrived (rows, counter, web answering on the target, nothing left on the \
-             source) enter the statistics.\n\n",
+             source) enter the statistics. Memory series (method memory): one container, `hog` \
+             (testdata/workloads/memory), a Perl process holding N MiB of random bytes read from \
+             /dev/urandom (touched, incompressible), moved by `migrate send` with no data folder; the \
+             run is valid when the checksum of its memory on the target equals the one before and its \
+             tick count went on; the probe asks its /health.\n\n",
             started.format("%Y-%m-%d %H:%M:%S"),
             took.as_secs_f64(),
             if p.quick { "quick" } else { "full" },
@@ -882,6 +1036,15 @@ echo "DOWNTIME_S=$(s $t0 $t3)"; rm -rf "$f"; echo RESULT=ok
                 .map(u64::to_string)
                 .collect::<Vec<_>>()
                 .join(", "),
+            if p.memory.is_empty() {
+                "none".to_string()
+            } else {
+                p.memory
+                    .iter()
+                    .map(u64::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            },
             p.runs,
             p.methods.join(", "),
             netem_args("cloud").ok().flatten().unwrap_or(""),

@@ -5,7 +5,6 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use openssh::{KnownHosts, Session, SessionBuilder, Stdio};
-use sha2::{Digest, Sha256};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 
 use crate::exec::{StatusText, display_command, shell_quote, tail_lines};
@@ -246,13 +245,13 @@ impl Ssh {
     }
 
     /// Streams `reader` into `remote_path` on the target (written to a temporary name and
-    /// renamed when complete). Returns the bytes sent and their SHA-256.
+    /// renamed when complete). Returns the bytes sent.
     pub async fn upload<R: AsyncRead + Unpin>(
         &self,
         reader: R,
         remote_path: &str,
         timeout: Duration,
-    ) -> Result<(u64, String), SshError> {
+    ) -> Result<u64, SshError> {
         self.open_upload(remote_path)
             .await?
             .feed(reader, timeout)
@@ -376,12 +375,12 @@ pub struct RemoteStream<'a> {
 
 impl RemoteStream<'_> {
     /// Copies `reader` into the command, closes its stdin and waits for it. Returns the
-    /// bytes sent and their SHA-256.
+    /// bytes sent.
     pub async fn feed<R: AsyncRead + Unpin>(
         self,
         mut reader: R,
         timeout: Duration,
-    ) -> Result<(u64, String), SshError> {
+    ) -> Result<u64, SshError> {
         let RemoteStream {
             ssh,
             child,
@@ -389,7 +388,6 @@ impl RemoteStream<'_> {
             cmd,
         } = self;
         let work = async {
-            let mut hasher = Sha256::new();
             let mut total = 0u64;
             let mut buf = vec![0u8; 1 << 20];
             let copy: std::io::Result<()> = async {
@@ -398,7 +396,6 @@ impl RemoteStream<'_> {
                     if n == 0 {
                         break;
                     }
-                    hasher.update(&buf[..n]);
                     stdin.write_all(&buf[..n]).await?;
                     total += n as u64;
                 }
@@ -425,7 +422,7 @@ impl RemoteStream<'_> {
                     stderr: tail_lines(&String::from_utf8_lossy(&out.stderr), 12),
                 });
             }
-            Ok((total, hex::encode(hasher.finalize())))
+            Ok(total)
         };
         match tokio::time::timeout(timeout, work).await {
             Ok(r) => r,

@@ -1,0 +1,139 @@
+//! `migrate sink`: the target end of an archive upload, run over SSH by the sender with
+//! the receiver's own binary. It writes stdin (zstd-decoded with `--zstd`) to
+//! `PATH.part`, renames it to `PATH` when complete and leaves the archive's SHA-256 in
+//! `PATH.sha256`, so the receiver checks the archive without reading it again while the
+//! service is down.
+
+use std::io::{BufWriter, Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use sha2::{Digest, Sha256};
+
+/// Options of `migrate sink` (internal: started by `migrate send` on the target).
+#[derive(Debug, clap::Args)]
+pub struct SinkArgs {
+    /// The stream is zstd-compressed: decode it on the way in.
+    #[arg(long)]
+    pub zstd: bool,
+    /// Only say that the sink can run here, then exit.
+    #[arg(long, conflicts_with = "path")]
+    pub check: bool,
+    /// The archive to write.
+    #[arg(required_unless_present = "check")]
+    pub path: Option<PathBuf>,
+}
+
+/// The file next to `archive` that holds its SHA-256 (hex).
+pub fn digest_path(archive: &Path) -> PathBuf {
+    let mut p = archive.as_os_str().to_owned();
+    p.push(".sha256");
+    PathBuf::from(p)
+}
+
+pub fn run(args: SinkArgs) -> u8 {
+    if args.check {
+        println!("sink=ok");
+        return 0;
+    }
+    let path = args.path.expect("clap requires PATH");
+    let stdin = std::io::stdin().lock();
+    let res = if args.zstd {
+        zstd::stream::read::Decoder::new(stdin)
+            .context("starting the zstd decoder")
+            .and_then(|d| write_archive(d, &path))
+    } else {
+        write_archive(stdin, &path)
+    };
+    match res {
+        Ok(_) => 0,
+        Err(e) => {
+            eprintln!("migrate sink: error: {e:#}");
+            1
+        }
+    }
+}
+
+/// Copies `input` to `path` (by way of `path.part`) and writes its digest file; returns
+/// the bytes written.
+pub fn write_archive(mut input: impl Read, path: &Path) -> Result<u64> {
+    let mut part = path.as_os_str().to_owned();
+    part.push(".part");
+    let part = PathBuf::from(part);
+    let open = |p: &Path| {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(p)
+            .with_context(|| format!("cannot write {}", p.display()))
+    };
+    let mut out = BufWriter::with_capacity(1 << 20, open(&part)?);
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut total = 0u64;
+    loop {
+        let n = match input.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e).context("reading the archive stream"),
+        };
+        hasher.update(&buf[..n]);
+        out.write_all(&buf[..n])
+            .with_context(|| format!("writing {}", part.display()))?;
+        total += n as u64;
+    }
+    out.flush()
+        .with_context(|| format!("writing {}", part.display()))?;
+    drop(out);
+    let digest = digest_path(path);
+    let mut d = open(&digest)?;
+    writeln!(d, "{}", hex::encode(hasher.finalize()))
+        .with_context(|| format!("writing {}", digest.display()))?;
+    std::fs::rename(&part, path)
+        .with_context(|| format!("renaming {} to {}", part.display(), path.display()))?;
+    Ok(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn writes_the_archive_and_its_digest() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.tar");
+        let data = vec![7u8; 3 << 20];
+        let compressed = zstd::encode_all(&data[..], 1).unwrap();
+        let n = write_archive(
+            zstd::stream::read::Decoder::new(&compressed[..]).unwrap(),
+            &path,
+        )
+        .unwrap();
+        assert_eq!(n, data.len() as u64);
+        assert_eq!(std::fs::read(&path).unwrap(), data);
+        assert!(!dir.path().join("db.tar.part").exists());
+        let want = hex::encode(Sha256::digest(&data));
+        let got = std::fs::read_to_string(digest_path(&path)).unwrap();
+        assert_eq!(got.trim(), want);
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+
+    #[test]
+    fn a_broken_stream_leaves_no_archive() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.tar");
+        let garbage = vec![1u8; 4096];
+        let r = zstd::stream::read::Decoder::new(&garbage[..])
+            .map_err(anyhow::Error::from)
+            .and_then(|d| write_archive(d, &path));
+        assert!(r.is_err());
+        assert!(!path.exists());
+        assert!(!digest_path(&path).exists());
+    }
+}
