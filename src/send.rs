@@ -323,6 +323,7 @@ async fn migrate(
     let mut exits = Vec::new();
     let mut entries = Vec::new();
     let mut wire_bytes = 0u64;
+    let mut postsync_bytes = 0u64;
     let mut first_error: Option<anyhow::Error> = None;
     for (it, f) in items.iter().zip(frozen) {
         if f.attempts > 1 {
@@ -372,6 +373,7 @@ async fn migrate(
     match post {
         Ok(Some((bytes, postsync_s))) => {
             rec.postsync_s = Some(postsync_s);
+            postsync_bytes = bytes;
             sync_bytes += bytes;
         }
         Ok(None) => {}
@@ -393,13 +395,14 @@ async fn migrate(
         human_bytes(archives),
         human_bytes(wire_bytes),
         rec.transfer_s.unwrap_or_default(),
-        human_bytes(sync_bytes),
+        human_bytes(postsync_bytes),
         rec.postsync_s.unwrap_or_default()
     ));
     let archive_bytes: u64 = entries.iter().map(|e| e.size).sum();
     rec.archive_bytes = Some(archive_bytes);
     rec.sync_bytes = Some(sync_bytes);
     rec.bytes_sent = Some(wire_bytes + sync_bytes);
+    rec.frozen_bytes = Some(wire_bytes + postsync_bytes);
 
     // "OK": from here on the target decides; a signal no longer aborts.
     let manifest = Manifest {

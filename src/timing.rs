@@ -108,6 +108,8 @@ pub struct Record {
     pub criu_restore_s: Option<f64>,
     /// From DOWN until every container's dump was over (its processes gone).
     pub dump_s: Option<f64>,
+    /// Bytes sent while the service was down: archives on the wire and the post-sync.
+    pub frozen_bytes: Option<u64>,
     pub role: &'static str,
     pub error: String,
 }
@@ -171,6 +173,7 @@ impl Record {
             ("criu_frozen_s", Secs(self.criu_frozen_s)),
             ("criu_restore_s", Secs(self.criu_restore_s)),
             ("dump_s", Secs(self.dump_s)),
+            ("frozen_bytes", Count(self.frozen_bytes)),
             ("role", Text(self.role.into())),
             ("error", Text(self.error.clone())),
         ]

@@ -46,6 +46,8 @@ pub struct RunRow {
     pub criu_frozen_s: Option<f64>,
     pub criu_restore_s: Option<f64>,
     pub archive_bytes: Option<f64>,
+    /// migrate only: bytes sent while the service was down (archives, post-sync).
+    pub frozen_bytes: Option<f64>,
     pub bytes_sent: Option<f64>,
     /// Longest outage the client probe saw.
     pub client_outage_s: Option<f64>,
@@ -111,6 +113,7 @@ pub struct SummaryRow {
     pub criu_frozen_mean_s: Option<f64>,
     pub criu_restore_mean_s: Option<f64>,
     pub archive_mean_bytes: Option<f64>,
+    pub frozen_mean_bytes: Option<f64>,
     /// migrate rows only: mean(migrate) / mean(thesis) in the same profile and rows.
     pub downtime_ratio_migrate_thesis: Option<f64>,
     pub migration_ratio_migrate_thesis: Option<f64>,
@@ -173,6 +176,7 @@ pub fn summarize(runs: &[RunRow]) -> Vec<SummaryRow> {
                 criu_frozen_mean_s: mean(|r| r.criu_frozen_s),
                 criu_restore_mean_s: mean(|r| r.criu_restore_s),
                 archive_mean_bytes: mean(|r| r.archive_bytes),
+                frozen_mean_bytes: mean(|r| r.frozen_bytes),
                 downtime_ratio_migrate_thesis: None,
                 migration_ratio_migrate_thesis: None,
                 outage_ratio_migrate_thesis: None,
@@ -217,6 +221,54 @@ fn pm(mean: Option<f64>, std: Option<f64>) -> String {
         (Some(m), Some(s)) => format!("{m:.3} ± {s:.3}"),
         _ => "–".into(),
     }
+}
+
+/// The issue's bound on a rate-limited profile: 1.5 × (bytes sent while down ÷ link rate
+/// + the same-host floor of the same rows).
+pub fn bound_s(frozen_bytes: f64, rate_bytes_per_s: f64, floor_s: f64) -> f64 {
+    1.5 * (frozen_bytes / rate_bytes_per_s + floor_s)
+}
+
+/// Markdown table of migrate's downtime against [`bound_s`] on the profiles that have a
+/// link rate (`rates`: profile → bytes/s).
+pub fn bound_table(rows: &[SummaryRow], rates: &[(&str, f64)]) -> String {
+    let mut s = String::new();
+    for r in rows.iter().filter(|r| r.method == "migrate") {
+        let Some(&(_, rate)) = rates.iter().find(|(p, _)| *p == r.profile) else {
+            continue;
+        };
+        let floor = rows
+            .iter()
+            .find(|f| f.method == "floor" && f.rows == r.rows)
+            .and_then(|f| f.downtime_mean_s);
+        let (Some(down), Some(bytes), Some(floor)) =
+            (r.downtime_mean_s, r.frozen_mean_bytes, floor)
+        else {
+            continue;
+        };
+        let bound = bound_s(bytes, rate, floor);
+        let _ = writeln!(
+            s,
+            "| {} | {} | {:.3} | {:.2} | {:.1} | {:.3} | {:.3} | {} |",
+            r.profile,
+            r.rows,
+            down,
+            bytes / 1048576.0,
+            rate * 8.0 / 1e6,
+            floor,
+            bound,
+            if down <= bound { "yes" } else { "**no**" }
+        );
+    }
+    if s.is_empty() {
+        return s;
+    }
+    format!(
+        "\n## Downtime against the link on rate-limited profiles\n\n\
+         bound = 1.5 × (bytes sent while down ÷ link rate + same-host floor of the same rows).\n\n\
+         | profile | rows | downtime | MiB sent while down | link Mbit/s | floor | bound | within |\n\
+         | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |\n{s}"
+    )
 }
 
 pub fn summary_markdown(rows: &[SummaryRow], runs: &[RunRow], header: &str) -> String {
@@ -286,6 +338,10 @@ pub fn summary_markdown(rows: &[SummaryRow], runs: &[RunRow], header: &str) -> S
             );
         }
     }
+    s.push_str(&bound_table(
+        rows,
+        &[("cloud", 1750e6 / 8.0), ("wan", 45e6 / 8.0)],
+    ));
     let bad: Vec<&RunRow> = runs.iter().filter(|r| !r.valid()).collect();
     s.push_str("\n## Runs excluded from the statistics\n\n");
     if bad.is_empty() {
@@ -359,5 +415,29 @@ mod tests {
         let t = s.iter().find(|r| r.method == "thesis").unwrap();
         assert_eq!((t.n_runs, t.n_valid), (2, 1));
         assert_eq!(t.downtime_ratio_migrate_thesis, None);
+    }
+
+    #[test]
+    fn bound_compares_downtime_with_bytes_over_rate_plus_floor() {
+        // 5.625 MB/s (45 Mbit/s): 11.25 MB take 2 s; floor 1 s: bound 1.5 × 3 = 4.5 s.
+        assert!((bound_s(11.25e6, 5.625e6, 1.0) - 4.5).abs() < 1e-9);
+        let mut m = run("migrate", "ok", 4.0, 5.0);
+        m.profile = "wan".into();
+        m.frozen_bytes = Some(11.25e6);
+        let mut slow = m.clone();
+        slow.rows = 2000;
+        slow.downtime_s = Some(5.0);
+        let mut f = run("floor", "ok", 1.0, 0.0);
+        f.profile = "local".into();
+        let mut f2 = f.clone();
+        f2.rows = 2000;
+        let rows = summarize(&[m, slow, f, f2]);
+        let t = bound_table(&rows, &[("wan", 5.625e6)]);
+        assert!(t.contains("| wan | 1000 | 4.000 |"), "{t}");
+        assert!(t.contains("| 4.500 | yes |"), "{t}");
+        assert!(t.contains("| wan | 2000 | 5.000 |"), "{t}");
+        assert!(t.contains("**no**"), "{t}");
+        // No rate-limited profile, no table.
+        assert!(bound_table(&rows, &[("cloud", 1e8)]).is_empty());
     }
 }

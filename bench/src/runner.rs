@@ -846,6 +846,7 @@ impl Bench {
             row.criu_frozen_s = n("criu_frozen_s");
             row.criu_restore_s = n("criu_restore_s");
             row.archive_bytes = n("archive_bytes");
+            row.frozen_bytes = n("frozen_bytes");
         }
         if code != 0 {
             row.outcome = match code {
