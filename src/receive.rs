@@ -586,3 +586,53 @@ fn print_record(
         ctx.ui.warn(&format!("cannot write the record: {e}"));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::ContainerEntry;
+
+    fn manifest(dir: &Path, data: &[u8], sha256: &str) -> Manifest {
+        std::fs::write(dir.join("db.tar"), data).unwrap();
+        Manifest {
+            run_id: "r1".into(),
+            containers: vec![ContainerEntry {
+                name: "db".into(),
+                archive: "db.tar".into(),
+                size: data.len() as u64,
+                sha256: sha256.into(),
+                image_id: "i".into(),
+                file_locks: false,
+                tcp_established: false,
+                after: vec![],
+            }],
+            data: vec![],
+            down_us: 0,
+            clock_offset_us: 0,
+        }
+    }
+
+    #[tokio::test]
+    async fn archives_are_checked_by_the_sinks_digest_or_by_reading_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = b"archive bytes".to_vec();
+        let good = hex::encode(Sha256::digest(&data));
+        // No digest file: the archive is read and hashed.
+        let m = manifest(dir.path(), &data, &good);
+        verify_archives(&m, "r1", dir.path()).await.unwrap();
+        let bad = manifest(dir.path(), &data, &"0".repeat(64));
+        assert!(verify_archives(&bad, "r1", dir.path()).await.is_err());
+        // The digest `migrate sink` left decides; a wrong one is refused even though the
+        // archive itself would match.
+        let digest = crate::sink::digest_path(&dir.path().join("db.tar"));
+        std::fs::write(&digest, format!("{}\n", "f".repeat(64))).unwrap();
+        let err = verify_archives(&m, "r1", dir.path()).await.unwrap_err();
+        assert!(format!("{err:#}").contains("SHA-256"), "{err:#}");
+        std::fs::write(&digest, format!("{good}\n")).unwrap();
+        verify_archives(&m, "r1", dir.path()).await.unwrap();
+        // A wrong size is refused before any hash.
+        let mut short = m.clone();
+        short.containers[0].size += 1;
+        assert!(verify_archives(&short, "r1", dir.path()).await.is_err());
+    }
+}

@@ -102,8 +102,19 @@ fn json_records_and_receive_serve_mode() {
 #[test]
 fn a_file_written_after_the_presync_arrives() {
     fresh_workload("a", 100);
+    on("a", &["sh", "-c", "echo old > /srv/app/www/gone.txt"]).ok();
+    // No `zstd` command on the target: the receiver's own binary decodes the stream.
+    on("b", &["sh", "-c", "mount --bind /dev/null /usr/bin/zstd"]).ok();
+    struct Restore;
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            on("b", &["sh", "-c", "umount /usr/bin/zstd"]);
+        }
+    }
+    let _restore = Restore;
     let rx = Receiver::start("b", &[]);
-    // The pre-freeze hook runs after the pre-sync and before the freeze.
+    // The pre-freeze hook runs after the pre-sync (and after the post-sync's rsync was
+    // started, held before its file list) and before the freeze.
     let out = send(
         "a",
         &[
@@ -111,8 +122,10 @@ fn a_file_written_after_the_presync_arrives() {
             &to("b"),
             "--data",
             "/srv/app",
+            "--compress",
+            "zstd",
             "--hook",
-            "pre-freeze=echo written-late > /srv/app/www/late.txt",
+            "pre-freeze=echo written-late > /srv/app/www/late.txt && rm /srv/app/www/gone.txt",
             "--target-hook",
             "post-up=echo \"$MIGRATE_PHASE $MIGRATE_RUN_ID $MIGRATE_CONTAINERS\" > /srv/post-up.txt",
             "db",
@@ -131,6 +144,18 @@ fn a_file_written_after_the_presync_arrives() {
     );
     let late = on("b", &["cat", "/srv/app/www/late.txt"]).ok();
     assert_eq!(late.stdout.trim(), "written-late");
+    // Deleted after the pre-sync: deleted on the target by the post-sync.
+    on("b", &["sh", "-c", "! test -e /srv/app/www/gone.txt"]).ok();
+    // zstd on the wire, decoded on the target without the `zstd` command.
+    let wire: u64 = rec["frozen_bytes"].parse().unwrap();
+    let plain: u64 = rec["archive_bytes"].parse().unwrap();
+    assert!(wire < plain, "frozen_bytes {wire} >= archive_bytes {plain}");
+    let dump: f64 = rec["dump_s"].parse().unwrap();
+    let down: f64 = rec["downtime_s"].parse().unwrap();
+    assert!(
+        dump > 0.0 && dump < down,
+        "dump_s {dump}, downtime_s {down}"
+    );
     let page = lab(&["workload", "http", "b", "/late.txt"]).ok();
     assert!(page.stdout.contains("written-late"), "{}", page.describe());
 }
