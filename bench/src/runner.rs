@@ -488,6 +488,25 @@ impl Bench {
         Ok(bg)
     }
 
+    /// Stops the probe and puts what it saw into the run's row.
+    fn finish_probe(&self, probe: Bg, row: &mut RunRow) {
+        match self.stop_probe(probe) {
+            Ok(p) => {
+                row.client_outage_s = p.longest_outage_s;
+                row.probe_outages = Some(p.outages.len() as u64);
+                row.probe_sent = p.sent;
+                row.probe_received = p.received;
+                row.probe_lost = p.lost;
+                row.probe_rtt_min_ms = p.rtt_min_ms;
+                row.probe_rtt_mdev_ms = p.rtt_mdev_ms;
+                row.probe_loss_pct = p.loss_pct;
+                row.probe_rtt_avg_ms = p.rtt_avg_ms;
+                row.probe_rtt_max_ms = p.rtt_max_ms;
+            }
+            Err(e) => self.progress.println(&format!("bench:   probe: {e:#}")),
+        }
+    }
+
     fn stop_probe(&self, mut bg: Bg) -> Result<ProbeSummary> {
         self.sh(&self.plan.probe_host, &format!("touch {STOP_FILE}"), 10)?;
         let code = bg.wait(Duration::from_secs(30))?;
@@ -661,21 +680,7 @@ impl Bench {
         let served =
             self.web_answers(dst, Duration::from_secs(if sent.is_ok() { 20 } else { 3 }))?;
         lab::sleep(Duration::from_millis(200))?;
-        match self.stop_probe(probe) {
-            Ok(p) => {
-                row.client_outage_s = p.longest_outage_s;
-                row.probe_outages = Some(p.outages.len() as u64);
-                row.probe_sent = p.sent;
-                row.probe_received = p.received;
-                row.probe_lost = p.lost;
-                row.probe_rtt_min_ms = p.rtt_min_ms;
-                row.probe_rtt_mdev_ms = p.rtt_mdev_ms;
-                row.probe_loss_pct = p.loss_pct;
-                row.probe_rtt_avg_ms = p.rtt_avg_ms;
-                row.probe_rtt_max_ms = p.rtt_max_ms;
-            }
-            Err(e) => self.progress.println(&format!("bench:   probe: {e:#}")),
-        }
+        self.finish_probe(probe, row);
         if let Err(e) = sent {
             if row.outcome.is_empty() {
                 row.outcome = "failed".into();
@@ -736,21 +741,7 @@ impl Bench {
         let sent = self.run_migrate(src, dst, prefix, row, &["hog"]);
         let after = self.hog_state(dst, Duration::from_secs(if sent.is_ok() { 30 } else { 3 }))?;
         lab::sleep(Duration::from_millis(200))?;
-        match self.stop_probe(probe) {
-            Ok(p) => {
-                row.client_outage_s = p.longest_outage_s;
-                row.probe_outages = Some(p.outages.len() as u64);
-                row.probe_sent = p.sent;
-                row.probe_received = p.received;
-                row.probe_lost = p.lost;
-                row.probe_rtt_min_ms = p.rtt_min_ms;
-                row.probe_rtt_mdev_ms = p.rtt_mdev_ms;
-                row.probe_loss_pct = p.loss_pct;
-                row.probe_rtt_avg_ms = p.rtt_avg_ms;
-                row.probe_rtt_max_ms = p.rtt_max_ms;
-            }
-            Err(e) => self.progress.println(&format!("bench:   probe: {e:#}")),
-        }
+        self.finish_probe(probe, row);
         if let Err(e) = sent {
             if row.outcome.is_empty() {
                 row.outcome = "failed".into();
