@@ -255,7 +255,13 @@ async fn handle(sock: TcpStream, peer: SocketAddr, ctx: &Ctx) -> Option<Done> {
             ToReceiver::Abort { reason, frozen } => {
                 ctx.ui
                     .warn(&format!("sender aborted migration {run_id}: {reason}"));
-                remove_archives(&dir);
+                if frozen {
+                    // The sender rolls back and may fetch an archive back; it removes the
+                    // run folder when done.
+                    remove_secret(&dir);
+                } else {
+                    remove_archives(&dir);
+                }
                 return frozen.then_some(Done::NotRestored);
             }
             ToReceiver::Ready { manifest } => {
@@ -267,8 +273,13 @@ async fn handle(sock: TcpStream, peer: SocketAddr, ctx: &Ctx) -> Option<Done> {
                         dir.join(RESULT_FILE).display()
                     ));
                 }
-                remove_archives(&dir);
                 let restored = outcome.restored;
+                if restored {
+                    remove_archives(&dir);
+                } else {
+                    // Kept for the sender's rollback (it removes the run folder when done).
+                    remove_secret(&dir);
+                }
                 if let Err(e) = ch.send(&ToSender::Outcome(outcome.clone())).await {
                     ctx.ui.warn(&format!("could not tell the sender the outcome ({e}); it will read {RESULT_FILE} over SSH"));
                 }
@@ -529,6 +540,10 @@ fn write_result(dir: &Path, outcome: &TargetOutcome) -> std::io::Result<()> {
     let tmp = dir.join(format!("{RESULT_FILE}.tmp"));
     std::fs::write(&tmp, serde_json::to_vec(outcome)?)?;
     std::fs::rename(tmp, dir.join(RESULT_FILE))
+}
+
+fn remove_secret(dir: &Path) {
+    let _ = std::fs::remove_file(dir.join(SECRET_FILE));
 }
 
 /// Archives hold process memory (keys included): delete them once used.

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::DirBuilderExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -445,14 +445,14 @@ async fn migrate(
             ));
             match settle_over_ssh(&ssh, &remote_dir, &plan.target.containers, ui).await {
                 Ok(o) => o,
-                Err(e) => return Err(stranded(e, &local_dir)),
+                Err(e) => return Err(stranded(e)),
             }
         }
         Err(_) => {
             ui.warn("no answer from the target in time; asking it over SSH");
             match settle_over_ssh(&ssh, &remote_dir, &plan.target.containers, ui).await {
                 Ok(o) => o,
-                Err(e) => return Err(stranded(e, &local_dir)),
+                Err(e) => return Err(stranded(e)),
             }
         }
     };
@@ -599,7 +599,6 @@ async fn freeze_and_stream(
                 .checkpoint_streaming(
                     &it.info.name,
                     &it.fifo,
-                    &it.local_archive,
                     it.opts,
                     compression_of(&it.archive_name),
                     sink,
@@ -756,13 +755,12 @@ fn compression_of(archive: &str) -> Compression {
     }
 }
 
-fn stranded(e: anyhow::Error, local_dir: &Path) -> SendFailure {
+fn stranded(e: anyhow::Error) -> SendFailure {
     SendFailure {
         exit: Exit::Failed,
-        error: e.context(format!(
-            "cannot tell whether the target runs the containers; the checkpoints are kept in {} — check the target, and if the containers do not run there, bring them back here with `podman container restore --keep NAME`",
-            local_dir.display()
-        )),
+        error: e.context(
+            "cannot tell whether the target runs the containers; podman keeps their checkpoints here — check the target, and if the containers do not run there, bring them back here with `podman container restore --keep NAME`",
+        ),
     }
 }
 
@@ -1360,16 +1358,24 @@ impl Rollback<'_> {
                 ui.info(&format!("{name} restored here from its kept checkpoint"));
                 continue;
             }
+            // Failing that: the archive back from the target (complete there once it was
+            // shipped), imported here.
+            let remote = remote_join(remote_dir, &it.archive_name);
             let again = async {
+                ssh.download(&remote, &it.local_archive, SHIP_TIMEOUT)
+                    .await
+                    .map_err(|e| anyhow!(e).context("fetching the archive back from the target"))?;
                 podman.remove(name).await?;
-                podman.restore_import(&it.local_archive, it.opts).await
+                podman.restore_import(&it.local_archive, it.opts).await?;
+                anyhow::Ok(())
             };
             match again.await {
-                Ok(_) => ui.info(&format!(
-                    "{name} restored here from {}",
-                    it.local_archive.display()
+                Ok(()) => ui.info(&format!(
+                    "{name} restored here from its archive, fetched back from the target"
                 )),
-                Err(e) => problems.push(format!("{name}: {e}")),
+                Err(e) => problems.push(format!(
+                    "{name}: {e:#} (its checkpoint is kept here: `podman container restore --keep {name}` once the cause is fixed)"
+                )),
             }
         }
         // Containers whose checkpoint failed normally keep running (CRIU resumes them);
@@ -1385,14 +1391,16 @@ impl Rollback<'_> {
                 problems.push(format!("{name}: not running after the rollback"));
             }
         }
-        let _ = ssh
-            .run(
-                "rm",
-                &["-rf".into(), remote_dir.to_string()],
-                REMOTE_TIMEOUT,
-            )
-            .await;
         if problems.is_empty() {
+            // The archives on the target are not needed any more (they hold process
+            // memory); after a failed rollback they stay, as a way back.
+            let _ = ssh
+                .run(
+                    "rm",
+                    &["-rf".into(), remote_dir.to_string()],
+                    REMOTE_TIMEOUT,
+                )
+                .await;
             if let Err(e) =
                 hooks::run_all(hook_list, When::Rollback, env, Some(ssh), *hook_timeout).await
             {
@@ -1409,7 +1417,7 @@ impl Rollback<'_> {
             SendFailure {
             exit: Exit::Failed,
             error: cause.context(format!(
-                "migration failed AND the rollback failed ({}); the archives are kept in their work folder",
+                "migration failed AND the rollback failed ({}); the archives are kept on the target in {remote_dir}",
                 problems.join("; ")
             )),
         }

@@ -350,6 +350,53 @@ fn restore_failing_on_the_target_rolls_back_to_the_source() {
 }
 
 #[test]
+fn rollback_fetches_the_archive_back_when_the_kept_checkpoint_is_gone() {
+    fresh_workload("a", 100);
+    // CRIU fails on b, and when it does it first removes the checkpoints podman keeps on
+    // a: the in-place restore there cannot work, only the archive on b can bring the
+    // pair back.
+    let script = "cp /usr/local/sbin/criu /tmp/criu.real && cat > /tmp/criu.fake <<'FAKE'
+#!/bin/sh
+if [ \"$1\" = swrk ]; then
+  HOME=/root ssh -o BatchMode=yes root@10.77.0.11 'rm -f /var/lib/containers/storage/overlay-containers/*/userdata/checkpoint/inventory.img'
+  echo 'injected CRIU failure' >&2; exit 1
+fi
+exec /tmp/criu.real \"$@\"
+FAKE
+chmod +x /tmp/criu.fake && mount --bind /tmp/criu.fake /usr/local/sbin/criu";
+    on("b", &["sh", "-c", script]).ok();
+    let broken = BrokenCriu("b");
+    let rx = Receiver::start("b", &[]);
+    let before = counter("a");
+    let out = send("a", &["--to", &to("b"), "--data", "/srv/app", "db", "web"]).expect_code(1);
+    assert_eq!(out.record()["outcome"], "rolled_back", "{}", out.describe());
+    assert!(
+        out.stderr.contains("fetched back from the target"),
+        "{}",
+        out.describe()
+    );
+    rx.wait(T);
+    drop(broken);
+    assert!(
+        all_containers("b").is_empty(),
+        "left on b: {:?}",
+        all_containers("b")
+    );
+    // The run folder on b, archives included, is gone once the rollback worked.
+    let run_id = out.record()["run_id"].clone();
+    on(
+        "b",
+        &[
+            "sh",
+            "-c",
+            &format!("! test -e /var/lib/migrate/runs/{run_id}"),
+        ],
+    )
+    .ok();
+    assert_pair_alive("a", 100, before);
+}
+
+#[test]
 fn partial_restore_is_removed_on_the_target_and_rolled_back() {
     fresh_workload("a", 100);
     // Something else holds web's port on b: db restores, web cannot.

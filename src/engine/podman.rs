@@ -326,25 +326,21 @@ fn ready_exit(
     tokio::spawn(async move { r })
 }
 
-/// Hashes the archive and writes the local copy on a thread of its own, off the path
-/// between the FIFO and the upload.
+/// Hashes the archive on a thread of its own, off the path between the FIFO and the
+/// upload.
 struct ArchiveKeeper {
     tx: tokio::sync::mpsc::Sender<std::sync::Arc<[u8]>>,
     done: tokio::task::JoinHandle<std::io::Result<String>>,
 }
 
-fn spawn_archive_keeper(copy: std::path::PathBuf) -> ArchiveKeeper {
+fn spawn_hasher() -> ArchiveKeeper {
     let (tx, mut rx) = tokio::sync::mpsc::channel::<std::sync::Arc<[u8]>>(64);
     let done = tokio::task::spawn_blocking(move || {
         use sha2::Digest;
-        use std::io::Write;
         let mut hasher = sha2::Sha256::new();
-        let mut file = std::io::BufWriter::with_capacity(PIPE_BYTES, std::fs::File::create(&copy)?);
         while let Some(chunk) = rx.blocking_recv() {
             hasher.update(&chunk);
-            file.write_all(&chunk)?;
         }
-        file.flush()?;
         Ok(hex::encode(hasher.finalize()))
     });
     ArchiveKeeper { tx, done }
@@ -410,8 +406,10 @@ impl Podman {
     }
 
     /// Checkpoints `name` and exports its archive into `fifo`. Every byte read from it
-    /// is hashed, copied to `copy` (a local archive for a rollback) and written to `sink`
-    /// (the upload). `dumped` fires with the first byte: CRIU's dump is over and the
+    /// is hashed and written to `sink` (the upload). No local copy is written: it would
+    /// compete with the freeze for the disk (a 1 GiB archive cost ~2 s of downtime here);
+    /// a rollback restores from the checkpoint podman keeps (`--keep`) or, failing that,
+    /// from the target's copy. `dumped` fires with the first byte: CRIU's dump is over and the
     /// container's processes are gone, so its data folders can no longer change.
     ///
     /// Returns once the archive is complete, which is before podman has cleaned up the
@@ -422,7 +420,6 @@ impl Podman {
         &self,
         name: &str,
         fifo: &Path,
-        copy: &Path,
         opts: CriuOptions,
         compress: Compression,
         mut sink: W,
@@ -436,7 +433,7 @@ impl Podman {
         // FIFO (Linux reports no hang-up before a writer has come and gone).
         let mut rx = pipe::OpenOptions::new().open_receiver(fifo).map_err(io)?;
         widen_pipe(&rx);
-        let keeper = spawn_archive_keeper(copy.to_path_buf());
+        let keeper = spawn_hasher();
         let a = checkpoint_args(name, fifo, opts, compress);
         let cmd = exec::display_command("podman", &a);
         let mut child = tokio::process::Command::new("podman")

@@ -204,6 +204,61 @@ impl Ssh {
         self.dest.ssh_target()
     }
 
+    /// Copies the target's `remote_path` to `local` (written to `local.part`, renamed when
+    /// complete). Returns the bytes copied.
+    pub async fn download(
+        &self,
+        remote_path: &str,
+        local: &std::path::Path,
+        timeout: Duration,
+    ) -> Result<u64, SshError> {
+        let cmd = display_command("cat", &[remote_path.to_string()]);
+        let io_err = |e: std::io::Error| SshError::Transport {
+            dest: self.label.clone(),
+            detail: format!("writing {}: {e}", local.display()),
+        };
+        let work = async {
+            let mut child = self
+                .session
+                .command("cat")
+                .arg(remote_path)
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .await
+                .map_err(|e| self.transport(e))?;
+            let mut out = child.stdout().take().expect("stdout is piped");
+            let part = local.with_extension("part");
+            let mut file = tokio::fs::File::create(&part).await.map_err(io_err)?;
+            let n = tokio::io::copy(&mut out, &mut file).await.map_err(io_err)?;
+            file.sync_all().await.map_err(io_err)?;
+            drop(out);
+            let status = child
+                .wait_with_output()
+                .await
+                .map_err(|e| self.transport(e))?;
+            if !status.status.success() {
+                return Err(SshError::Remote {
+                    dest: self.label.clone(),
+                    cmd: cmd.clone(),
+                    status: status.status.into(),
+                    stderr: tail_lines(&String::from_utf8_lossy(&status.stderr), 12),
+                });
+            }
+            tokio::fs::rename(&part, local).await.map_err(io_err)?;
+            Ok(n)
+        };
+        match tokio::time::timeout(timeout, work).await {
+            Ok(r) => r,
+            Err(_) => Err(SshError::Timeout {
+                dest: self.label.clone(),
+                cmd,
+                after: timeout,
+            }),
+        }
+    }
+
     /// Runs `program args…` on the target; a non-zero exit is an error with its stderr.
     pub async fn run(
         &self,
