@@ -525,8 +525,16 @@ async fn podman_exits(
     rec: &mut Record,
     ui: &Ui,
 ) {
+    let until = tokio::time::Instant::now() + PODMAN_CLEANUP_TIMEOUT;
     for (name, exit) in exits {
-        match exit.await {
+        let Ok(exit) = tokio::time::timeout_at(until, exit).await else {
+            ui.warn(&format!(
+                "{name}: podman is still cleaning up after {}s; going on without its figures",
+                PODMAN_CLEANUP_TIMEOUT.as_secs()
+            ));
+            continue;
+        };
+        match exit {
             Ok(Ok(stats)) => {
                 rec.podman_checkpoint_s = max_opt(rec.podman_checkpoint_s, stats.podman_s);
                 rec.criu_frozen_s = max_opt(rec.criu_frozen_s, stats.criu_s);
@@ -685,6 +693,10 @@ async fn open_upload<'a>(
         None => ssh.open_upload(path).await,
     }
 }
+
+/// How long podman may take to clean up after its archive was complete (normally well
+/// under a second) before `send` goes on without it.
+const PODMAN_CLEANUP_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Checkpoint attempts when CRIU meets a half-open TCP connection.
 const CHECKPOINT_ATTEMPTS: u32 = 3;
