@@ -18,6 +18,7 @@ mod sink;
 mod sync;
 mod timing;
 mod transport;
+mod wire;
 
 use std::process::ExitCode;
 use std::sync::Arc;

@@ -595,10 +595,8 @@ async fn freeze_and_stream(
         };
         let (w, r) = tokio::io::duplex(4 << 20);
         let sink: Box<dyn tokio::io::AsyncWrite + Unpin + Send> = if it.stream_zstd {
-            Box::new(async_compression::tokio::write::ZstdEncoder::with_quality(
-                w,
-                async_compression::Level::Fastest,
-            ))
+            // One zstd frame per chunk: compressed when it compresses, raw when not.
+            Box::new(crate::wire::FramedZstd::new(w))
         } else {
             Box::new(w)
         };
