@@ -12,24 +12,6 @@ fn check(args: &[&str]) -> Out {
     on("a", &cmd)
 }
 
-/// Runs `cmd` on host b now and `undo` on b when dropped.
-struct OnB {
-    undo: &'static str,
-}
-
-impl OnB {
-    fn apply(cmd: &str, undo: &'static str) -> OnB {
-        on("b", &["sh", "-c", cmd]).ok();
-        OnB { undo }
-    }
-}
-
-impl Drop for OnB {
-    fn drop(&mut self) {
-        on("b", &["sh", "-c", self.undo]);
-    }
-}
-
 #[test]
 fn check_passes_on_a_healthy_pair() {
     fresh_workload("a", 100);
@@ -96,7 +78,8 @@ fn check_names_each_problem_and_exits_2() {
 
     {
         // No CRIU on the target.
-        let _gone = OnB::apply(
+        let _gone = OnHost::apply(
+            "b",
             "mount -t tmpfs none /usr/local/sbin",
             "umount /usr/local/sbin",
         );
@@ -110,7 +93,8 @@ fn check_names_each_problem_and_exits_2() {
     // ... and the same refusal from send, before anything is frozen.
     let ids = identity("a", "db");
     {
-        let _gone = OnB::apply(
+        let _gone = OnHost::apply(
+            "b",
             "mount -t tmpfs none /usr/local/sbin",
             "umount /usr/local/sbin",
         );

@@ -104,14 +104,11 @@ fn a_file_written_after_the_presync_arrives() {
     fresh_workload("a", 100);
     on("a", &["sh", "-c", "echo old > /srv/app/www/gone.txt"]).ok();
     // No `zstd` command on the target: the receiver's own binary decodes the stream.
-    on("b", &["sh", "-c", "mount --bind /dev/null /usr/bin/zstd"]).ok();
-    struct Restore;
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            on("b", &["sh", "-c", "umount /usr/bin/zstd"]);
-        }
-    }
-    let _restore = Restore;
+    let _no_zstd = OnHost::apply(
+        "b",
+        "mount --bind /dev/null /usr/bin/zstd",
+        "umount /usr/bin/zstd",
+    );
     let rx = Receiver::start("b", &[]);
     // The pre-freeze hook runs after the pre-sync (and after the post-sync's rsync was
     // started, held before its file list) and before the freeze.
@@ -288,24 +285,26 @@ fn strangers_on_the_control_port_do_not_trigger_a_restore() {
 /// Makes CRIU on a host fail whenever it is asked to work (swrk: what runc uses for
 /// checkpoint and restore), while `criu check` still passes: a CRIU that fails only when
 /// it matters.
-struct BrokenCriu(&'static str);
+struct BrokenCriu;
 
 impl BrokenCriu {
-    fn install(host: &'static str) -> BrokenCriu {
-        let script = "cp /usr/local/sbin/criu /tmp/criu.real && cat > /tmp/criu.fake <<'FAKE'
+    fn install(host: &'static str) -> OnHost {
+        Self::install_with(host, "")
+    }
+
+    /// The same, running `first` (a shell command) just before each injected failure.
+    fn install_with(host: &'static str, first: &str) -> OnHost {
+        let script = format!(
+            "cp /usr/local/sbin/criu /tmp/criu.real && cat > /tmp/criu.fake <<'FAKE'
 #!/bin/sh
-if [ \"$1\" = swrk ]; then echo 'injected CRIU failure' >&2; exit 1; fi
+if [ \"$1\" = swrk ]; then {first}
+  echo 'injected CRIU failure' >&2; exit 1
+fi
 exec /tmp/criu.real \"$@\"
 FAKE
-chmod +x /tmp/criu.fake && mount --bind /tmp/criu.fake /usr/local/sbin/criu";
-        on(host, &["sh", "-c", script]).ok();
-        BrokenCriu(host)
-    }
-}
-
-impl Drop for BrokenCriu {
-    fn drop(&mut self) {
-        on(self.0, &["umount", "/usr/local/sbin/criu"]);
+chmod +x /tmp/criu.fake && mount --bind /tmp/criu.fake /usr/local/sbin/criu"
+        );
+        OnHost::apply(host, &script, "umount /usr/local/sbin/criu")
     }
 }
 
@@ -355,17 +354,10 @@ fn rollback_fetches_the_archive_back_when_the_kept_checkpoint_is_gone() {
     // CRIU fails on b, and when it does it first removes the checkpoints podman keeps on
     // a: the in-place restore there cannot work, only the archive on b can bring the
     // pair back.
-    let script = "cp /usr/local/sbin/criu /tmp/criu.real && cat > /tmp/criu.fake <<'FAKE'
-#!/bin/sh
-if [ \"$1\" = swrk ]; then
-  HOME=/root ssh -o BatchMode=yes root@10.77.0.11 'rm -f /var/lib/containers/storage/overlay-containers/*/userdata/checkpoint/inventory.img'
-  echo 'injected CRIU failure' >&2; exit 1
-fi
-exec /tmp/criu.real \"$@\"
-FAKE
-chmod +x /tmp/criu.fake && mount --bind /tmp/criu.fake /usr/local/sbin/criu";
-    on("b", &["sh", "-c", script]).ok();
-    let broken = BrokenCriu("b");
+    let broken = BrokenCriu::install_with(
+        "b",
+        "HOME=/root ssh -o BatchMode=yes root@10.77.0.11 'rm -f /var/lib/containers/storage/overlay-containers/*/userdata/checkpoint/inventory.img'",
+    );
     let rx = Receiver::start("b", &[]);
     let before = counter("a");
     let out = send("a", &["--to", &to("b"), "--data", "/srv/app", "db", "web"]).expect_code(1);

@@ -77,6 +77,14 @@ impl RunRow {
     pub fn valid(&self) -> bool {
         self.outcome == "ok"
     }
+
+    /// The tool failed: its error, and "failed" unless a more precise outcome is set.
+    pub fn failed(&mut self, e: &anyhow::Error) {
+        if self.outcome.is_empty() {
+            self.outcome = "failed".into();
+        }
+        self.error = format!("{e:#}");
+    }
 }
 
 /// Key of a summary cell: (profile, rows, method).

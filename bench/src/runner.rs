@@ -682,10 +682,7 @@ impl Bench {
         lab::sleep(Duration::from_millis(200))?;
         self.finish_probe(probe, row);
         if let Err(e) = sent {
-            if row.outcome.is_empty() {
-                row.outcome = "failed".into();
-            }
-            row.error = format!("{e:#}");
+            row.failed(&e);
             return Ok(());
         }
         // Verify that the state arrived.
@@ -743,10 +740,7 @@ impl Bench {
         lab::sleep(Duration::from_millis(200))?;
         self.finish_probe(probe, row);
         if let Err(e) = sent {
-            if row.outcome.is_empty() {
-                row.outcome = "failed".into();
-            }
-            row.error = format!("{e:#}");
+            row.failed(&e);
             return Ok(());
         }
         row.counter_after = after.map(|a| a.1);

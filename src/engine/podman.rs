@@ -3,8 +3,6 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use std::process::Stdio;
-
 use serde::Deserialize;
 use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::unix::pipe;
@@ -328,12 +326,12 @@ fn ready_exit(
 
 /// Hashes the archive on a thread of its own, off the path between the FIFO and the
 /// upload.
-struct ArchiveKeeper {
+struct Hasher {
     tx: tokio::sync::mpsc::Sender<std::sync::Arc<[u8]>>,
     done: tokio::task::JoinHandle<std::io::Result<String>>,
 }
 
-fn spawn_hasher() -> ArchiveKeeper {
+fn spawn_hasher() -> Hasher {
     let (tx, mut rx) = tokio::sync::mpsc::channel::<std::sync::Arc<[u8]>>(64);
     let done = tokio::task::spawn_blocking(move || {
         use sha2::Digest;
@@ -343,10 +341,10 @@ fn spawn_hasher() -> ArchiveKeeper {
         }
         Ok(hex::encode(hasher.finalize()))
     });
-    ArchiveKeeper { tx, done }
+    Hasher { tx, done }
 }
 
-impl ArchiveKeeper {
+impl Hasher {
     async fn finish(self) -> std::io::Result<String> {
         drop(self.tx);
         self.done.await.map_err(std::io::Error::other)?
@@ -415,7 +413,6 @@ impl Podman {
     /// Returns once the archive is complete, which is before podman has cleaned up the
     /// container's network and storage; [`Streamed::exit`] resolves when podman exits.
     /// A podman that fails before the archive is complete is an error here.
-    #[allow(clippy::too_many_arguments)]
     pub async fn checkpoint_streaming<W: AsyncWrite + Unpin>(
         &self,
         name: &str,
@@ -433,47 +430,12 @@ impl Podman {
         // FIFO (Linux reports no hang-up before a writer has come and gone).
         let mut rx = pipe::OpenOptions::new().open_receiver(fifo).map_err(io)?;
         widen_pipe(&rx);
-        let keeper = spawn_hasher();
+        let hasher = spawn_hasher();
         let a = checkpoint_args(name, fifo, opts, compress);
-        let cmd = exec::display_command("podman", &a);
-        let mut child = tokio::process::Command::new("podman")
-            .args(&a)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(|source| ExecError::Spawn {
-                cmd: cmd.clone(),
-                source,
-            })?;
-        let mut out = child.stdout.take().expect("piped");
-        let mut err = child.stderr.take().expect("piped");
-        let who = name.to_string();
+        let podman = exec::spawn("podman", &a)?;
         let mut exit = tokio::spawn(async move {
-            let (status, stdout, stderr) = tokio::join!(
-                child.wait(),
-                async {
-                    let mut s = String::new();
-                    let _ = out.read_to_string(&mut s).await;
-                    s
-                },
-                async {
-                    let mut s = String::new();
-                    let _ = err.read_to_string(&mut s).await;
-                    s
-                }
-            );
-            let status = status.map_err(|source| PodmanError::Stream { name: who, source })?;
-            if !status.success() {
-                return Err(ExecError::Failed {
-                    cmd,
-                    status: status.into(),
-                    stderr,
-                }
-                .into());
-            }
-            Ok(Stats::parse(&stdout))
+            let out = podman.finish(PODMAN_TIMEOUT).await?;
+            Ok(Stats::parse(&out.stdout))
         });
         let mut first_byte = None;
         let mut buf = vec![0u8; PIPE_BYTES];
@@ -504,7 +466,7 @@ impl Podman {
             }
             let chunk: std::sync::Arc<[u8]> = buf[..n].into();
             keep_tail(&mut tail, &chunk);
-            if keeper.tx.send(chunk.clone()).await.is_err() {
+            if hasher.tx.send(chunk.clone()).await.is_err() {
                 break;
             }
             sink.write_all(&chunk).await.map_err(io)?;
@@ -512,7 +474,7 @@ impl Podman {
         }
         sink.shutdown().await.map_err(io)?;
         let complete = Instant::now();
-        let sha256 = keeper.finish().await.map_err(io)?;
+        let sha256 = hasher.finish().await.map_err(io)?;
         if let Some(Err(e)) = finished {
             return Err(e);
         }

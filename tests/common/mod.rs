@@ -339,3 +339,23 @@ impl Drop for Receiver {
         self.kill();
     }
 }
+
+/// Runs `cmd` on a lab host now and `undo` there when dropped (a change to a host that
+/// must not outlive the test, even a failing one).
+pub struct OnHost {
+    host: &'static str,
+    undo: &'static str,
+}
+
+impl OnHost {
+    pub fn apply(host: &'static str, cmd: &str, undo: &'static str) -> OnHost {
+        on(host, &["sh", "-c", cmd]).ok();
+        OnHost { host, undo }
+    }
+}
+
+impl Drop for OnHost {
+    fn drop(&mut self) {
+        on(self.host, &["sh", "-c", self.undo]);
+    }
+}
