@@ -11,6 +11,7 @@ use anyhow::{Context, anyhow};
 
 use crate::Signals;
 use crate::cli::CompressChoice;
+use crate::engine::freezer::{Freezer, FrozenCgroup};
 use crate::engine::podman::{self, Compression, ContainerInfo, CriuOptions, Podman, PodmanError};
 use crate::exec::shell_quote;
 use crate::hooks::{self, When};
@@ -86,6 +87,8 @@ struct Item {
     sink: Option<String>,
     /// Containers of this migration to restore before this one.
     after: Vec<String>,
+    /// The container's cgroup freezer: `send` freezes it at DOWN, before CRIU would.
+    freezer: Option<Freezer>,
 }
 
 /// Everything `migrate` learned and set up before the freeze.
@@ -335,10 +338,21 @@ async fn migrate(
         rec.checkpoint_s = max_opt(rec.checkpoint_s, Some(f.checkpoint_s));
         rec.transfer_s = max_opt(rec.transfer_s, Some(f.shipped_s));
         wire_bytes += f.wire_bytes;
+        let froze = match &f.froze {
+            Some(Ok(t)) => format!("frozen in {:.1}ms, ", t.as_secs_f64() * 1e3),
+            Some(Err(e)) => {
+                ui.warn(&format!(
+                    "{}: could not freeze it before CRIU ({e}); CRIU froze it",
+                    it.info.name
+                ));
+                String::new()
+            }
+            None => String::new(),
+        };
         match f.checkpoint {
             Ok(st) => {
                 ui.info(&format!(
-                    "checkpointed {}: dump over {:.3}s after DOWN, archive complete at {:.3}s",
+                    "checkpointed {}: {froze}dump over {:.3}s after DOWN, archive complete at {:.3}s",
                     it.info.name,
                     st.first_byte.map(|t| since_down.at(t)).unwrap_or_default(),
                     since_down.at(st.complete),
@@ -558,6 +572,9 @@ struct Frozen {
     /// Bytes that went over the wire (compressed when the stream is).
     wire_bytes: u64,
     attempts: u32,
+    /// How long the kernel took to freeze the container (last attempt), or why `send`
+    /// could not freeze it (CRIU then did).
+    froze: Option<Result<Duration, String>>,
 }
 
 /// Checkpoints one container into its FIFO while the archive streams to the target;
@@ -576,6 +593,7 @@ async fn freeze_and_stream(
     let mut stream = Some(stream);
     let mut dumped = Some(dumped);
     let mut attempt = 1;
+    let mut froze = None;
     loop {
         let s = match stream.take() {
             Some(s) => s,
@@ -589,6 +607,7 @@ async fn freeze_and_stream(
                         shipped_s: since_down.secs(),
                         wire_bytes: 0,
                         attempts: attempt,
+                        froze,
                     };
                 }
             },
@@ -601,6 +620,19 @@ async fn freeze_and_stream(
             Box::new(w)
         };
         let checkpoint = async {
+            let frozen = match &it.freezer {
+                Some(f) => match f.freeze().await {
+                    Ok(t) => {
+                        froze = Some(Ok(t));
+                        Some(FrozenCgroup::new(f.clone()))
+                    }
+                    Err(e) => {
+                        froze = Some(Err(e.to_string()));
+                        None
+                    }
+                },
+                None => None,
+            };
             let r = podman
                 .checkpoint_streaming(
                     &it.info.name,
@@ -611,6 +643,12 @@ async fn freeze_and_stream(
                     &mut dumped,
                 )
                 .await;
+            // After a dump CRIU has killed the processes; a container that is still
+            // there after a failure runs on (or is frozen again for the next attempt).
+            match (&r, frozen) {
+                (Ok(_), Some(f)) => f.keep(),
+                (_, f) => drop(f),
+            }
             let secs = since_down.secs();
             // A client caught half-way through connecting makes CRIU refuse the dump; the
             // container keeps running, and a moment later the handshake is over.
@@ -665,6 +703,7 @@ async fn freeze_and_stream(
             shipped_s,
             wire_bytes,
             attempts: attempt,
+            froze,
         };
     }
 }
@@ -907,6 +946,8 @@ async fn preflight(
                 local_archive: local_dir.join(&archive_name),
                 fifo: local_dir.join(format!("{}.fifo", info.name)),
                 archive_name,
+                // Without a usable freezer CRIU freezes the container itself, as before.
+                freezer: Freezer::of_pid(info.pid).ok(),
                 info,
                 after,
             }

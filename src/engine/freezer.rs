@@ -1,0 +1,366 @@
+//! The cgroup freezer of a running container.
+//!
+//! CRIU freezes a container itself before it dumps it, but it polls the freezer in
+//! steps of 100 ms: when the cgroup is not frozen at its first look (it often is not),
+//! a tenth of a second of downtime is spent asleep. `send` freezes the container first,
+//! waiting for the kernel in steps of a fraction of a millisecond; CRIU then finds the
+//! cgroup frozen and goes straight to work. A container that is still there after a
+//! failed checkpoint is thawed again.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// Why a container's freezer cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum FreezerError {
+    #[error("reading {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("writing {path}: {source}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("process {0} is in no freezer cgroup that is mounted here")]
+    NotFound(i64),
+    #[error("the cgroup {0} did not freeze within {1:?}")]
+    Timeout(PathBuf, Duration),
+}
+
+/// Which freezer interface the container's cgroup has.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Freezer {
+    /// cgroup v1: `freezer.state` takes FROZEN / THAWED and reads FREEZING on the way.
+    V1 { dir: PathBuf },
+    /// cgroup v2: `cgroup.freeze` takes 1 / 0; `cgroup.events` says `frozen 1` when done.
+    V2 { dir: PathBuf },
+}
+
+/// How long to wait for the kernel to freeze a cgroup before leaving it to CRIU.
+const FREEZE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Pause between two looks at the freezer state.
+const POLL: Duration = Duration::from_micros(200);
+
+impl Freezer {
+    /// The freezer of the cgroup process `pid` is in, as runc and CRIU will use it: the
+    /// v1 freezer controller when one is mounted (hybrid hosts), else the v2 hierarchy.
+    pub fn of_pid(pid: i64) -> Result<Freezer, FreezerError> {
+        let cgroup = read(Path::new(&format!("/proc/{pid}/cgroup")))?;
+        let mountinfo = read(Path::new("/proc/self/mountinfo"))?;
+        let f = locate(&cgroup, &mountinfo).ok_or(FreezerError::NotFound(pid))?;
+        // The file must be there: a cgroup that was given up is no freezer.
+        read(&f.state_file())?;
+        Ok(f)
+    }
+
+    fn state_file(&self) -> PathBuf {
+        match self {
+            Freezer::V1 { dir } => dir.join("freezer.state"),
+            Freezer::V2 { dir } => dir.join("cgroup.freeze"),
+        }
+    }
+
+    /// Asks the kernel to freeze the cgroup and waits until every task in it is frozen;
+    /// returns how long that took. On a timeout the cgroup is thawed again.
+    pub async fn freeze(&self) -> Result<Duration, FreezerError> {
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || me.freeze_blocking(FREEZE_TIMEOUT))
+            .await
+            .unwrap_or_else(|e| {
+                Err(FreezerError::Write {
+                    path: self.state_file(),
+                    source: std::io::Error::other(e),
+                })
+            })
+    }
+
+    fn freeze_blocking(&self, timeout: Duration) -> Result<Duration, FreezerError> {
+        let start = Instant::now();
+        let (value, check) = match self {
+            Freezer::V1 { dir } => ("FROZEN", dir.join("freezer.state")),
+            Freezer::V2 { dir } => ("1", dir.join("cgroup.events")),
+        };
+        write(&self.state_file(), value)?;
+        loop {
+            let text = read(&check)?;
+            let done = match self {
+                Freezer::V1 { .. } => text.trim() == "FROZEN",
+                Freezer::V2 { .. } => text.lines().any(|l| l.trim() == "frozen 1"),
+            };
+            if done {
+                return Ok(start.elapsed());
+            }
+            if start.elapsed() >= timeout {
+                let _ = self.thaw();
+                return Err(FreezerError::Timeout(self.state_file(), timeout));
+            }
+            std::thread::sleep(POLL);
+        }
+    }
+
+    /// Lets the cgroup run again.
+    pub fn thaw(&self) -> Result<(), FreezerError> {
+        let value = match self {
+            Freezer::V1 { .. } => "THAWED",
+            Freezer::V2 { .. } => "0",
+        };
+        write(&self.state_file(), value)
+    }
+}
+
+/// A cgroup this process froze: thawed when dropped unless [`FrozenCgroup::keep`] said the
+/// container's processes are gone (CRIU dumped and killed them).
+#[derive(Debug)]
+pub struct FrozenCgroup {
+    freezer: Option<Freezer>,
+}
+
+impl FrozenCgroup {
+    pub fn new(freezer: Freezer) -> FrozenCgroup {
+        FrozenCgroup {
+            freezer: Some(freezer),
+        }
+    }
+
+    /// The processes are gone; there is nothing to thaw.
+    pub fn keep(mut self) {
+        self.freezer = None;
+    }
+}
+
+impl Drop for FrozenCgroup {
+    fn drop(&mut self) {
+        if let Some(f) = self.freezer.take() {
+            // A cgroup podman already removed is nothing to thaw.
+            let _ = f.thaw();
+        }
+    }
+}
+
+fn read(path: &Path) -> Result<String, FreezerError> {
+    std::fs::read_to_string(path).map_err(|source| FreezerError::Read {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+fn write(path: &Path, value: &str) -> Result<(), FreezerError> {
+    std::fs::write(path, value).map_err(|source| FreezerError::Write {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Finds the freezer directory from the text of `/proc/PID/cgroup` and
+/// `/proc/self/mountinfo`.
+fn locate(cgroup: &str, mountinfo: &str) -> Option<Freezer> {
+    let mut v1 = None;
+    let mut v2 = None;
+    for line in cgroup.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (Some(id), Some(controllers), Some(path)) = (parts.next(), parts.next(), parts.next())
+        else {
+            continue;
+        };
+        if id == "0" && controllers.is_empty() {
+            v2 = Some(path);
+        } else if controllers.split(',').any(|c| c == "freezer") {
+            v1 = Some(path);
+        }
+    }
+    let mounts: Vec<MountLine> = mountinfo.lines().filter_map(MountLine::parse).collect();
+    if let Some(path) = v1 {
+        let m = mounts
+            .iter()
+            .find(|m| m.fstype == "cgroup" && m.super_opts.split(',').any(|o| o == "freezer"))?;
+        return Some(Freezer::V1 {
+            dir: m.join(path)?,
+        });
+    }
+    let path = v2?;
+    let m = mounts.iter().find(|m| m.fstype == "cgroup2")?;
+    Some(Freezer::V2 {
+        dir: m.join(path)?,
+    })
+}
+
+/// The fields of one `/proc/self/mountinfo` line that matter here.
+struct MountLine<'a> {
+    root: &'a str,
+    mount_point: &'a str,
+    fstype: &'a str,
+    super_opts: &'a str,
+}
+
+impl<'a> MountLine<'a> {
+    /// `36 35 98:0 /mnt1 /mnt2 rw,noatime master:1 - ext3 /dev/root rw,errors=continue`
+    fn parse(line: &'a str) -> Option<MountLine<'a>> {
+        let (left, right) = line.split_once(" - ")?;
+        let mut l = left.split(' ');
+        let root = l.nth(3)?;
+        let mount_point = l.next()?;
+        let mut r = right.split(' ');
+        let fstype = r.next()?;
+        let _source = r.next()?;
+        let super_opts = r.next().unwrap_or("");
+        Some(MountLine {
+            root,
+            mount_point,
+            fstype,
+            super_opts,
+        })
+    }
+
+    /// Where cgroup `path` (as `/proc/PID/cgroup` names it) lies under this mount.
+    fn join(&self, path: &str) -> Option<PathBuf> {
+        let rel = if self.root == "/" {
+            path
+        } else {
+            let rest = path.strip_prefix(self.root)?;
+            if !(rest.is_empty() || rest.starts_with('/')) {
+                return None;
+            }
+            rest
+        };
+        let rel = rel.trim_start_matches('/');
+        if rel.split('/').any(|c| c == "..") {
+            return None;
+        }
+        let base = Path::new(unescape(self.mount_point).as_ref()).to_path_buf();
+        Some(if rel.is_empty() { base } else { base.join(rel) })
+    }
+}
+
+/// mountinfo escapes space, tab, newline and backslash as octal.
+fn unescape(s: &str) -> std::borrow::Cow<'_, str> {
+    if !s.contains('\\') {
+        return s.into();
+    }
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
+            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned().into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HYBRID_CGROUP: &str = "12:freezer:/libpod_parent/libpod-abc\n\
+        11:memory:/libpod_parent/libpod-abc\n\
+        1:name=systemd:/libpod_parent/libpod-abc\n\
+        0::/libpod_parent/libpod-abc\n";
+    const HYBRID_MOUNTS: &str = "\
+30 25 0:26 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755\n\
+31 30 0:27 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory\n\
+36 30 0:32 / /sys/fs/cgroup/freezer rw,relatime - cgroup cgroup rw,freezer\n\
+40 30 0:36 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw\n";
+
+    #[test]
+    fn hybrid_hosts_use_the_v1_freezer_like_runc() {
+        assert_eq!(
+            locate(HYBRID_CGROUP, HYBRID_MOUNTS),
+            Some(Freezer::V1 {
+                dir: "/sys/fs/cgroup/freezer/libpod_parent/libpod-abc".into()
+            })
+        );
+    }
+
+    #[test]
+    fn unified_hosts_use_cgroup_freeze() {
+        let mounts = "29 24 0:25 / /sys/fs/cgroup rw,nosuid shared:4 - cgroup2 cgroup2 rw,nsdelegate\n";
+        let f = locate("0::/machine.slice/libpod-abc.scope/container\n", mounts).unwrap();
+        assert_eq!(
+            f,
+            Freezer::V2 {
+                dir: "/sys/fs/cgroup/machine.slice/libpod-abc.scope/container".into()
+            }
+        );
+        assert_eq!(
+            f.state_file(),
+            Path::new("/sys/fs/cgroup/machine.slice/libpod-abc.scope/container/cgroup.freeze")
+        );
+    }
+
+    #[test]
+    fn a_mount_of_a_sub_tree_is_joined_below_its_root() {
+        let mounts = "29 24 0:25 /user.slice /cg rw - cgroup2 cgroup2 rw\n";
+        assert_eq!(
+            locate("0::/user.slice/u/c\n", mounts),
+            Some(Freezer::V2 {
+                dir: "/cg/u/c".into()
+            })
+        );
+        // Outside the mounted sub-tree: not reachable from here.
+        assert_eq!(locate("0::/system.slice/c\n", mounts), None);
+        assert_eq!(locate("0::/user.slicex/c\n", mounts), None);
+    }
+
+    #[test]
+    fn no_freezer_mounted_means_none() {
+        assert_eq!(locate(HYBRID_CGROUP, "1 0 0:1 / / rw - ext4 /dev/sda rw\n"), None);
+        assert_eq!(locate("", HYBRID_MOUNTS), None);
+        assert_eq!(locate("0::/../../etc\n", "1 0 0:1 / /sys/fs/cgroup rw - cgroup2 c rw\n"), None);
+    }
+
+    #[test]
+    fn escaped_mount_points() {
+        let mounts = "36 30 0:32 / /sys/fs/my\\040cgroups rw - cgroup cgroup rw,freezer\n";
+        assert_eq!(
+            locate("3:freezer:/x\n", mounts),
+            Some(Freezer::V1 {
+                dir: "/sys/fs/my cgroups/x".into()
+            })
+        );
+    }
+
+    #[test]
+    fn freeze_and_thaw_write_the_state_file_and_wait_for_the_kernel() {
+        let d = tempfile::tempdir().unwrap();
+        let f = Freezer::V1 {
+            dir: d.path().to_path_buf(),
+        };
+        // A "kernel" that has frozen at once.
+        std::fs::write(d.path().join("freezer.state"), "THAWED\n").unwrap();
+        let took = f.freeze_blocking(Duration::from_millis(100)).unwrap();
+        assert!(took < Duration::from_millis(100));
+        assert_eq!(std::fs::read_to_string(d.path().join("freezer.state")).unwrap(), "FROZEN");
+        drop(FrozenCgroup::new(f.clone()));
+        assert_eq!(std::fs::read_to_string(d.path().join("freezer.state")).unwrap(), "THAWED");
+        // Kept: the processes are gone, nothing is written.
+        std::fs::write(d.path().join("freezer.state"), "FROZEN").unwrap();
+        FrozenCgroup::new(f).keep();
+        assert_eq!(std::fs::read_to_string(d.path().join("freezer.state")).unwrap(), "FROZEN");
+    }
+
+    #[test]
+    fn a_cgroup_that_never_freezes_times_out_and_is_thawed() {
+        let d = tempfile::tempdir().unwrap();
+        let f = Freezer::V2 {
+            dir: d.path().to_path_buf(),
+        };
+        std::fs::write(d.path().join("cgroup.events"), "populated 1\nfrozen 0\n").unwrap();
+        let e = f.freeze_blocking(Duration::from_millis(20)).unwrap_err();
+        assert!(matches!(e, FreezerError::Timeout(..)), "{e}");
+        assert_eq!(std::fs::read_to_string(d.path().join("cgroup.freeze")).unwrap(), "0");
+        std::fs::write(d.path().join("cgroup.events"), "populated 1\nfrozen 1\n").unwrap();
+        f.freeze_blocking(Duration::from_millis(20)).unwrap();
+        assert_eq!(std::fs::read_to_string(d.path().join("cgroup.freeze")).unwrap(), "1");
+    }
+}
