@@ -141,6 +141,11 @@ pub fn spawn(program: &str, args: &[String]) -> Result<Running, ExecError> {
 }
 
 impl Running {
+    /// The process ID, while the program runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
     /// Waits for the end (or `timeout`); a non-zero exit is an error carrying the
     /// command line, status and stderr.
     pub async fn finish(self, timeout: Duration) -> Result<Output, ExecError> {

@@ -321,7 +321,31 @@ async fn migrate(
         }
     };
     let (frozen, post) = tokio::join!(futures::future::join_all(item_work), postsync);
-    rec.dump_s = dump_at.get();
+    // DOWN is when the service stopped. Where podman was watched start the runtime's
+    // checkpoint (and the container frozen right then), that is the last look before it
+    // started, for the earliest container: podman's start-up ran while the service still
+    // answered. A container not watched may have stopped any time after podman started.
+    let starts: Option<Vec<i64>> = frozen
+        .iter()
+        .map(|f| match &f.checkpoint {
+            Ok(st) => st.runtime_start.as_ref().map(|r| r.before_us),
+            Err(_) => None,
+        })
+        .collect();
+    let shift_us = starts
+        .and_then(|v| v.into_iter().min())
+        .map_or(0, |first| (first - down).max(0));
+    let down = down + shift_us;
+    rec.down_us = Some(down);
+    let shift_s = shift_us as f64 / 1e6;
+    let since_down = since_down.later_by(Duration::from_micros(shift_us as u64));
+    if shift_us > 0 {
+        ui.info(&format!(
+            "DOWN at the first freeze, {shift_s:.3}s after podman started (the service ran meanwhile)"
+        ));
+    }
+    let rebase = |secs: f64| (secs - shift_s).max(0.0);
+    rec.dump_s = dump_at.get().map(rebase);
     let mut checkpointed = Vec::new();
     let mut exits = Vec::new();
     let mut entries = Vec::new();
@@ -335,8 +359,8 @@ async fn migrate(
                 it.info.name, f.attempts
             ));
         }
-        rec.checkpoint_s = max_opt(rec.checkpoint_s, Some(f.checkpoint_s));
-        rec.transfer_s = max_opt(rec.transfer_s, Some(f.shipped_s));
+        rec.checkpoint_s = max_opt(rec.checkpoint_s, Some(rebase(f.checkpoint_s)));
+        rec.transfer_s = max_opt(rec.transfer_s, Some(rebase(f.shipped_s)));
         wire_bytes += f.wire_bytes;
         let froze = match &f.froze {
             Some(Ok(t)) => format!("frozen in {:.1}ms, ", t.as_secs_f64() * 1e3),
@@ -620,25 +644,16 @@ async fn freeze_and_stream(
             Box::new(w)
         };
         let checkpoint = async {
-            let frozen = match &it.freezer {
-                Some(f) => match f.freeze().await {
-                    Ok(t) => {
-                        froze = Some(Ok(t));
-                        Some(FrozenCgroup::new(f.clone()))
-                    }
-                    Err(e) => {
-                        froze = Some(Err(e.to_string()));
-                        None
-                    }
-                },
-                None => None,
-            };
+            // Frozen once podman starts the runtime's checkpoint; thawed again below if the
+            // checkpoint fails with the container still there.
+            let frozen = it.freezer.clone().map(FrozenCgroup::new);
             let r = podman
                 .checkpoint_streaming(
                     &it.info.name,
                     &it.fifo,
                     it.opts,
                     compression_of(&it.archive_name),
+                    it.freezer.as_ref(),
                     sink,
                     &mut dumped,
                 )
@@ -648,6 +663,12 @@ async fn freeze_and_stream(
             match (&r, frozen) {
                 (Ok(_), Some(f)) => f.keep(),
                 (_, f) => drop(f),
+            }
+            if let Ok(st) = &r {
+                froze = st.runtime_start.as_ref().map(|s| match &s.froze {
+                    Ok(t) => Ok(*t),
+                    Err(e) => Err(e.to_string()),
+                });
             }
             let secs = since_down.secs();
             // A client caught half-way through connecting makes CRIU refuse the dump; the

@@ -1,7 +1,7 @@
 //! Timestamps, phase clocks and the one-line record each side prints per migration.
 
 use std::io::Write;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, SecondsFormat, TimeZone, Utc};
 use serde::Serialize;
@@ -34,6 +34,10 @@ impl Stopwatch {
     }
     pub fn secs(&self) -> f64 {
         self.0.elapsed().as_secs_f64()
+    }
+    /// The same watch started `by` later.
+    pub fn later_by(&self, by: Duration) -> Stopwatch {
+        Stopwatch(self.0 + by)
     }
     /// Seconds from the start to `t` (0 when `t` is earlier).
     pub fn at(&self, t: Instant) -> f64 {

@@ -1,7 +1,8 @@
 //! The archive stream on the wire: a series of zstd frames, one per chunk podman wrote.
-//! A chunk that compresses (CRIU's zero-filled pages, text) goes as a zstd-1 frame; one
-//! that does not (random or already compressed memory) goes as a frame of raw blocks,
-//! without spending a compression pass on it. Any zstd decoder reads the result
+//! A chunk of zero-filled pages (most of CRIU's pages for a database's buffer pool) goes as
+//! RLE blocks, one that compresses (text) as a zstd-1 frame, one that does not (random or
+//! already compressed memory) as a frame of raw blocks: neither of those two spends a
+//! compression pass on it. Any zstd decoder reads the result
 //! (`migrate sink --zstd` or `zstd -d`): concatenated frames are one valid stream.
 
 use std::io;
@@ -16,21 +17,39 @@ const SAMPLE: usize = 64 << 10;
 const MAX_BLOCK: usize = 128 << 10;
 const MAGIC: [u8; 4] = 0xFD2F_B528u32.to_le_bytes();
 
-/// Appends `chunk` to `out` as one zstd frame: compressed at level 1 when a sample of it
-/// shrinks by a tenth or more, else stored raw.
+/// Appends `chunk` to `out` as one zstd frame. A chunk made only of runs of one byte
+/// value per block (CRIU's zero-filled pages) goes as RLE blocks, with no compression
+/// pass; else one compressed at level 1 when a sample of it shrinks by a tenth or more;
+/// else stored (raw blocks, RLE where a block is uniform).
 pub fn encode_chunk(chunk: &[u8], out: &mut Vec<u8>) -> io::Result<()> {
-    let sample = &chunk[..chunk.len().min(SAMPLE)];
+    let mixed = chunk.chunks(MAX_BLOCK).find(|b| uniform(b).is_none());
+    let Some(mixed) = mixed else {
+        stored_frame(chunk, out);
+        return Ok(());
+    };
+    let sample = &mixed[..mixed.len().min(SAMPLE)];
     let squeezed = zstd::bulk::compress(sample, 1)?;
     if squeezed.len() * 10 < sample.len() * 9 {
         out.extend_from_slice(&zstd::bulk::compress(chunk, 1)?);
     } else {
-        raw_frame(chunk, out);
+        stored_frame(chunk, out);
     }
     Ok(())
 }
 
-/// A single-segment zstd frame of raw blocks holding `data` (RFC 8878, section 3.1.1).
-fn raw_frame(data: &[u8], out: &mut Vec<u8>) {
+/// The byte a block is made of, when it is made of one byte value only.
+fn uniform(block: &[u8]) -> Option<u8> {
+    let first = *block.first()?;
+    // OR-folding 4 KiB at a time vectorises; a mixed block usually shows in its first page.
+    block
+        .chunks(4096)
+        .all(|c| c.iter().fold(0u8, |acc, &x| acc | (x ^ first)) == 0)
+        .then_some(first)
+}
+
+/// A single-segment zstd frame of uncompressed blocks holding `data` (RFC 8878, section
+/// 3.1.1): an RLE block where a block is one byte value repeated, a raw block elsewhere.
+fn stored_frame(data: &[u8], out: &mut Vec<u8>) {
     out.extend_from_slice(&MAGIC);
     // Frame_Content_Size_flag 3 (8-byte size), Single_Segment_flag: no window descriptor,
     // no checksum, no dictionary.
@@ -39,17 +58,32 @@ fn raw_frame(data: &[u8], out: &mut Vec<u8>) {
     let mut blocks = data.chunks(MAX_BLOCK).peekable();
     if blocks.peek().is_none() {
         // An empty frame still needs its one (last) block.
-        out.extend_from_slice(&block_header(true, 0));
+        out.extend_from_slice(&block_header(true, BlockType::Raw, 0));
     }
     while let Some(b) = blocks.next() {
-        out.extend_from_slice(&block_header(blocks.peek().is_none(), b.len()));
-        out.extend_from_slice(b);
+        let last = blocks.peek().is_none();
+        match uniform(b) {
+            Some(byte) => {
+                out.extend_from_slice(&block_header(last, BlockType::Rle, b.len()));
+                out.push(byte);
+            }
+            None => {
+                out.extend_from_slice(&block_header(last, BlockType::Raw, b.len()));
+                out.extend_from_slice(b);
+            }
+        }
     }
 }
 
-/// Block_Header of a raw block: Last_Block, Block_Type 0 (raw), Block_Size.
-fn block_header(last: bool, size: usize) -> [u8; 3] {
-    let v = u32::from(last) | ((size as u32) << 3);
+#[derive(Clone, Copy)]
+enum BlockType {
+    Raw = 0,
+    Rle = 1,
+}
+
+/// Block_Header: Last_Block, Block_Type, Block_Size (for RLE: the bytes it stands for).
+fn block_header(last: bool, kind: BlockType, size: usize) -> [u8; 3] {
+    let v = u32::from(last) | ((kind as u32) << 1) | ((size as u32) << 3);
     let b = v.to_le_bytes();
     [b[0], b[1], b[2]]
 }
@@ -157,10 +191,40 @@ mod tests {
     }
 
     #[test]
-    fn an_empty_raw_frame_is_valid() {
+    fn an_empty_stored_frame_is_valid() {
         let mut wire = Vec::new();
-        raw_frame(&[], &mut wire);
+        stored_frame(&[], &mut wire);
         assert!(zstd::stream::decode_all(&wire[..]).unwrap().is_empty());
+    }
+
+    #[test]
+    fn uniform_blocks_go_as_rle_and_mixed_ones_raw() {
+        // Zeros, a block of 0xAB, random bytes, a short uniform tail: no compression pass,
+        // one RLE block per uniform block.
+        let random = pseudo_random(MAX_BLOCK, 11);
+        let chunk: Vec<u8> = [
+            vec![0u8; 2 * MAX_BLOCK],
+            vec![0xAB; MAX_BLOCK],
+            random.clone(),
+            vec![0u8; 5000],
+        ]
+        .concat();
+        let mut wire = Vec::new();
+        encode_chunk(&chunk, &mut wire).unwrap();
+        assert_eq!(zstd::stream::decode_all(&wire[..]).unwrap(), chunk);
+        // Magic, descriptor, size; 4 RLE blocks of 3+1 bytes; one raw block.
+        assert_eq!(wire.len(), 4 + 1 + 8 + 4 * 4 + 3 + MAX_BLOCK);
+        // A chunk of zeros only is a handful of RLE blocks.
+        let mut z = Vec::new();
+        encode_chunk(&vec![0u8; 1 << 20], &mut z).unwrap();
+        assert_eq!(z.len(), 4 + 1 + 8 + 8 * 4);
+        assert_eq!(
+            zstd::stream::decode_all(&z[..]).unwrap(),
+            vec![0u8; 1 << 20]
+        );
+        assert_eq!(uniform(&[]), None);
+        assert_eq!(uniform(&[7, 7, 7]), Some(7));
+        assert_eq!(uniform(&[7, 7, 8]), None);
     }
 
     #[tokio::test]

@@ -31,6 +31,16 @@ fn migrate_pair(from: &str, dest: &str, rows_expected: u64) {
     let migration: f64 = rec["migration_time_s"].parse().unwrap();
     assert!(downtime > 0.0 && downtime < migration, "{}", out.describe());
     assert!(rec["up_ts"] > rec["down_ts"]);
+    // send froze the containers itself (the lab's hosts have a cgroup freezer), so CRIU
+    // did not poll for the freeze.
+    for c in ["db", "web"] {
+        assert!(
+            out.stderr
+                .contains(&format!("checkpointed {c}: frozen in ")),
+            "{}",
+            out.describe()
+        );
+    }
     let (code, rx_out) = rx.wait(T);
     assert_eq!(code, Some(0), "receiver exit; stdout:\n{rx_out}");
     assert!(

@@ -66,18 +66,6 @@ impl Freezer {
 
     /// Asks the kernel to freeze the cgroup and waits until every task in it is frozen;
     /// returns how long that took. On a timeout the cgroup is thawed again.
-    pub async fn freeze(&self) -> Result<Duration, FreezerError> {
-        let me = self.clone();
-        tokio::task::spawn_blocking(move || me.freeze_blocking(FREEZE_TIMEOUT))
-            .await
-            .unwrap_or_else(|e| {
-                Err(FreezerError::Write {
-                    path: self.state_file(),
-                    source: std::io::Error::other(e),
-                })
-            })
-    }
-
     fn freeze_blocking(&self, timeout: Duration) -> Result<Duration, FreezerError> {
         let start = Instant::now();
         let (value, check) = match self {
@@ -110,6 +98,86 @@ impl Freezer {
         };
         write(&self.state_file(), value)
     }
+}
+
+/// What watching podman start the OCI runtime's checkpoint gave.
+#[derive(Debug)]
+pub struct RuntimeStart {
+    /// The last look at which the runtime's checkpoint had not started, µs since the
+    /// epoch: the container surely still ran then (CRIU cannot freeze it before the
+    /// runtime runs).
+    pub before_us: i64,
+    /// How long the kernel took to freeze the container, or why it did not (CRIU then
+    /// froze it itself).
+    pub froze: Result<Duration, FreezerError>,
+}
+
+/// Pause between two looks at podman's children.
+const WATCH: Duration = Duration::from_micros(500);
+
+impl Freezer {
+    /// Watches podman (`podman_pid`) until it starts the runtime's `checkpoint` (runc or
+    /// crun, not its `--help`), then freezes the container at once: podman's own start-up
+    /// (~0.1 s here) runs while the service still answers, and CRIU, tens of
+    /// milliseconds later, finds the cgroup frozen. Gives up (`None`) when `stop` is set or
+    /// after `limit`, leaving the freeze to CRIU.
+    pub fn freeze_at_runtime_start(
+        &self,
+        podman_pid: u32,
+        stop: &std::sync::atomic::AtomicBool,
+        limit: Duration,
+    ) -> Option<RuntimeStart> {
+        let started = Instant::now();
+        let own = std::fs::read(format!("/proc/{podman_pid}/cmdline")).ok()?;
+        let mut seen = std::collections::HashSet::new();
+        loop {
+            let before_us = crate::timing::now_us();
+            if stop.load(std::sync::atomic::Ordering::Relaxed) || started.elapsed() > limit {
+                return None;
+            }
+            for child in children(podman_pid) {
+                if seen.contains(&child) {
+                    continue;
+                }
+                let Ok(cmd) = std::fs::read(format!("/proc/{child}/cmdline")) else {
+                    continue;
+                };
+                // Forked but not yet exec'd: it still shows podman's command line.
+                if cmd == own {
+                    continue;
+                }
+                seen.insert(child);
+                if is_runtime_checkpoint(&cmd) {
+                    let froze = self.freeze_blocking(FREEZE_TIMEOUT);
+                    return Some(RuntimeStart { before_us, froze });
+                }
+            }
+            std::thread::sleep(WATCH);
+        }
+    }
+}
+
+/// The children of every thread of process `pid` (Go starts programs from any thread).
+fn children(pid: u32) -> Vec<u32> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for t in tasks.flatten() {
+        if let Ok(text) = std::fs::read_to_string(t.path().join("children")) {
+            out.extend(
+                text.split_whitespace()
+                    .filter_map(|w| w.parse::<u32>().ok()),
+            );
+        }
+    }
+    out
+}
+
+/// `runc … checkpoint …` as opposed to `runc checkpoint --help`, `runc delete`, `criu swrk`.
+fn is_runtime_checkpoint(cmdline: &[u8]) -> bool {
+    let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+    args.iter().skip(1).any(|a| *a == b"checkpoint") && !args.iter().any(|a| *a == b"--help")
 }
 
 /// A cgroup this process froze: thawed when dropped unless [`FrozenCgroup::keep`] said the
@@ -177,15 +245,11 @@ fn locate(cgroup: &str, mountinfo: &str) -> Option<Freezer> {
         let m = mounts
             .iter()
             .find(|m| m.fstype == "cgroup" && m.super_opts.split(',').any(|o| o == "freezer"))?;
-        return Some(Freezer::V1 {
-            dir: m.join(path)?,
-        });
+        return Some(Freezer::V1 { dir: m.join(path)? });
     }
     let path = v2?;
     let m = mounts.iter().find(|m| m.fstype == "cgroup2")?;
-    Some(Freezer::V2 {
-        dir: m.join(path)?,
-    })
+    Some(Freezer::V2 { dir: m.join(path)? })
 }
 
 /// The fields of one `/proc/self/mountinfo` line that matter here.
@@ -284,7 +348,8 @@ mod tests {
 
     #[test]
     fn unified_hosts_use_cgroup_freeze() {
-        let mounts = "29 24 0:25 / /sys/fs/cgroup rw,nosuid shared:4 - cgroup2 cgroup2 rw,nsdelegate\n";
+        let mounts =
+            "29 24 0:25 / /sys/fs/cgroup rw,nosuid shared:4 - cgroup2 cgroup2 rw,nsdelegate\n";
         let f = locate("0::/machine.slice/libpod-abc.scope/container\n", mounts).unwrap();
         assert_eq!(
             f,
@@ -314,9 +379,83 @@ mod tests {
 
     #[test]
     fn no_freezer_mounted_means_none() {
-        assert_eq!(locate(HYBRID_CGROUP, "1 0 0:1 / / rw - ext4 /dev/sda rw\n"), None);
+        assert_eq!(
+            locate(HYBRID_CGROUP, "1 0 0:1 / / rw - ext4 /dev/sda rw\n"),
+            None
+        );
         assert_eq!(locate("", HYBRID_MOUNTS), None);
-        assert_eq!(locate("0::/../../etc\n", "1 0 0:1 / /sys/fs/cgroup rw - cgroup2 c rw\n"), None);
+        assert_eq!(
+            locate(
+                "0::/../../etc\n",
+                "1 0 0:1 / /sys/fs/cgroup rw - cgroup2 c rw\n"
+            ),
+            None
+        );
+    }
+
+    #[test]
+    fn only_the_runtime_s_real_checkpoint_counts() {
+        let c = |args: &[&str]| args.join("\0").into_bytes();
+        assert!(is_runtime_checkpoint(&c(&[
+            "/usr/bin/runc",
+            "checkpoint",
+            "--image-path",
+            "/x",
+            "abc"
+        ])));
+        assert!(is_runtime_checkpoint(&c(&[
+            "crun",
+            "--root",
+            "/r",
+            "checkpoint",
+            "abc"
+        ])));
+        assert!(!is_runtime_checkpoint(&c(&[
+            "/usr/bin/runc",
+            "checkpoint",
+            "--help"
+        ])));
+        assert!(!is_runtime_checkpoint(&c(&[
+            "/usr/bin/runc",
+            "delete",
+            "--force",
+            "abc"
+        ])));
+        assert!(!is_runtime_checkpoint(&c(&["/usr/sbin/criu", "swrk", "3"])));
+        assert!(!is_runtime_checkpoint(&c(&["checkpoint"])));
+    }
+
+    #[test]
+    fn watching_freezes_when_the_child_starts_and_gives_up_when_told() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("freezer.state"), "THAWED\n").unwrap();
+        let f = Freezer::V1 {
+            dir: d.path().to_path_buf(),
+        };
+        // This test process stands for podman; its child runs `sh -c … checkpoint`.
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        let me = std::process::id();
+        let mut child = std::process::Command::new("sh")
+            .args(["-c", "sleep 0.3; exec sleep 2", "sh", "checkpoint"])
+            .spawn()
+            .unwrap();
+        let t0 = crate::timing::now_us();
+        let r = f
+            .freeze_at_runtime_start(me, &stop, Duration::from_secs(5))
+            .expect("saw the child");
+        assert!(r.before_us >= t0);
+        r.froze.unwrap();
+        assert_eq!(
+            std::fs::read_to_string(d.path().join("freezer.state")).unwrap(),
+            "FROZEN"
+        );
+        child.kill().unwrap();
+        child.wait().unwrap();
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        assert!(
+            f.freeze_at_runtime_start(me, &stop, Duration::from_secs(5))
+                .is_none()
+        );
     }
 
     #[test]
@@ -340,13 +479,22 @@ mod tests {
         std::fs::write(d.path().join("freezer.state"), "THAWED\n").unwrap();
         let took = f.freeze_blocking(Duration::from_millis(100)).unwrap();
         assert!(took < Duration::from_millis(100));
-        assert_eq!(std::fs::read_to_string(d.path().join("freezer.state")).unwrap(), "FROZEN");
+        assert_eq!(
+            std::fs::read_to_string(d.path().join("freezer.state")).unwrap(),
+            "FROZEN"
+        );
         drop(FrozenCgroup::new(f.clone()));
-        assert_eq!(std::fs::read_to_string(d.path().join("freezer.state")).unwrap(), "THAWED");
+        assert_eq!(
+            std::fs::read_to_string(d.path().join("freezer.state")).unwrap(),
+            "THAWED"
+        );
         // Kept: the processes are gone, nothing is written.
         std::fs::write(d.path().join("freezer.state"), "FROZEN").unwrap();
         FrozenCgroup::new(f).keep();
-        assert_eq!(std::fs::read_to_string(d.path().join("freezer.state")).unwrap(), "FROZEN");
+        assert_eq!(
+            std::fs::read_to_string(d.path().join("freezer.state")).unwrap(),
+            "FROZEN"
+        );
     }
 
     #[test]
@@ -358,9 +506,15 @@ mod tests {
         std::fs::write(d.path().join("cgroup.events"), "populated 1\nfrozen 0\n").unwrap();
         let e = f.freeze_blocking(Duration::from_millis(20)).unwrap_err();
         assert!(matches!(e, FreezerError::Timeout(..)), "{e}");
-        assert_eq!(std::fs::read_to_string(d.path().join("cgroup.freeze")).unwrap(), "0");
+        assert_eq!(
+            std::fs::read_to_string(d.path().join("cgroup.freeze")).unwrap(),
+            "0"
+        );
         std::fs::write(d.path().join("cgroup.events"), "populated 1\nfrozen 1\n").unwrap();
         f.freeze_blocking(Duration::from_millis(20)).unwrap();
-        assert_eq!(std::fs::read_to_string(d.path().join("cgroup.freeze")).unwrap(), "1");
+        assert_eq!(
+            std::fs::read_to_string(d.path().join("cgroup.freeze")).unwrap(),
+            "1"
+        );
     }
 }

@@ -1,3 +1,3 @@
 //! The container engine: podman with CRIU underneath.
-pub mod podman;
 pub mod freezer;
+pub mod podman;

@@ -7,6 +7,7 @@ use serde::Deserialize;
 use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::unix::pipe;
 
+use crate::engine::freezer::{Freezer, RuntimeStart};
 use crate::exec::{self, ExecError, args};
 
 /// How long one podman call may take before it is treated as hung.
@@ -299,7 +300,14 @@ pub struct Streamed {
     pub complete: Instant,
     /// podman's exit, after it has cleaned up the container: its `--print-stats`.
     pub exit: tokio::task::JoinHandle<Result<Stats, PodmanError>>,
+    /// When podman started the runtime's checkpoint and the container was frozen; `None`
+    /// when that was not watched (no cgroup freezer) or not seen.
+    pub runtime_start: Option<RuntimeStart>,
 }
+
+/// How long podman may take to start the runtime's checkpoint before the watch gives up
+/// (CRIU then freezes the container itself).
+const WATCH_LIMIT: Duration = Duration::from_secs(60);
 
 /// Bytes read from the FIFO at a time; the pipe is widened to this where allowed.
 const PIPE_BYTES: usize = 1 << 20;
@@ -419,20 +427,58 @@ impl Podman {
         fifo: &Path,
         opts: CriuOptions,
         compress: Compression,
+        freezer: Option<&Freezer>,
+        sink: W,
+        dumped: &mut Option<tokio::sync::oneshot::Sender<()>>,
+    ) -> Result<Streamed, PodmanError> {
+        let a = checkpoint_args(name, fifo, opts, compress);
+        // Read-only: the end of the archive shows as end of file when podman closes the
+        // FIFO (Linux reports no hang-up before a writer has come and gone).
+        let rx = pipe::OpenOptions::new()
+            .open_receiver(fifo)
+            .map_err(|source| PodmanError::Stream {
+                name: name.to_string(),
+                source,
+            })?;
+        let podman = exec::spawn("podman", &a)?;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let watch = match (freezer, podman.pid()) {
+            (Some(f), Some(pid)) => {
+                let (f, stop) = (f.clone(), stop.clone());
+                Some(tokio::task::spawn_blocking(move || {
+                    f.freeze_at_runtime_start(pid, &stop, WATCH_LIMIT)
+                }))
+            }
+            _ => None,
+        };
+        let r = Self::stream_archive(name, compress, podman, rx, sink, dumped, &stop).await;
+        // Joined on every path: a freeze must not land after the caller thawed.
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let runtime_start = match watch {
+            Some(h) => h.await.ok().flatten(),
+            None => None,
+        };
+        r.map(|mut st| {
+            st.runtime_start = runtime_start;
+            st
+        })
+    }
+
+    async fn stream_archive<W: AsyncWrite + Unpin>(
+        name: &str,
+        compress: Compression,
+        podman: exec::Running,
+        mut rx: pipe::Receiver,
         mut sink: W,
         dumped: &mut Option<tokio::sync::oneshot::Sender<()>>,
+        stop: &std::sync::atomic::AtomicBool,
     ) -> Result<Streamed, PodmanError> {
         let io = |source: std::io::Error| PodmanError::Stream {
             name: name.to_string(),
             source,
         };
-        // Read-only: the end of the archive shows as end of file when podman closes the
-        // FIFO (Linux reports no hang-up before a writer has come and gone).
-        let mut rx = pipe::OpenOptions::new().open_receiver(fifo).map_err(io)?;
         widen_pipe(&rx);
         let hasher = spawn_hasher();
-        let a = checkpoint_args(name, fifo, opts, compress);
-        let podman = exec::spawn("podman", &a)?;
         let mut exit = tokio::spawn(async move {
             let out = podman.finish(PODMAN_TIMEOUT).await?;
             Ok(Stats::parse(&out.stdout))
@@ -460,6 +506,7 @@ impl Podman {
             }
             if first_byte.is_none() {
                 first_byte = Some(Instant::now());
+                stop.store(true, std::sync::atomic::Ordering::Relaxed);
                 if let Some(d) = dumped.take() {
                     let _ = d.send(());
                 }
@@ -499,6 +546,7 @@ impl Podman {
             first_byte,
             complete,
             exit,
+            runtime_start: None,
         })
     }
 
