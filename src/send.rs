@@ -650,10 +650,12 @@ async fn freeze_and_stream(
             let r = podman
                 .checkpoint_streaming(
                     &it.info.name,
-                    &it.fifo,
-                    it.opts,
-                    compression_of(&it.archive_name),
-                    it.freezer.as_ref(),
+                    podman::Export {
+                        fifo: &it.fifo,
+                        opts: it.opts,
+                        compress: compression_of(&it.archive_name),
+                        freezer: it.freezer.as_ref(),
+                    },
                     sink,
                     &mut dumped,
                 )

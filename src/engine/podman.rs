@@ -305,6 +305,15 @@ pub struct Streamed {
     pub runtime_start: Option<RuntimeStart>,
 }
 
+/// How a checkpoint is exported: into `fifo`, with these CRIU options and compression,
+/// the container frozen through `freezer` when podman starts the runtime's checkpoint.
+pub struct Export<'a> {
+    pub fifo: &'a Path,
+    pub opts: CriuOptions,
+    pub compress: Compression,
+    pub freezer: Option<&'a Freezer>,
+}
+
 /// How long podman may take to start the runtime's checkpoint before the watch gives up
 /// (CRIU then freezes the container itself).
 const WATCH_LIMIT: Duration = Duration::from_secs(60);
@@ -424,13 +433,16 @@ impl Podman {
     pub async fn checkpoint_streaming<W: AsyncWrite + Unpin>(
         &self,
         name: &str,
-        fifo: &Path,
-        opts: CriuOptions,
-        compress: Compression,
-        freezer: Option<&Freezer>,
+        how: Export<'_>,
         sink: W,
         dumped: &mut Option<tokio::sync::oneshot::Sender<()>>,
     ) -> Result<Streamed, PodmanError> {
+        let Export {
+            fifo,
+            opts,
+            compress,
+            freezer,
+        } = how;
         let a = checkpoint_args(name, fifo, opts, compress);
         // Read-only: the end of the archive shows as end of file when podman closes the
         // FIFO (Linux reports no hang-up before a writer has come and gone).
