@@ -435,8 +435,12 @@ mod tests {
         // This test process stands for podman; its child runs `sh -c … checkpoint`.
         let stop = std::sync::atomic::AtomicBool::new(false);
         let me = std::process::id();
+        // `read` is a builtin: no grandchild outlives the kill below.
         let mut child = std::process::Command::new("sh")
-            .args(["-c", "sleep 0.3; exec sleep 2", "sh", "checkpoint"])
+            .args(["-c", "read x", "sh", "checkpoint"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap();
         let t0 = crate::timing::now_us();
