@@ -87,7 +87,8 @@ struct Item {
     sink: Option<String>,
     /// Containers of this migration to restore before this one.
     after: Vec<String>,
-    /// The container's cgroup freezer: `send` freezes it at DOWN, before CRIU would.
+    /// The container's cgroup freezer: `send` freezes it when podman starts the runtime's
+    /// checkpoint, before CRIU would.
     freezer: Option<Freezer>,
 }
 

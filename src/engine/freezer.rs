@@ -3,8 +3,9 @@
 //! CRIU freezes a container itself before it dumps it, but it polls the freezer in
 //! steps of 100 ms: when the cgroup is not frozen at its first look (it often is not),
 //! a tenth of a second of downtime is spent asleep. `send` freezes the container first,
-//! waiting for the kernel in steps of a fraction of a millisecond; CRIU then finds the
-//! cgroup frozen and goes straight to work. A container that is still there after a
+//! the moment podman starts the runtime's checkpoint, waiting for the kernel in steps of
+//! a fraction of a millisecond; CRIU then finds the cgroup frozen and goes straight to
+//! work. A container that is still there after a
 //! failed checkpoint is thawed again.
 
 use std::path::{Path, PathBuf};
@@ -326,6 +327,10 @@ fn unescape(s: &str) -> std::borrow::Cow<'_, str> {
 mod tests {
     use super::*;
 
+    fn file(dir: &tempfile::TempDir, name: &str) -> String {
+        std::fs::read_to_string(dir.path().join(name)).unwrap()
+    }
+
     const HYBRID_CGROUP: &str = "12:freezer:/libpod_parent/libpod-abc\n\
         11:memory:/libpod_parent/libpod-abc\n\
         1:name=systemd:/libpod_parent/libpod-abc\n\
@@ -449,10 +454,7 @@ mod tests {
             .expect("saw the child");
         assert!(r.before_us >= t0);
         r.froze.unwrap();
-        assert_eq!(
-            std::fs::read_to_string(d.path().join("freezer.state")).unwrap(),
-            "FROZEN"
-        );
+        assert_eq!(file(&d, "freezer.state"), "FROZEN");
         child.kill().unwrap();
         child.wait().unwrap();
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -483,22 +485,13 @@ mod tests {
         std::fs::write(d.path().join("freezer.state"), "THAWED\n").unwrap();
         let took = f.freeze_blocking(Duration::from_millis(100)).unwrap();
         assert!(took < Duration::from_millis(100));
-        assert_eq!(
-            std::fs::read_to_string(d.path().join("freezer.state")).unwrap(),
-            "FROZEN"
-        );
+        assert_eq!(file(&d, "freezer.state"), "FROZEN");
         drop(FrozenCgroup::new(f.clone()));
-        assert_eq!(
-            std::fs::read_to_string(d.path().join("freezer.state")).unwrap(),
-            "THAWED"
-        );
+        assert_eq!(file(&d, "freezer.state"), "THAWED");
         // Kept: the processes are gone, nothing is written.
         std::fs::write(d.path().join("freezer.state"), "FROZEN").unwrap();
         FrozenCgroup::new(f).keep();
-        assert_eq!(
-            std::fs::read_to_string(d.path().join("freezer.state")).unwrap(),
-            "FROZEN"
-        );
+        assert_eq!(file(&d, "freezer.state"), "FROZEN");
     }
 
     #[test]
@@ -510,15 +503,9 @@ mod tests {
         std::fs::write(d.path().join("cgroup.events"), "populated 1\nfrozen 0\n").unwrap();
         let e = f.freeze_blocking(Duration::from_millis(20)).unwrap_err();
         assert!(matches!(e, FreezerError::Timeout(..)), "{e}");
-        assert_eq!(
-            std::fs::read_to_string(d.path().join("cgroup.freeze")).unwrap(),
-            "0"
-        );
+        assert_eq!(file(&d, "cgroup.freeze"), "0");
         std::fs::write(d.path().join("cgroup.events"), "populated 1\nfrozen 1\n").unwrap();
         f.freeze_blocking(Duration::from_millis(20)).unwrap();
-        assert_eq!(
-            std::fs::read_to_string(d.path().join("cgroup.freeze")).unwrap(),
-            "1"
-        );
+        assert_eq!(file(&d, "cgroup.freeze"), "1");
     }
 }
