@@ -143,8 +143,10 @@ impl Freezer {
                 let Ok(cmd) = std::fs::read(format!("/proc/{child}/cmdline")) else {
                     continue;
                 };
-                // Forked but not yet exec'd: it still shows podman's command line.
-                if cmd == own {
+                // Forked but not yet exec'd: it still shows podman's command line. In the
+                // middle of execve the kernel shows an empty one (the new memory has no
+                // arguments yet): look again next time, do not mark it as seen.
+                if cmd.is_empty() || cmd == own {
                     continue;
                 }
                 seen.insert(child);
