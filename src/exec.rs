@@ -121,6 +121,8 @@ pub async fn run(program: &str, args: &[String], timeout: Duration) -> Result<Ou
 pub struct Running {
     cmd: String,
     child: tokio::process::Child,
+    /// stderr read early by [`Running::wait_for_stderr_line`], marker line removed.
+    early_stderr: Vec<u8>,
 }
 
 /// Starts `program args…` with stdout and stderr captured; [`Running::finish`] waits.
@@ -137,7 +139,11 @@ pub fn spawn(program: &str, args: &[String]) -> Result<Running, ExecError> {
             cmd: cmd.clone(),
             source,
         })?;
-    Ok(Running { cmd, child })
+    Ok(Running {
+        cmd,
+        child,
+        early_stderr: Vec::new(),
+    })
 }
 
 impl Running {
@@ -146,10 +152,71 @@ impl Running {
         self.child.id()
     }
 
+    /// Waits until the program prints the line `marker` on stderr. Whatever else it
+    /// printed stays part of its stderr; the marker line does not. An error when the
+    /// program closes stderr (ends) first, or when `timeout` passes.
+    pub async fn wait_for_stderr_line(
+        &mut self,
+        marker: &str,
+        timeout: Duration,
+    ) -> Result<(), ExecError> {
+        use tokio::io::AsyncReadExt;
+        let line = format!("{marker}\n");
+        let Some(err) = self.child.stderr.as_mut() else {
+            return Err(ExecError::Spawn {
+                cmd: self.cmd.clone(),
+                source: std::io::Error::other("stderr is not captured"),
+            });
+        };
+        let early = &mut self.early_stderr;
+        let found = tokio::time::timeout(timeout, async {
+            let mut buf = [0u8; 4096];
+            loop {
+                if let Some(i) = find(early, line.as_bytes()) {
+                    early.drain(i..i + line.len());
+                    return Ok(true);
+                }
+                match err.read(&mut buf).await? {
+                    0 => return Ok(false),
+                    n => early.extend_from_slice(&buf[..n]),
+                }
+            }
+        })
+        .await;
+        match found {
+            Ok(Ok(true)) => Ok(()),
+            Ok(Ok(false)) => {
+                // Ended before saying it: its status and stderr say why.
+                let cmd = self.cmd.clone();
+                let status = self.child.wait().await.map_err(|source| ExecError::Spawn {
+                    cmd: cmd.clone(),
+                    source,
+                })?;
+                Err(ExecError::Failed {
+                    cmd,
+                    status: status.into(),
+                    stderr: String::from_utf8_lossy(&self.early_stderr).into_owned(),
+                })
+            }
+            Ok(Err(source)) => Err(ExecError::Spawn {
+                cmd: self.cmd.clone(),
+                source,
+            }),
+            Err(_) => Err(ExecError::Timeout {
+                cmd: format!("{} (starting)", self.cmd),
+                after: timeout,
+            }),
+        }
+    }
+
     /// Waits for the end (or `timeout`); a non-zero exit is an error carrying the
     /// command line, status and stderr.
     pub async fn finish(self, timeout: Duration) -> Result<Output, ExecError> {
-        let Running { cmd, child } = self;
+        let Running {
+            cmd,
+            child,
+            mut early_stderr,
+        } = self;
         let out = match tokio::time::timeout(timeout, child.wait_with_output()).await {
             Ok(res) => res.map_err(|source| ExecError::Spawn {
                 cmd: cmd.clone(),
@@ -164,7 +231,10 @@ impl Running {
         };
         let output = Output {
             stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+            stderr: {
+                early_stderr.extend_from_slice(&out.stderr);
+                String::from_utf8_lossy(&early_stderr).into_owned()
+            },
         };
         if out.status.success() {
             Ok(output)
@@ -176,6 +246,10 @@ impl Running {
             })
         }
     }
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
 }
 
 /// Builds an argument vector from string slices.

@@ -356,6 +356,12 @@ fn read_secret(dir: &Path) -> anyhow::Result<Vec<u8>> {
     Ok(secret)
 }
 
+/// podman refused to restore `name` because somebody else's container holds it here.
+fn name_taken(name: &str, e: &crate::engine::podman::PodmanError) -> bool {
+    e.to_string()
+        .contains(&format!("container name \"{name}\" is already in use"))
+}
+
 /// Verifies the shipped archives and restores the containers in manifest order; on a
 /// failure removes what it had restored.
 async fn restore(
@@ -377,37 +383,14 @@ async fn restore(
     };
     let verify = Stopwatch::start();
     let podman = Podman;
-    // The archives are checked while podman says which names are taken (a restore over
-    // a taken name would fail, and its clean-up must not remove somebody else's).
-    let (checked, taken) = tokio::join!(
-        async {
-            let r = verify_archives(manifest, run_id, dir).await;
-            (r, verify.secs())
-        },
-        podman.names()
-    );
-    match checked {
-        (Err(e), _) => {
-            ctx.ui.warn(&format!("{e:#}"));
-            out.error = Some(format!("{e:#}"));
-            return out;
-        }
-        (Ok(()), secs) => out.verify_s = secs,
-    }
-    let taken = match taken {
-        Ok(t) => t,
-        Err(e) => {
-            out.error = Some(format!("podman on {}: {e}", ctx.hostname));
-            return out;
-        }
-    };
-    if let Some(c) = manifest.containers.iter().find(|c| taken.contains(&c.name)) {
-        out.error = Some(format!(
-            "a container named {} already exists on {}; remove it there first",
-            c.name, ctx.hostname
-        ));
+    // Names were checked before the freeze (the sender's preflight); one taken since
+    // makes podman's restore fail, and that container, not ours, is left alone below.
+    if let Err(e) = verify_archives(manifest, run_id, dir).await {
+        ctx.ui.warn(&format!("{e:#}"));
+        out.error = Some(format!("{e:#}"));
         return out;
     }
+    out.verify_s = verify.secs();
     let restore = Stopwatch::start();
     let waves = restore_waves(&manifest.containers).expect("validated: no cycle");
     let mut restored: Vec<&str> = Vec::new();
@@ -430,6 +413,8 @@ async fn restore(
         }))
         .await;
         let mut failures = Vec::new();
+        // Restores refused because somebody else's container holds the name.
+        let mut taken = Vec::new();
         for (c, (r, secs)) in wave.iter().zip(results) {
             match r {
                 Ok(stats) => {
@@ -440,14 +425,22 @@ async fn restore(
                     }
                     ctx.ui.info(&format!("restored {} in {secs:.3}s", c.name));
                 }
+                Err(e) if name_taken(&c.name, &e) => taken.push((
+                    c.name.as_str(),
+                    format!(
+                        "a container named {} already exists on {}; remove it there first",
+                        c.name, ctx.hostname
+                    ),
+                )),
                 Err(e) => {
                     failures.push((c.name.as_str(), format!("restoring {} failed: {e}", c.name)))
                 }
             }
         }
-        if !failures.is_empty() {
-            let msg = failures
+        if !failures.is_empty() || !taken.is_empty() {
+            let msg = taken
                 .iter()
+                .chain(&failures)
                 .map(|(_, m)| m.as_str())
                 .collect::<Vec<_>>()
                 .join("; ");

@@ -154,42 +154,63 @@ async fn migrate(
         .iter()
         .any(|it| it.stream_zstd || compression_of(&it.archive_name) != Compression::None);
 
-    // Pre-sync while the service runs.
+    // Pre-sync while the service runs; meanwhile the upload channels and the post-syncs
+    // start (see `open_sessions`).
     rec.start_us = Some(now_us());
     let presync = Stopwatch::start();
-    let mut sync_bytes = 0u64;
-    for dir in &plan.target.data {
-        ui.phase(&format!("pre-sync {}", dir.display()));
-        let r = tokio::select! {
-            r = rsync::sync(dir, &ssh, compress_sync) => r,
-            _ = signals.changed() => {
-                abort(&mut control, "interrupted during pre-sync", false).await;
-                ssh.close().await;
-                return Err(refuse(anyhow!("interrupted before the freeze; nothing was frozen")));
-            }
-        };
-        match r {
-            Ok(s) => {
-                ui.info(&format!(
-                    "pre-sync {}: {} files, sent {} in {:.3}s",
-                    dir.display(),
-                    s.files_transferred,
-                    human_bytes(s.bytes_sent),
-                    presync.secs()
-                ));
-                sync_bytes += s.bytes_sent;
-            }
-            Err(e) => {
-                abort(&mut control, "pre-sync failed", false).await;
-                ssh.close().await;
-                return Err(refuse(anyhow!(e).context(format!(
-                    "pre-sync of {} failed; nothing was frozen",
-                    dir.display()
-                ))));
+    let presync_run = async {
+        let mut bytes = 0u64;
+        for dir in &plan.target.data {
+            ui.phase(&format!("pre-sync {}", dir.display()));
+            let r = tokio::select! {
+                r = rsync::sync(dir, &ssh, compress_sync) => r,
+                _ = signals.changed() => return Err(("interrupted during pre-sync", anyhow!("interrupted before the freeze; nothing was frozen"))),
+            };
+            match r {
+                Ok(s) => {
+                    ui.info(&format!(
+                        "pre-sync {}: {} files, sent {} in {:.3}s",
+                        dir.display(),
+                        s.files_transferred,
+                        human_bytes(s.bytes_sent),
+                        presync.secs()
+                    ));
+                    bytes += s.bytes_sent;
+                }
+                Err(e) => {
+                    return Err((
+                        "pre-sync failed",
+                        anyhow!(e).context(format!(
+                            "pre-sync of {} failed; nothing was frozen",
+                            dir.display()
+                        )),
+                    ));
+                }
             }
         }
-    }
+        Ok(bytes)
+    };
+    let (presynced, sessions) = tokio::join!(
+        presync_run,
+        open_sessions(plan, &ssh, &items, &remote_dir, compress_sync)
+    );
+    let mut sync_bytes = match presynced {
+        Ok(b) => b,
+        Err((why, e)) => {
+            drop(sessions);
+            abort(&mut control, why, false).await;
+            ssh.close().await;
+            return Err(refuse(e));
+        }
+    };
     rec.presync_s = Some(presync.secs());
+    let (streams, armed) = match sessions {
+        Ok(s) => s,
+        Err((why, e)) => {
+            abort(&mut control, why, false).await;
+            return Err(refuse(e.context("nothing was frozen")));
+        }
+    };
     let hook_env = hook_env(plan, rec);
     ui.phase("pre-freeze hooks");
     let pre = tokio::select! {
@@ -210,53 +231,6 @@ async fn migrate(
             "interrupted before the freeze; nothing was frozen"
         )));
     }
-
-    // Upload channels and the FIFOs podman exports into are set up before the freeze, so
-    // their start-up is not downtime.
-    let mut prepare_err = None;
-    for it in &items {
-        let fifo = it.fifo.display().to_string();
-        if let Err(e) =
-            crate::exec::run("mkfifo", &["-m".into(), "600".into(), fifo], REMOTE_TIMEOUT).await
-        {
-            prepare_err = Some(anyhow!(e));
-            break;
-        }
-    }
-    let streams = match prepare_err {
-        Some(e) => Err(e),
-        None => futures::future::try_join_all(items.iter().map(|it| {
-            let path = remote_join(&remote_dir, &it.archive_name);
-            let ssh = &ssh;
-            async move { open_upload(ssh, &path, it).await }
-        }))
-        .await
-        .map_err(anyhow::Error::from),
-    };
-    let streams = match streams {
-        Ok(s) => s,
-        Err(e) => {
-            abort(&mut control, "cannot prepare the archive streams", false).await;
-            return Err(refuse(e.context("nothing was frozen")));
-        }
-    };
-    // The post-syncs are started too, held before their file lists.
-    let armed: Result<Vec<_>, _> = plan
-        .target
-        .data
-        .iter()
-        .map(|dir| {
-            rsync::arm(dir, &ssh, compress_sync)
-                .with_context(|| format!("starting the post-sync of {}", dir.display()))
-        })
-        .collect();
-    let armed = match armed {
-        Ok(a) => a,
-        Err(e) => {
-            abort(&mut control, "cannot start the post-sync", false).await;
-            return Err(refuse(e.context("nothing was frozen")));
-        }
-    };
 
     let podman = Podman;
     let rb = Rollback {
@@ -730,6 +704,58 @@ async fn freeze_and_stream(
             froze,
         };
     }
+}
+
+/// The upload channel of every archive and the post-sync of every data folder (held
+/// before its file list), with the FIFOs podman exports into. Returns once every remote
+/// side runs: the remote login shells' start-up (whatever the user's rc files do) is
+/// paid while the service still runs, not inside the freeze.
+#[allow(clippy::type_complexity)]
+async fn open_sessions<'a>(
+    plan: &SendPlan,
+    ssh: &'a Ssh,
+    items: &[Item],
+    remote_dir: &str,
+    compress_sync: bool,
+) -> Result<
+    (
+        Vec<crate::transport::ssh::RemoteStream<'a>>,
+        Vec<rsync::Armed>,
+    ),
+    (&'static str, anyhow::Error),
+> {
+    let mut armed = Vec::new();
+    for dir in &plan.target.data {
+        let a = rsync::arm(dir, ssh, compress_sync)
+            .with_context(|| format!("starting the post-sync of {}", dir.display()))
+            .map_err(|e| ("cannot start the post-sync", e))?;
+        armed.push(a);
+    }
+    let streams_err = |e| ("cannot prepare the archive streams", e);
+    for it in items {
+        let fifo = it.fifo.display().to_string();
+        crate::exec::run("mkfifo", &["-m".into(), "600".into(), fifo], REMOTE_TIMEOUT)
+            .await
+            .map_err(|e| streams_err(anyhow!(e)))?;
+    }
+    let streams = futures::future::try_join_all(items.iter().map(|it| {
+        let path = remote_join(remote_dir, &it.archive_name);
+        async move {
+            open_upload(ssh, &path, it)
+                .await
+                .map_err(|e| streams_err(anyhow!(e)))
+        }
+    }));
+    let ready = futures::future::try_join_all(armed.iter_mut().zip(&plan.target.data).map(
+        |(a, dir)| async move {
+            a.ready(REMOTE_TIMEOUT)
+                .await
+                .with_context(|| format!("starting the post-sync of {}", dir.display()))
+                .map_err(|e| ("cannot start the post-sync", e))
+        },
+    ));
+    let (streams, _) = tokio::try_join!(streams, ready)?;
+    Ok((streams, armed))
 }
 
 /// Opens the upload of one archive: through the receiver's `migrate sink` when it runs

@@ -359,6 +359,51 @@ fn restore_failing_on_the_target_rolls_back_to_the_source() {
 }
 
 #[test]
+fn a_name_taken_on_the_target_after_the_checks_is_left_alone_and_rolled_back() {
+    fresh_workload("a", 100);
+    // Somebody creates a container named web on b after send's checks passed (here: a
+    // target hook just before the freeze). podman refuses that restore; the stranger
+    // stays as it was, db (restored) is removed again, the pair runs on a.
+    let _cleanup = OnHost::apply("b", "true", "podman rm -f web");
+    let rx = Receiver::start("b", &[]);
+    let before = counter("a");
+    let out = send(
+        "a",
+        &[
+            "--to",
+            &to("b"),
+            "--data",
+            "/srv/app",
+            "--target-hook",
+            "pre-freeze=podman create --name web localhost/migrate-busybox:latest sleep 600",
+            "db",
+            "web",
+        ],
+    )
+    .expect_code(1);
+    assert_eq!(out.record()["outcome"], "rolled_back", "{}", out.describe());
+    assert!(
+        out.stderr
+            .contains("a container named web already exists on"),
+        "{}",
+        out.describe()
+    );
+    rx.wait(T);
+    let stranger = on(
+        "b",
+        &["podman", "ps", "-a", "--format", "{{.Names}} {{.Command}}"],
+    )
+    .ok();
+    assert_eq!(
+        stranger.stdout.trim(),
+        "web sleep 600",
+        "{}",
+        stranger.describe()
+    );
+    assert_pair_alive("a", 100, before);
+}
+
+#[test]
 fn rollback_fetches_the_archive_back_when_the_kept_checkpoint_is_gone() {
     fresh_workload("a", 100);
     // CRIU fails on b, and when it does it first removes the checkpoints podman keeps on

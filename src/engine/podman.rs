@@ -398,19 +398,6 @@ impl Podman {
         Ok(found)
     }
 
-    /// The names of all containers here, running or not.
-    pub async fn names(&self) -> Result<std::collections::BTreeSet<String>, PodmanError> {
-        let out = self
-            .run(args(["ps", "--all", "--format", "{{.Names}}"]))
-            .await?;
-        Ok(out
-            .lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty())
-            .map(String::from)
-            .collect())
-    }
-
     /// True when a container of that name exists.
     pub async fn exists(&self, name: &str) -> Result<bool, PodmanError> {
         match self.inspect(&[name.to_string()]).await {

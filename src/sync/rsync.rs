@@ -87,12 +87,14 @@ pub fn arm(dir: &Path, ssh: &Ssh, compress: bool) -> Result<Armed, ExecError> {
         .open(&fifo)
         .map_err(spawn_err)?;
     let mut a = rsync_args(dir, &ssh.rsync_shell(), &ssh.rsync_target(), compress);
-    // The list is the folder itself, recursively: the same mirror as a plain run.
+    // The list is the folder itself, recursively: the same mirror as a plain run. The
+    // remote side says on stderr when its shell has started and execs rsync.
     a.splice(
         0..0,
         [
             "--recursive".to_string(),
             format!("--files-from={}", fifo.display()),
+            format!("--rsync-path=sh -c 'echo {READY_LINE} >&2; exec rsync \"$@\"' sh"),
         ],
     );
     let rsync = exec::spawn("rsync", &a)?;
@@ -103,7 +105,16 @@ pub fn arm(dir: &Path, ssh: &Ssh, compress: bool) -> Result<Armed, ExecError> {
     })
 }
 
+/// What the armed rsync's remote side prints on stderr once it runs.
+const READY_LINE: &str = "migrate-post-sync-ready";
+
 impl Armed {
+    /// Waits until the remote rsync runs: the remote login shell's start-up is over
+    /// before the freeze, not inside it.
+    pub async fn ready(&mut self, timeout: Duration) -> Result<(), ExecError> {
+        self.rsync.wait_for_stderr_line(READY_LINE, timeout).await
+    }
+
     /// Lets the armed rsync run and waits for it.
     pub async fn fire(self) -> Result<SyncStats, ExecError> {
         let Armed {

@@ -66,6 +66,12 @@ pub enum SshError {
     Transport { dest: String, detail: String },
 }
 
+/// The byte a remote stream's shell prints once it runs the script.
+const READY: char = 'R';
+
+/// How long a remote stream's shell may take to start (login shell and rc files).
+const STREAM_START_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// Turns what `ssh` printed when connecting into a typed error.
 pub fn classify_connect_error(dest: &str, host: &str, stderr: &str) -> SshError {
     let detail = tail_lines(stderr, 3);
@@ -316,22 +322,55 @@ impl Ssh {
             .await
     }
 
-    /// Starts a remote shell `script` whose stdin is fed later: the command is up (and
-    /// its startup paid) before the data exists.
+    /// Starts a remote shell `script` whose stdin is fed later, and returns once the
+    /// remote side runs it: the login shell's start-up (whatever the user's rc files do,
+    /// 0.1–0.3 s on some hosts) is paid before the data exists, not while it waits.
     pub async fn open_stream(&self, script: &str) -> Result<RemoteStream<'_>, SshError> {
         let cmd = format!("sh -c {}", shell_quote(script));
+        // One byte on stdout says the script is starting; nothing else reads stdout.
         let mut child = self
             .session
             .command("sh")
             .arg("-c")
-            .arg(script)
+            .arg(format!("printf {READY}; {script}"))
             .stdin(Stdio::piped())
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .await
             .map_err(|e| self.transport(e))?;
         let stdin = child.stdin().take().expect("stdin is piped");
+        let mut byte = [0u8; 1];
+        let ready = tokio::time::timeout(STREAM_START_TIMEOUT, async {
+            let out = child.stdout().as_mut().expect("stdout is piped");
+            out.read(&mut byte).await
+        })
+        .await;
+        match ready {
+            Ok(Ok(1)) if byte[0] == READY as u8 => {}
+            Ok(_) => {
+                // The command ended (or said something else): its exit status and stderr
+                // say why.
+                drop(stdin);
+                let out = child
+                    .wait_with_output()
+                    .await
+                    .map_err(|e| self.transport(e))?;
+                return Err(SshError::Remote {
+                    dest: self.label.clone(),
+                    cmd,
+                    status: out.status.into(),
+                    stderr: tail_lines(&String::from_utf8_lossy(&out.stderr), 12),
+                });
+            }
+            Err(_) => {
+                return Err(SshError::Timeout {
+                    dest: self.label.clone(),
+                    cmd: format!("{cmd} (starting)"),
+                    after: STREAM_START_TIMEOUT,
+                });
+            }
+        }
         Ok(RemoteStream {
             ssh: self,
             child,
