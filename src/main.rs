@@ -3,6 +3,7 @@
 
 mod check;
 mod cli;
+mod digest;
 mod engine;
 mod exec;
 mod hooks;

@@ -147,8 +147,8 @@ pub struct ContainerEntry {
     /// File name inside the run folder on the target; never a path.
     pub archive: String,
     pub size: u64,
-    /// Lower-case hex SHA-256 of the archive.
-    pub sha256: String,
+    /// The archive's digest ([`crate::digest`], lower-case hex).
+    pub digest: String,
     pub image_id: String,
     pub file_locks: bool,
     pub tcp_established: bool,
@@ -211,13 +211,17 @@ impl Manifest {
                     c.archive
                 ));
             }
-            if c.sha256.len() != 64
+            if c.digest.len() != crate::digest::HEX_LEN
                 || !c
-                    .sha256
+                    .digest
                     .bytes()
                     .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
             {
-                return bad(format!("invalid SHA-256 for {}", c.name));
+                return bad(format!(
+                    "invalid {} digest for {}",
+                    crate::digest::NAME,
+                    c.name
+                ));
             }
             if !names.insert(&c.name) {
                 return bad(format!("container {} listed twice", c.name));
@@ -493,7 +497,7 @@ mod tests {
             name: name.into(),
             archive: format!("{name}.tar.zst"),
             size: 10,
-            sha256: "a".repeat(64),
+            digest: "a".repeat(64),
             image_id: "abc".into(),
             file_locks: false,
             tcp_established: false,
@@ -530,7 +534,7 @@ mod tests {
         m.containers[1].name = "db".into();
         assert!(m.validate("run-1").is_err(), "duplicate names");
         let mut m = manifest();
-        m.containers[0].sha256 = "XYZ".into();
+        m.containers[0].digest = "XYZ".into();
         assert!(m.validate("run-1").is_err());
         let mut m = manifest();
         m.containers.clear();

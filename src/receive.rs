@@ -8,7 +8,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use sha2::{Digest, Sha256};
 use tokio::io::BufReader;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Mutex, mpsc};
@@ -488,33 +487,22 @@ async fn verify_archives(manifest: &Manifest, run_id: &str, dir: &Path) -> anyho
         }
         // Written by `migrate sink` from the very bytes it wrote: no second read.
         if let Ok(d) = std::fs::read_to_string(crate::sink::digest_path(&path)) {
-            if d.trim() != c.sha256 {
+            if d.trim() != c.digest {
                 bail!(
-                    "archive {} does not match its SHA-256 in the manifest",
-                    path.display()
+                    "archive {} does not match its {} digest in the manifest",
+                    path.display(),
+                    crate::digest::NAME
                 );
             }
             continue;
         }
         let p = path.clone();
-        let digest = tokio::task::spawn_blocking(move || -> std::io::Result<String> {
-            let mut f = std::fs::File::open(&p)?;
-            let mut h = Sha256::new();
-            let mut buf = vec![0u8; 1 << 20];
-            loop {
-                let n = std::io::Read::read(&mut f, &mut buf)?;
-                if n == 0 {
-                    break;
-                }
-                h.update(&buf[..n]);
-            }
-            Ok(hex::encode(h.finalize()))
-        })
-        .await??;
-        if digest != c.sha256 {
+        let digest = tokio::task::spawn_blocking(move || crate::digest::of_file(&p)).await??;
+        if digest != c.digest {
             bail!(
-                "archive {} does not match its SHA-256 in the manifest",
-                path.display()
+                "archive {} does not match its {} digest in the manifest",
+                path.display(),
+                crate::digest::NAME
             );
         }
     }
@@ -600,7 +588,7 @@ mod tests {
     use super::*;
     use crate::protocol::ContainerEntry;
 
-    fn manifest(dir: &Path, data: &[u8], sha256: &str) -> Manifest {
+    fn manifest(dir: &Path, data: &[u8], digest: &str) -> Manifest {
         std::fs::write(dir.join("db.tar"), data).unwrap();
         Manifest {
             run_id: "r1".into(),
@@ -608,7 +596,7 @@ mod tests {
                 name: "db".into(),
                 archive: "db.tar".into(),
                 size: data.len() as u64,
-                sha256: sha256.into(),
+                digest: digest.into(),
                 image_id: "i".into(),
                 file_locks: false,
                 tcp_established: false,
@@ -624,7 +612,7 @@ mod tests {
     async fn archives_are_checked_by_the_sinks_digest_or_by_reading_them() {
         let dir = tempfile::tempdir().unwrap();
         let data = b"archive bytes".to_vec();
-        let good = hex::encode(Sha256::digest(&data));
+        let good = crate::digest::of_bytes(&data);
         // No digest file: the archive is read and hashed.
         let m = manifest(dir.path(), &data, &good);
         verify_archives(&m, "r1", dir.path()).await.unwrap();
@@ -635,7 +623,7 @@ mod tests {
         let digest = crate::sink::digest_path(&dir.path().join("db.tar"));
         std::fs::write(&digest, format!("{}\n", "f".repeat(64))).unwrap();
         let err = verify_archives(&m, "r1", dir.path()).await.unwrap_err();
-        assert!(format!("{err:#}").contains("SHA-256"), "{err:#}");
+        assert!(format!("{err:#}").contains("BLAKE3"), "{err:#}");
         std::fs::write(&digest, format!("{good}\n")).unwrap();
         verify_archives(&m, "r1", dir.path()).await.unwrap();
         // A wrong size is refused before any hash.

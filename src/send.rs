@@ -366,11 +366,11 @@ async fn migrate(
             }
         }
         match f.shipped {
-            Ok((size, sha256)) => entries.push(ContainerEntry {
+            Ok((size, digest)) => entries.push(ContainerEntry {
                 name: it.info.name.clone(),
                 archive: it.archive_name.clone(),
                 size,
-                sha256,
+                digest,
                 image_id: it.info.image_id.clone(),
                 file_locks: it.opts.file_locks,
                 tcp_established: it.opts.tcp_established,
@@ -677,7 +677,7 @@ async fn freeze_and_stream(
         // The manifest describes the archive as it lands on the target: what podman wrote.
         let wire_bytes = shipped.as_ref().copied().unwrap_or(0);
         let shipped = match (&checkpoint, shipped) {
-            (Ok(st), Ok(_)) => Ok((st.size, st.sha256.clone())),
+            (Ok(st), Ok(_)) => Ok((st.size, st.digest.clone())),
             (_, Err(e)) => Err(e),
             (Err(_), Ok(n)) => Ok((n, String::new())),
         };
@@ -759,7 +759,7 @@ async fn open_sessions<'a>(
 }
 
 /// Opens the upload of one archive: through the receiver's `migrate sink` when it runs
-/// there (it decodes zstd and leaves the SHA-256 for the receiver), else through `zstd -d`
+/// there (it decodes zstd and leaves the archive's digest for the receiver), else through `zstd -d`
 /// or `cat`.
 async fn open_upload<'a>(
     ssh: &'a Ssh,

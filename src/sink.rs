@@ -1,7 +1,7 @@
 //! `migrate sink`: the target end of an archive upload, run over SSH by the sender with
 //! the receiver's own binary. It writes stdin (zstd-decoded with `--zstd`) to
-//! `PATH.part`, renames it to `PATH` when complete and leaves the archive's SHA-256 in
-//! `PATH.sha256`, so the receiver checks the archive without reading it again while the
+//! `PATH.part`, renames it to `PATH` when complete and leaves the archive's digest in
+//! `PATH.digest`, so the receiver checks the archive without reading it again while the
 //! service is down.
 
 use std::io::{BufWriter, Read, Write};
@@ -9,7 +9,6 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use sha2::{Digest, Sha256};
 
 /// Options of `migrate sink` (internal: started by `migrate send` on the target).
 #[derive(Debug, clap::Args)]
@@ -25,10 +24,10 @@ pub struct SinkArgs {
     pub path: Option<PathBuf>,
 }
 
-/// The file next to `archive` that holds its SHA-256 (hex).
+/// The file next to `archive` that holds its digest ([`crate::digest`], hex).
 pub fn digest_path(archive: &Path) -> PathBuf {
     let mut p = archive.as_os_str().to_owned();
-    p.push(".sha256");
+    p.push(".digest");
     PathBuf::from(p)
 }
 
@@ -71,7 +70,7 @@ pub fn write_archive(mut input: impl Read, path: &Path) -> Result<u64> {
             .with_context(|| format!("cannot write {}", p.display()))
     };
     let mut out = BufWriter::with_capacity(1 << 20, open(&part)?);
-    let mut hasher = Sha256::new();
+    let mut hasher = crate::digest::Digest::new();
     let mut buf = vec![0u8; 1 << 20];
     let mut total = 0u64;
     loop {
@@ -91,8 +90,7 @@ pub fn write_archive(mut input: impl Read, path: &Path) -> Result<u64> {
     drop(out);
     let digest = digest_path(path);
     let mut d = open(&digest)?;
-    writeln!(d, "{}", hex::encode(hasher.finalize()))
-        .with_context(|| format!("writing {}", digest.display()))?;
+    writeln!(d, "{}", hasher.hex()).with_context(|| format!("writing {}", digest.display()))?;
     std::fs::rename(&part, path)
         .with_context(|| format!("renaming {} to {}", part.display(), path.display()))?;
     Ok(total)
@@ -116,7 +114,7 @@ mod tests {
         assert_eq!(n, data.len() as u64);
         assert_eq!(std::fs::read(&path).unwrap(), data);
         assert!(!dir.path().join("db.tar.part").exists());
-        let want = hex::encode(Sha256::digest(&data));
+        let want = crate::digest::of_bytes(&data);
         let got = std::fs::read_to_string(digest_path(&path)).unwrap();
         assert_eq!(got.trim(), want);
         use std::os::unix::fs::PermissionsExt;

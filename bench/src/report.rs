@@ -317,7 +317,7 @@ pub fn summary_markdown(rows: &[SummaryRow], runs: &[RunRow], header: &str) -> S
              Counted from DOWN: `dump` until every container's CRIU dump was over (processes gone), \
              `archives` until podman's archives were complete, `shipped` until they were on the target; \
              `post-sync` is the rsync of the data folders, started at `dump`. From \"OK\": `control` \
-             until the target's answer, of which `verify` (size and SHA-256 of the archives) and \
+             until the target's answer, of which `verify` (size and BLAKE3 digest of the archives) and \
              `restore` (podman restore of all containers, in parallel). `CRIU frozen` and `CRIU restore` \
              are CRIU's own figures inside podman's. For method memory the rows column is the MiB held.\n\n",
         );

@@ -293,7 +293,8 @@ impl Stats {
 #[derive(Debug)]
 pub struct Streamed {
     pub size: u64,
-    pub sha256: String,
+    /// The archive's digest ([`crate::digest`]).
+    pub digest: String,
     /// When podman began writing the archive: CRIU's dump was over, the processes gone.
     pub first_byte: Option<Instant>,
     /// When the whole archive had been handed to the sink.
@@ -351,12 +352,11 @@ struct Hasher {
 fn spawn_hasher() -> Hasher {
     let (tx, mut rx) = tokio::sync::mpsc::channel::<std::sync::Arc<[u8]>>(64);
     let done = tokio::task::spawn_blocking(move || {
-        use sha2::Digest;
-        let mut hasher = sha2::Sha256::new();
+        let mut hasher = crate::digest::Digest::new();
         while let Some(chunk) = rx.blocking_recv() {
             hasher.update(&chunk);
         }
-        Ok(hex::encode(hasher.finalize()))
+        Ok(hasher.hex())
     });
     Hasher { tx, done }
 }
@@ -520,7 +520,7 @@ impl Podman {
         }
         sink.shutdown().await.map_err(io)?;
         let complete = Instant::now();
-        let sha256 = hasher.finish().await.map_err(io)?;
+        let digest = hasher.finish().await.map_err(io)?;
         if let Some(Err(e)) = finished {
             return Err(e);
         }
@@ -541,7 +541,7 @@ impl Podman {
         };
         Ok(Streamed {
             size: total,
-            sha256,
+            digest,
             first_byte,
             complete,
             exit,
