@@ -4,7 +4,7 @@
 //! `PATH.digest`, so the receiver checks the archive without reading it again while the
 //! service is down.
 
-use std::io::{Read, Write};
+use std::io::{BufWriter, Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
@@ -55,9 +55,7 @@ pub fn run(args: SinkArgs) -> u8 {
 }
 
 /// Copies `input` to `path` (by way of `path.part`) and writes its digest file; returns
-/// the bytes written. Runs of zero bytes (the zero-filled pages of a process's memory,
-/// most of MariaDB's archive) become holes in the file: it reads back the same, and the
-/// target neither copies nor later writes back those pages while the service is down.
+/// the bytes written.
 pub fn write_archive(mut input: impl Read, path: &Path) -> Result<u64> {
     let mut part = path.as_os_str().to_owned();
     part.push(".part");
@@ -71,21 +69,23 @@ pub fn write_archive(mut input: impl Read, path: &Path) -> Result<u64> {
             .open(p)
             .with_context(|| format!("cannot write {}", p.display()))
     };
-    let mut out = open(&part)?;
+    let mut out = BufWriter::with_capacity(1 << 20, open(&part)?);
     let mut hasher = crate::digest::Digest::new();
     let mut buf = vec![0u8; 1 << 20];
     let mut total = 0u64;
     loop {
-        let n = fill(&mut input, &mut buf).context("reading the archive stream")?;
-        if n == 0 {
-            break;
-        }
+        let n = match input.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e).context("reading the archive stream"),
+        };
         hasher.update(&buf[..n]);
-        write_sparse(&mut out, &buf[..n]).with_context(|| format!("writing {}", part.display()))?;
+        out.write_all(&buf[..n])
+            .with_context(|| format!("writing {}", part.display()))?;
         total += n as u64;
     }
-    // A hole at the end has no bytes written: the length says where the file ends.
-    out.set_len(total)
+    out.flush()
         .with_context(|| format!("writing {}", part.display()))?;
     drop(out);
     let digest = digest_path(path);
@@ -94,47 +94,6 @@ pub fn write_archive(mut input: impl Read, path: &Path) -> Result<u64> {
     std::fs::rename(&part, path)
         .with_context(|| format!("renaming {} to {}", part.display(), path.display()))?;
     Ok(total)
-}
-
-/// Reads until `buf` is full or the input ends: whole buffers keep the holes aligned.
-fn fill(input: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
-    let mut n = 0;
-    while n < buf.len() {
-        match input.read(&mut buf[n..]) {
-            Ok(0) => break,
-            Ok(k) => n += k,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(n)
-}
-
-/// Size of the pieces checked for zeros (a multiple of any file system's block size).
-const HOLE_PIECE: usize = 64 << 10;
-
-/// Writes `data` at the file's position, skipping over all-zero pieces.
-fn write_sparse(out: &mut std::fs::File, data: &[u8]) -> std::io::Result<()> {
-    use std::io::{Seek, SeekFrom};
-    let mut run_start = 0;
-    let mut at = 0;
-    for piece in data.chunks(HOLE_PIECE) {
-        if is_zero(piece) {
-            out.write_all(&data[run_start..at])?;
-            out.seek(SeekFrom::Current(piece.len() as i64))?;
-            run_start = at + piece.len();
-        }
-        at += piece.len();
-    }
-    out.write_all(&data[run_start..])
-}
-
-fn is_zero(bytes: &[u8]) -> bool {
-    let (words, rest) = bytes.split_at(bytes.len() / 16 * 16);
-    words
-        .chunks_exact(16)
-        .all(|w| u128::from_ne_bytes(w.try_into().expect("16 bytes")) == 0)
-        && rest.iter().all(|&b| b == 0)
 }
 
 #[cfg(test)]
@@ -161,28 +120,6 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(&path).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
-    }
-
-    #[test]
-    fn zero_runs_become_holes_and_read_back_the_same() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("web.tar");
-        // 3 MiB of zeros with data at the start, in the middle (unaligned) and a
-        // trailing run of zeros: the file must end where the stream ended.
-        let mut data = vec![0u8; 3 << 20];
-        data[..100].fill(1);
-        data[(1 << 20) + 12345..(1 << 20) + 70000].fill(2);
-        let n = write_archive(&data[..], &path).unwrap();
-        assert_eq!(n, data.len() as u64);
-        assert_eq!(std::fs::read(&path).unwrap(), data);
-        let want = crate::digest::of_bytes(&data);
-        let got = std::fs::read_to_string(digest_path(&path)).unwrap();
-        assert_eq!(got.trim(), want);
-        // Holes: far fewer blocks allocated than the file is long.
-        use std::os::unix::fs::MetadataExt;
-        let allocated = std::fs::metadata(&path).unwrap().blocks() * 512;
-        assert!(allocated < (1 << 20), "{allocated} bytes allocated");
-        assert!(is_zero(&[0; 33]) && !is_zero(&[0, 0, 0, 1]) && is_zero(&[]));
     }
 
     #[test]

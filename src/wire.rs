@@ -28,29 +28,13 @@ pub fn encode_chunk(chunk: &[u8], out: &mut Vec<u8>) -> io::Result<()> {
         return Ok(());
     };
     let sample = &mixed[..mixed.len().min(SAMPLE)];
-    let squeezed = level1(sample)?;
+    let squeezed = zstd::bulk::compress(sample, 1)?;
     if squeezed.len() * 10 < sample.len() * 9 {
-        out.extend_from_slice(&level1(chunk)?);
+        out.extend_from_slice(&zstd::bulk::compress(chunk, 1)?);
     } else {
         stored_frame(chunk, out);
     }
     Ok(())
-}
-
-/// A zstd level-1 frame of `data`, from a compression context kept per thread (making one
-/// per chunk showed in the profile).
-fn level1(data: &[u8]) -> io::Result<Vec<u8>> {
-    thread_local! {
-        static CCTX: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> =
-            const { std::cell::RefCell::new(None) };
-    }
-    CCTX.with(|c| {
-        let mut c = c.borrow_mut();
-        if c.is_none() {
-            *c = Some(zstd::bulk::Compressor::new(1)?);
-        }
-        c.as_mut().expect("just made").compress(data)
-    })
 }
 
 /// The byte a block is made of, when it is made of one byte value only.
