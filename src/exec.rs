@@ -160,28 +160,16 @@ impl Running {
         marker: &str,
         timeout: Duration,
     ) -> Result<(), ExecError> {
-        use tokio::io::AsyncReadExt;
-        let line = format!("{marker}\n");
         let Some(err) = self.child.stderr.as_mut() else {
             return Err(ExecError::Spawn {
                 cmd: self.cmd.clone(),
                 source: std::io::Error::other("stderr is not captured"),
             });
         };
-        let early = &mut self.early_stderr;
-        let found = tokio::time::timeout(timeout, async {
-            let mut buf = [0u8; 4096];
-            loop {
-                if let Some(i) = find(early, line.as_bytes()) {
-                    early.drain(i..i + line.len());
-                    return Ok(true);
-                }
-                match err.read(&mut buf).await? {
-                    0 => return Ok(false),
-                    n => early.extend_from_slice(&buf[..n]),
-                }
-            }
-        })
+        let found = tokio::time::timeout(
+            timeout,
+            read_until_line(err, marker, &mut self.early_stderr, usize::MAX),
+        )
         .await;
         match found {
             Ok(Ok(true)) => Ok(()),
@@ -248,8 +236,31 @@ impl Running {
     }
 }
 
-fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    hay.windows(needle.len()).position(|w| w == needle)
+/// Reads `r` until the line `marker` has come. What came stays in `seen`, without the
+/// marker line. False when `r` ends first, or when more than `limit` bytes came without
+/// it (a remote rc file printing on and on).
+pub async fn read_until_line<R: tokio::io::AsyncRead + Unpin>(
+    r: &mut R,
+    marker: &str,
+    seen: &mut Vec<u8>,
+    limit: usize,
+) -> std::io::Result<bool> {
+    use tokio::io::AsyncReadExt;
+    let line = format!("{marker}\n");
+    let mut buf = [0u8; 4096];
+    loop {
+        if let Some(i) = seen.windows(line.len()).position(|w| w == line.as_bytes()) {
+            seen.drain(i..i + line.len());
+            return Ok(true);
+        }
+        if seen.len() > limit {
+            return Ok(false);
+        }
+        match r.read(&mut buf).await? {
+            0 => return Ok(false),
+            n => seen.extend_from_slice(&buf[..n]),
+        }
+    }
 }
 
 /// Builds an argument vector from string slices.
@@ -279,6 +290,32 @@ mod tests {
     fn tail_keeps_last_lines_on_one_line() {
         assert_eq!(tail_lines("a\n\nb\nc\n", 2), "b | c");
         assert_eq!(tail_lines("", 3), "");
+    }
+
+    #[tokio::test]
+    async fn a_marker_line_is_found_after_noise_and_removed() {
+        let mut seen = Vec::new();
+        let mut r: &[u8] = b"Welcome!\nmigrate-x-ready\nrest";
+        assert!(
+            read_until_line(&mut r, "migrate-x-ready", &mut seen, 1 << 16)
+                .await
+                .unwrap()
+        );
+        assert_eq!(seen, b"Welcome!\nrest");
+        // Ends without it; or too much noise before it.
+        let mut r: &[u8] = b"migrate-x-ready-not\n";
+        assert!(
+            !read_until_line(&mut r, "migrate-x-ready", &mut Vec::new(), 1 << 16)
+                .await
+                .unwrap()
+        );
+        let noise = vec![b'x'; 10_000];
+        let mut r: &[u8] = &noise;
+        assert!(
+            !read_until_line(&mut r, "m", &mut Vec::new(), 100)
+                .await
+                .unwrap()
+        );
     }
 
     #[tokio::test]

@@ -785,6 +785,9 @@ async fn open_upload<'a>(
 /// under a second) before `send` goes on without it.
 const PODMAN_CLEANUP_TIMEOUT: Duration = Duration::from_secs(120);
 
+/// Attempts at removing a partial container on the target after losing the receiver.
+const REMOVE_ATTEMPTS: u32 = 10;
+
 /// Checkpoint attempts when CRIU meets a half-open TCP connection.
 const CHECKPOINT_ATTEMPTS: u32 = 3;
 
@@ -1347,12 +1350,13 @@ async fn settle_over_ssh(
             _ => break,
         }
     }
-    // A receiver that died may have left a restore running: stop it before looking.
+    // A receiver that died may have left a restore running: stop it, and let it end,
+    // before looking.
+    let pattern = shell_quote(&self_excluding_pattern(remote_dir));
     let _ = ssh
         .sh(
             &format!(
-                "pkill -f -- {} || true",
-                shell_quote(&self_excluding_pattern(remote_dir))
+                "pkill -f -- {pattern}; i=0; while pgrep -f -- {pattern} >/dev/null && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done; true"
             ),
             REMOTE_TIMEOUT,
         )
@@ -1391,13 +1395,29 @@ async fn settle_over_ssh(
         Settle::RollBack { remove_on_target } => {
             for n in &remove_on_target {
                 ui.warn(&format!("removing the partial {n} on the target"));
-                ssh.run(
-                    "podman",
-                    &["rm".into(), "--force".into(), n.clone()],
-                    REMOTE_TIMEOUT,
-                )
-                .await
-                .with_context(|| format!("removing {n} on the target"))?;
+                // The runtime and CRIU of a restore whose podman was stopped may still
+                // hold the container's mounts for a moment ("device or resource busy").
+                let mut attempt = 1;
+                loop {
+                    let r = ssh
+                        .run(
+                            "podman",
+                            &["rm".into(), "--force".into(), n.clone()],
+                            REMOTE_TIMEOUT,
+                        )
+                        .await;
+                    match r {
+                        Ok(_) => break,
+                        Err(e) if attempt < REMOVE_ATTEMPTS => {
+                            ui.warn(&format!("removing {n} on the target: {e}; trying again"));
+                            attempt += 1;
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                        }
+                        Err(e) => {
+                            return Err(anyhow!(e).context(format!("removing {n} on the target")));
+                        }
+                    }
+                }
             }
             Ok(TargetOutcome {
                 restored: false,

@@ -66,8 +66,9 @@ pub enum SshError {
     Transport { dest: String, detail: String },
 }
 
-/// The byte a remote stream's shell prints once it runs the script.
-const READY: char = 'R';
+/// What a remote stream's shell prints on stdout once it runs the script (after anything
+/// the user's rc files may have printed).
+const READY: &str = "migrate-stream-ready";
 
 /// How long a remote stream's shell may take to start (login shell and rc files).
 const STREAM_START_TIMEOUT: Duration = Duration::from_secs(60);
@@ -327,12 +328,12 @@ impl Ssh {
     /// 0.1–0.3 s on some hosts) is paid before the data exists, not while it waits.
     pub async fn open_stream(&self, script: &str) -> Result<RemoteStream<'_>, SshError> {
         let cmd = format!("sh -c {}", shell_quote(script));
-        // One byte on stdout says the script is starting; nothing else reads stdout.
+        // A line on stdout says the script is starting; nothing else reads stdout.
         let mut child = self
             .session
             .command("sh")
             .arg("-c")
-            .arg(format!("printf {READY}; {script}"))
+            .arg(format!("echo {READY}; {script}"))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -340,17 +341,16 @@ impl Ssh {
             .await
             .map_err(|e| self.transport(e))?;
         let stdin = child.stdin().take().expect("stdin is piped");
-        let mut byte = [0u8; 1];
         let ready = tokio::time::timeout(STREAM_START_TIMEOUT, async {
             let out = child.stdout().as_mut().expect("stdout is piped");
-            out.read(&mut byte).await
+            // Whatever an rc file printed first is skipped (up to 64 KiB of it).
+            crate::exec::read_until_line(out, READY, &mut Vec::new(), 64 << 10).await
         })
         .await;
         match ready {
-            Ok(Ok(1)) if byte[0] == READY as u8 => {}
+            Ok(Ok(true)) => {}
             Ok(_) => {
-                // The command ended (or said something else): its exit status and stderr
-                // say why.
+                // The command ended before it said so: its exit status and stderr say why.
                 drop(stdin);
                 let out = child
                     .wait_with_output()
