@@ -1350,13 +1350,16 @@ async fn settle_over_ssh(
             _ => break,
         }
     }
-    // A receiver that died may have left a restore running: stop it, and let it end,
-    // before looking.
+    // A receiver that died may have left restores running (its podman children live on).
+    // They are let finish (a podman stopped half-way can leave a conmon holding the
+    // container's ports with no container podman knows of); only one still running after
+    // a minute is stopped. Then the containers are looked at.
     let pattern = shell_quote(&self_excluding_pattern(remote_dir));
     let _ = ssh
         .sh(
             &format!(
-                "pkill -f -- {pattern}; i=0; while pgrep -f -- {pattern} >/dev/null && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done; true"
+                "w() {{ i=0; while pgrep -f -- {pattern} >/dev/null && [ $i -lt $1 ]; do sleep 0.1; i=$((i+1)); done; }}; \
+                 w 600; pkill -f -- {pattern}; w 100; true"
             ),
             REMOTE_TIMEOUT,
         )

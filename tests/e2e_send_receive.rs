@@ -507,6 +507,7 @@ fn receiver_killed_after_ok_leaves_exactly_one_copy() {
             all_containers("a").is_empty(),
             "split brain: a={on_a:?} b={on_b:?}"
         );
+        assert_port_free("a", 8080);
         assert_pair_alive("b", 100, before);
     } else {
         assert_eq!(out.record()["outcome"], "rolled_back");
@@ -514,8 +515,22 @@ fn receiver_killed_after_ok_leaves_exactly_one_copy() {
             all_containers("b").is_empty(),
             "split brain: a={on_a:?} b={on_b:?}"
         );
+        // No leftover of a half-done restore (a conmon) holds web's port.
+        assert_port_free("b", 8080);
         assert_pair_alive("a", 100, before);
     }
+}
+
+fn assert_port_free(host: &str, port: u16) {
+    on(
+        host,
+        &[
+            "sh",
+            "-c",
+            &format!("! ss -Hltn 'sport = :{port}' | grep -q ."),
+        ],
+    )
+    .ok();
 }
 
 #[test]
