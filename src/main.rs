@@ -20,6 +20,7 @@ mod sync;
 mod timing;
 mod transport;
 mod wire;
+mod zeropages;
 
 use std::process::ExitCode;
 use std::sync::Arc;

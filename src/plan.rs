@@ -37,6 +37,7 @@ pub struct SendPlan {
     pub hook_timeout: Duration,
     pub dry_run: bool,
     pub sequential_restore: bool,
+    pub keep_zero_pages: bool,
 }
 
 /// Splits `[user@]host`.
@@ -207,6 +208,7 @@ impl SendPlan {
             hook_timeout: Duration::from_secs(a.hook_timeout),
             dry_run: a.dry_run,
             sequential_restore: a.sequential_restore,
+            keep_zero_pages: a.keep_zero_pages,
         })
     }
 }

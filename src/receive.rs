@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use anyhow::{Context, bail};
+use anyhow::{Context, anyhow, bail};
 use tokio::io::BufReader;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Mutex, mpsc};
@@ -19,6 +19,7 @@ use crate::protocol::{
     Auth, Channel, Direction, Manifest, PROTOCOL_VERSION, ProtocolError, TargetOutcome, ToReceiver,
     ToSender, restore_waves, valid_run_id,
 };
+use crate::sink::Received;
 use crate::timing::{Format, Outcome, Record, Stopwatch, now_us};
 
 /// How long a new connection may take to say hello.
@@ -384,7 +385,7 @@ async fn restore(
     let podman = Podman;
     // Names were checked before the freeze (the sender's preflight); one taken since
     // makes podman's restore fail, and that container, not ours, is left alone below.
-    if let Err(e) = verify_archives(manifest, run_id, dir).await {
+    if let Err(e) = verify_archives(manifest, run_id, dir, &ctx.ui).await {
         ctx.ui.warn(&format!("{e:#}"));
         out.error = Some(format!("{e:#}"));
         return out;
@@ -471,13 +472,51 @@ async fn restore(
     out
 }
 
-async fn verify_archives(manifest: &Manifest, run_id: &str, dir: &Path) -> anyhow::Result<()> {
+async fn verify_archives(
+    manifest: &Manifest,
+    run_id: &str,
+    dir: &Path,
+    ui: &Ui,
+) -> anyhow::Result<()> {
     manifest.validate(run_id)?;
     for c in &manifest.containers {
         let path = dir.join(&c.archive);
         let size = std::fs::metadata(&path)
             .with_context(|| format!("archive {} of {} is missing", path.display(), c.name))?
             .len();
+        let mismatch = || {
+            anyhow!(
+                "archive {} does not match its {} digest in the manifest",
+                path.display(),
+                crate::digest::NAME
+            )
+        };
+        // Written by `migrate sink` from the very bytes it received: no second read. The
+        // sizes are those of the stream; the file may be smaller by the zero pages it
+        // left out.
+        let line = std::fs::read_to_string(crate::sink::digest_path(&path)).ok();
+        if let Some((digest, sizes)) = line.as_deref().and_then(Received::parse) {
+            let (received, dropped) = sizes.unwrap_or((size, 0));
+            if received != c.size {
+                bail!(
+                    "archive {} is {received} bytes, the manifest says {}",
+                    path.display(),
+                    c.size
+                );
+            }
+            if digest != c.digest {
+                return Err(mismatch());
+            }
+            if dropped > 0 {
+                ui.info(&format!(
+                    "{}: {} MiB of zero pages left out of its archive ({} MiB to restore)",
+                    c.name,
+                    dropped >> 20,
+                    size >> 20
+                ));
+            }
+            continue;
+        }
         if size != c.size {
             bail!(
                 "archive {} is {size} bytes, the manifest says {}",
@@ -485,25 +524,10 @@ async fn verify_archives(manifest: &Manifest, run_id: &str, dir: &Path) -> anyho
                 c.size
             );
         }
-        // Written by `migrate sink` from the very bytes it wrote: no second read.
-        if let Ok(d) = std::fs::read_to_string(crate::sink::digest_path(&path)) {
-            if d.trim() != c.digest {
-                bail!(
-                    "archive {} does not match its {} digest in the manifest",
-                    path.display(),
-                    crate::digest::NAME
-                );
-            }
-            continue;
-        }
         let p = path.clone();
         let digest = tokio::task::spawn_blocking(move || crate::digest::of_file(&p)).await??;
         if digest != c.digest {
-            bail!(
-                "archive {} does not match its {} digest in the manifest",
-                path.display(),
-                crate::digest::NAME
-            );
+            return Err(mismatch());
         }
     }
     Ok(())
@@ -613,22 +637,47 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let data = b"archive bytes".to_vec();
         let good = crate::digest::of_bytes(&data);
+        let ui = Ui::new("receive");
         // No digest file: the archive is read and hashed.
         let m = manifest(dir.path(), &data, &good);
-        verify_archives(&m, "r1", dir.path()).await.unwrap();
+        verify_archives(&m, "r1", dir.path(), &ui).await.unwrap();
         let bad = manifest(dir.path(), &data, &"0".repeat(64));
-        assert!(verify_archives(&bad, "r1", dir.path()).await.is_err());
+        assert!(verify_archives(&bad, "r1", dir.path(), &ui).await.is_err());
         // The digest `migrate sink` left decides; a wrong one is refused even though the
         // archive itself would match.
         let digest = crate::sink::digest_path(&dir.path().join("db.tar"));
         std::fs::write(&digest, format!("{}\n", "f".repeat(64))).unwrap();
-        let err = verify_archives(&m, "r1", dir.path()).await.unwrap_err();
+        let err = verify_archives(&m, "r1", dir.path(), &ui)
+            .await
+            .unwrap_err();
         assert!(format!("{err:#}").contains("BLAKE3"), "{err:#}");
         std::fs::write(&digest, format!("{good}\n")).unwrap();
-        verify_archives(&m, "r1", dir.path()).await.unwrap();
+        verify_archives(&m, "r1", dir.path(), &ui).await.unwrap();
         // A wrong size is refused before any hash.
         let mut short = m.clone();
         short.containers[0].size += 1;
-        assert!(verify_archives(&short, "r1", dir.path()).await.is_err());
+        assert!(
+            verify_archives(&short, "r1", dir.path(), &ui)
+                .await
+                .is_err()
+        );
+        // A sink that left zero pages out: the stream's size counts, not the file's.
+        let mut bigger = m.clone();
+        bigger.containers[0].size = 8192 + data.len() as u64;
+        assert!(
+            verify_archives(&bigger, "r1", dir.path(), &ui)
+                .await
+                .is_err()
+        );
+        std::fs::write(&digest, format!("{good} {} 8192\n", 8192 + data.len())).unwrap();
+        verify_archives(&bigger, "r1", dir.path(), &ui)
+            .await
+            .unwrap();
+        std::fs::write(&digest, format!("{good} {} 8192\n", 4096 + data.len())).unwrap();
+        assert!(
+            verify_archives(&bigger, "r1", dir.path(), &ui)
+                .await
+                .is_err()
+        );
     }
 }

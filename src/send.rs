@@ -85,6 +85,8 @@ struct Item {
     stream_zstd: bool,
     /// The receiver's binary, whose `sink` writes the archive on the target.
     sink: Option<String>,
+    /// The sink leaves CRIU's zero pages out of the archive it writes.
+    drop_zero_pages: bool,
     /// Containers of this migration to restore before this one.
     after: Vec<String>,
     /// The container's cgroup freezer: `send` freezes it when podman starts the runtime's
@@ -769,8 +771,13 @@ async fn open_upload<'a>(
     match &it.sink {
         Some(exe) => {
             let zstd = if it.stream_zstd { " --zstd" } else { "" };
+            let zero = if it.drop_zero_pages {
+                " --drop-zero-pages"
+            } else {
+                ""
+            };
             ssh.open_stream(&format!(
-                "{} sink{zstd} {}",
+                "{} sink{zstd}{zero} {}",
                 crate::exec::shell_quote(exe),
                 crate::exec::shell_quote(path)
             ))
@@ -992,6 +999,7 @@ async fn preflight(
             Item {
                 stream_zstd,
                 sink: target_sink.clone(),
+                drop_zero_pages: !plan.keep_zero_pages,
                 opts: CriuOptions {
                     file_locks: locks,
                     tcp_established: plan.tcp_established,

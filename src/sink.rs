@@ -10,12 +10,18 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 
+use crate::zeropages::ZeroPages;
+
 /// Options of `migrate sink` (internal: started by `migrate send` on the target).
 #[derive(Debug, clap::Args)]
 pub struct SinkArgs {
     /// The stream is zstd-compressed: decode it on the way in.
     #[arg(long)]
     pub zstd: bool,
+    /// Leave CRIU's zero-filled private anonymous pages out of the archive written
+    /// (`crate::zeropages`); the digest still covers the stream as it came.
+    #[arg(long)]
+    pub drop_zero_pages: bool,
     /// Only say that the sink can run here, then exit.
     #[arg(long, conflicts_with = "path")]
     pub check: bool,
@@ -41,9 +47,9 @@ pub fn run(args: SinkArgs) -> u8 {
     let res = if args.zstd {
         zstd::stream::read::Decoder::new(stdin)
             .context("starting the zstd decoder")
-            .and_then(|d| write_archive(d, &path))
+            .and_then(|d| write_archive(d, &path, args.drop_zero_pages))
     } else {
-        write_archive(stdin, &path)
+        write_archive(stdin, &path, args.drop_zero_pages)
     };
     match res {
         Ok(_) => 0,
@@ -54,9 +60,36 @@ pub fn run(args: SinkArgs) -> u8 {
     }
 }
 
-/// Copies `input` to `path` (by way of `path.part`) and writes its digest file; returns
-/// the bytes written.
-pub fn write_archive(mut input: impl Read, path: &Path) -> Result<u64> {
+/// What the digest file says: the digest and size of the stream as it came, and the bytes
+/// of zero pages left out of the file written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Received {
+    pub digest: String,
+    pub bytes: u64,
+    pub dropped: u64,
+}
+
+impl Received {
+    pub fn line(&self) -> String {
+        format!("{} {} {}", self.digest, self.bytes, self.dropped)
+    }
+
+    /// Reads a digest file's line; one with only a digest (an older sink) has no sizes.
+    pub fn parse(line: &str) -> Option<(String, Option<(u64, u64)>)> {
+        let mut w = line.split_whitespace();
+        let digest = w.next()?.to_owned();
+        let sizes = match (w.next(), w.next()) {
+            (Some(b), Some(d)) => Some((b.parse().ok()?, d.parse().ok()?)),
+            (None, None) => None,
+            _ => return None,
+        };
+        Some((digest, sizes))
+    }
+}
+
+/// Copies `input` to `path` (by way of `path.part`), without CRIU's zero pages when
+/// `drop_zero_pages`, and writes its digest file.
+pub fn write_archive(mut input: impl Read, path: &Path, drop_zero_pages: bool) -> Result<Received> {
     let mut part = path.as_os_str().to_owned();
     part.push(".part");
     let part = PathBuf::from(part);
@@ -69,7 +102,8 @@ pub fn write_archive(mut input: impl Read, path: &Path) -> Result<u64> {
             .open(p)
             .with_context(|| format!("cannot write {}", p.display()))
     };
-    let mut out = BufWriter::with_capacity(1 << 20, open(&part)?);
+    let file = BufWriter::with_capacity(1 << 20, open(&part)?);
+    let mut out = ZeroPages::new(file, drop_zero_pages);
     let mut hasher = crate::digest::Digest::new();
     let mut buf = vec![0u8; 1 << 20];
     let mut total = 0u64;
@@ -85,15 +119,20 @@ pub fn write_archive(mut input: impl Read, path: &Path) -> Result<u64> {
             .with_context(|| format!("writing {}", part.display()))?;
         total += n as u64;
     }
-    out.flush()
+    let (_, dropped) = out
+        .finish()
         .with_context(|| format!("writing {}", part.display()))?;
-    drop(out);
+    let received = Received {
+        digest: hasher.hex(),
+        bytes: total,
+        dropped: dropped.bytes(),
+    };
     let digest = digest_path(path);
     let mut d = open(&digest)?;
-    writeln!(d, "{}", hasher.hex()).with_context(|| format!("writing {}", digest.display()))?;
+    writeln!(d, "{}", received.line()).with_context(|| format!("writing {}", digest.display()))?;
     std::fs::rename(&part, path)
         .with_context(|| format!("renaming {} to {}", part.display(), path.display()))?;
-    Ok(total)
+    Ok(received)
 }
 
 #[cfg(test)]
@@ -106,17 +145,25 @@ mod tests {
         let path = dir.path().join("db.tar");
         let data = vec![7u8; 3 << 20];
         let compressed = zstd::encode_all(&data[..], 1).unwrap();
-        let n = write_archive(
+        let got = write_archive(
             zstd::stream::read::Decoder::new(&compressed[..]).unwrap(),
             &path,
+            true,
         )
         .unwrap();
-        assert_eq!(n, data.len() as u64);
+        // Not a tar: written as it came, whatever the filter.
+        assert_eq!(got.bytes, data.len() as u64);
+        assert_eq!(got.dropped, 0);
         assert_eq!(std::fs::read(&path).unwrap(), data);
         assert!(!dir.path().join("db.tar.part").exists());
         let want = crate::digest::of_bytes(&data);
-        let got = std::fs::read_to_string(digest_path(&path)).unwrap();
-        assert_eq!(got.trim(), want);
+        let line = std::fs::read_to_string(digest_path(&path)).unwrap();
+        assert_eq!(
+            Received::parse(&line),
+            Some((want, Some((data.len() as u64, 0))))
+        );
+        assert_eq!(Received::parse("abc"), Some(("abc".into(), None)));
+        assert_eq!(Received::parse("abc 1"), None);
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(&path).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
@@ -129,7 +176,7 @@ mod tests {
         let garbage = vec![1u8; 4096];
         let r = zstd::stream::read::Decoder::new(&garbage[..])
             .map_err(anyhow::Error::from)
-            .and_then(|d| write_archive(d, &path));
+            .and_then(|d| write_archive(d, &path, false));
         assert!(r.is_err());
         assert!(!path.exists());
         assert!(!digest_path(&path).exists());
