@@ -48,6 +48,11 @@ pub struct Opts {
     /// separated, or `none` [default: 64,256,1024; none with --quick].
     #[arg(long)]
     pub memory: Option<String>,
+    /// A fresh workload for every run, so that each run moves a container started on its
+    /// source (not one restored there by the run before: migrate restores a container
+    /// without its untouched zero pages, and the next move of it has less to move).
+    #[arg(long)]
+    pub fresh: bool,
     /// Methods: migrate, thesis, floor.
     #[arg(long, default_value = "migrate,thesis,floor")]
     pub methods: String,
@@ -67,6 +72,8 @@ pub struct Opts {
 #[derive(Debug, Clone)]
 pub struct Plan {
     pub quick: bool,
+    /// Every run starts from a fresh workload on its source.
+    pub fresh: bool,
     pub out: PathBuf,
     pub hosts: [String; 2],
     pub profiles: Vec<String>,
@@ -154,6 +161,7 @@ impl Opts {
             probe_host: self.probe_host.clone(),
             probe_interval: self.probe_interval.clone(),
             skip_in_flight: !self.no_skip_in_flight,
+            fresh: self.fresh,
         })
     }
 }

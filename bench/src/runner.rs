@@ -638,8 +638,11 @@ impl Bench {
         self.results.push(row);
         self.progress.inc();
         lab::check_interrupt()?;
-        if ok {
+        if ok && !self.plan.fresh {
             self.workload = Some((dst, kind, rows));
+        } else if ok {
+            // --fresh: the next run starts a new workload on its own source.
+            self.workload = None;
         } else {
             // Recover: next run starts from clean hosts and a fresh workload.
             self.workload = None;
@@ -993,7 +996,7 @@ echo "DOWNTIME_S=$(s $t0 $t3)"; rm -rf "$f"; echo RESULT=ok
         let mut s = format!(
             "# migrate vs the thesis method: benchmark results\n\n\
              - started: {} (UTC), took {:.0} s\n- mode: {}\n- hosts: {} <-> {} (runs alternate: odd {}->{}, even back), probe on {} every {} ({})\n\
-             - profiles: {}\n- rows: {}\n- memory series (MiB held by the hog): {}\n- runs per case: {}\n- methods: {}\n\n\
+             - profiles: {}\n- rows: {}\n- memory series (MiB held by the hog): {}\n- runs per case: {}{}\n- methods: {}\n\n\
              Profiles (tc netem on each host's eth0 egress): lan = none; cloud = `{}`; wan = `{}`.\n\n\
              Definitions: migrate's downtime and migration time are those of its own record; thesis: \
              downtime = UP_TIMESTAMP - DOWN_TIMESTAMP, migration time = sending script total + receiving \
@@ -1032,6 +1035,11 @@ echo "DOWNTIME_S=$(s $t0 $t3)"; rm -rf "$f"; echo RESULT=ok
                     .join(", ")
             },
             p.runs,
+            if p.fresh {
+                ", each from a fresh workload on its source (--fresh)"
+            } else {
+                ", each moving the container the run before left (run 1 a fresh one)"
+            },
             p.methods.join(", "),
             netem_args("cloud").ok().flatten().unwrap_or(""),
             netem_args("wan").ok().flatten().unwrap_or(""),
