@@ -18,6 +18,17 @@ use crate::stats;
 /// While set, cleanup commands run even after an interrupt.
 static CLEANUP: AtomicBool = AtomicBool::new(false);
 
+/// A new workload has just written its data (MariaDB's datadir, the web's files, the
+/// hog's memory): let the kernel write the dirty pages back and the database's start-up
+/// work end before the service is measured, as on a host where it has been running.
+fn settle() {
+    let _ = std::process::Command::new("sync").status();
+    std::thread::sleep(SETTLE);
+}
+
+/// How long a fresh workload runs before it is measured.
+const SETTLE: Duration = Duration::from_secs(3);
+
 const STOP_FILE: &str = "/tmp/bench-stop-probe";
 /// Port of the memory workload (testdata/workloads/memory/hog.args).
 const HOG_PORT: u16 = 8083;
@@ -347,7 +358,8 @@ impl Bench {
         Ok(())
     }
 
-    /// Make sure the workload of `kind` and `size` runs on HOST (fresh if it does not).
+    /// Make sure the workload of `kind` and `size` runs on HOST (fresh if it does not;
+    /// then settled, see [`settle`]).
     fn ensure_workload(&mut self, host: &str, kind: &'static str, size: u64) -> Result<()> {
         if self.workload.as_ref() == Some(&(host.to_string(), kind, size)) {
             return Ok(());
@@ -360,7 +372,10 @@ impl Bench {
                 self.workload_up(host, size)
             };
             match up {
-                Ok(()) => return Ok(()),
+                Ok(()) => {
+                    settle();
+                    return Ok(());
+                }
                 Err(e) => {
                     self.progress.println(&format!(
                         "bench: workload up on {host} failed (attempt {attempt}): {e:#}"
