@@ -142,6 +142,8 @@ pub struct Report {
     pub target_zstd: bool,
     /// The receiver's binary runs for this SSH user: archives go through `migrate sink`.
     pub target_sink: Option<String>,
+    /// That sink can leave CRIU's zero pages out (an older one cannot).
+    pub target_zero_pages: bool,
 }
 
 impl Report {
@@ -165,6 +167,7 @@ pub async fn run(want: &Want<'_>, ui: &Ui) -> Report {
         remote_dir: None,
         target_zstd: false,
         target_sink: None,
+        target_zero_pages: false,
     };
     ui.phase("checking the containers here");
     source_containers(want, &mut r).await;
@@ -244,6 +247,7 @@ pub async fn run(want: &Want<'_>, ui: &Ui) -> Report {
             r.target_zstd = facts.zstd;
             if out.stdout.lines().any(|l| l == "sink=ok") {
                 r.target_sink = sink;
+                r.target_zero_pages = out.stdout.lines().any(|l| l == "sink_zero_pages=ok");
             }
             let mut needs = vec![(
                 "archives".to_string(),

@@ -896,6 +896,7 @@ async fn preflight(
         infos,
         target_zstd,
         target_sink,
+        target_zero_pages,
         ssh,
         receiver,
         missing_images,
@@ -999,7 +1000,7 @@ async fn preflight(
             Item {
                 stream_zstd,
                 sink: target_sink.clone(),
-                drop_zero_pages: !plan.keep_zero_pages,
+                drop_zero_pages: !plan.keep_zero_pages && target_zero_pages,
                 opts: CriuOptions {
                     file_locks: locks,
                     tcp_established: plan.tcp_established,

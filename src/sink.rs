@@ -40,6 +40,8 @@ pub fn digest_path(archive: &Path) -> PathBuf {
 pub fn run(args: SinkArgs) -> u8 {
     if args.check {
         println!("sink=ok");
+        // What this sink can do, for a sender of another version to see.
+        println!("sink_zero_pages=ok");
         return 0;
     }
     let path = args.path.expect("clap requires PATH");

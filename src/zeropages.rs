@@ -178,7 +178,10 @@ impl<W: Write + Seek> ZeroPages<W> {
             self.state = State::Trailer;
             return Ok(());
         }
-        let Some(entry) = Entry::parse(&hdr) else {
+        // Extended headers (PAX, GNU long names) may override a size or a name this filter
+        // reads from the plain header: from there on, everything goes as it came.
+        let extended = matches!(hdr[156], b'x' | b'g' | b'L' | b'K');
+        let Some(entry) = Entry::parse(&hdr).filter(|_| !extended) else {
             // Not a header this filter understands: stop interpreting.
             self.release()?;
             self.out.write_all(&hdr)?;
@@ -927,6 +930,27 @@ mod tests {
         let cut = &input[..input.len() / 2];
         let (out, _) = filter(cut, 4096);
         assert!(out.len() <= cut.len());
+    }
+
+    #[test]
+    fn an_extended_header_stops_the_filter() {
+        // A PAX header before the pagemap: everything from there on as it came.
+        let mut b = tar::Builder::new(Vec::new());
+        let entries = one_process();
+        for (i, (name, data)) in entries.iter().enumerate() {
+            let mut h = tar::Header::new_ustar();
+            h.set_size(data.len() as u64);
+            h.set_mode(0o600);
+            h.set_cksum();
+            if i == 3 {
+                b.append_pax_extensions([("comment", &b"x"[..])]).unwrap();
+            }
+            b.append_data(&mut h, name, &data[..]).unwrap();
+        }
+        let input = b.into_inner().unwrap();
+        let (out, dropped) = filter(&input, 777);
+        assert_eq!(dropped.pages, 0);
+        assert!(out == input);
     }
 
     #[test]

@@ -436,6 +436,13 @@ fn rollback_fetches_the_archive_back_when_the_kept_checkpoint_is_gone() {
         "{}",
         out.describe()
     );
+    // What came back is the archive as the target wrote it, without db's zero pages: the
+    // pair restored from it on a must still have its state (checked below).
+    let log = rx.log();
+    assert!(
+        log.contains("db: ") && log.contains("zero pages left out"),
+        "{log}"
+    );
     rx.wait(T);
     drop(broken);
     assert!(
