@@ -608,19 +608,21 @@ fn parse_mm(img: &[u8]) -> Option<Vec<Area>> {
     for (f, v) in fields(mm)? {
         // mm_entry.vmas = 14
         if let (14, Value::Bytes(vma)) = (f, v) {
-            let (mut start, mut end, mut status) = (None, None, None);
+            let (mut start, mut end, mut flags, mut status) = (None, None, None, None);
             for (f, v) in fields(vma)? {
                 match (f, v) {
                     (1, Value::Int(x)) => start = Some(x),
                     (2, Value::Int(x)) => end = Some(x),
+                    (6, Value::Int(x)) => flags = Some(x as u32),
                     (7, Value::Int(x)) => status = Some(x as u32),
                     _ => {}
                 }
             }
-            let (start, end, status) = (start?, end?, status?);
+            let (start, end, flags, status) = (start?, end?, flags?, status?);
             let droppable = status & VMA_AREA_REGULAR != 0
                 && status & VMA_ANON_PRIVATE != 0
-                && status & !VMA_ALLOWED == 0;
+                && status & !VMA_ALLOWED == 0
+                && flags & (libc::MAP_SHARED | libc::MAP_HUGETLB) as u32 == 0;
             areas.push(Area {
                 start,
                 end,
