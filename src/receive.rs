@@ -19,7 +19,7 @@ use crate::protocol::{
     Auth, Channel, Direction, Manifest, PROTOCOL_VERSION, ProtocolError, TargetOutcome, ToReceiver,
     ToSender, restore_waves, valid_run_id,
 };
-use crate::sink::Received;
+use crate::sink::{Received, Sizes};
 use crate::timing::{Format, Outcome, Record, Stopwatch, now_us};
 
 /// How long a new connection may take to say hello.
@@ -496,12 +496,26 @@ async fn verify_archives(
         // left out.
         let line = std::fs::read_to_string(crate::sink::digest_path(&path)).ok();
         if let Some((digest, sizes)) = line.as_deref().and_then(Received::parse) {
-            let (received, dropped) = sizes.unwrap_or((size, 0));
+            let Sizes {
+                received,
+                dropped,
+                written,
+            } = sizes.unwrap_or(Sizes {
+                received: size,
+                dropped: 0,
+                written: size,
+            });
             if received != c.size {
                 bail!(
                     "archive {} is {received} bytes, the manifest says {}",
                     path.display(),
                     c.size
+                );
+            }
+            if written != size {
+                bail!(
+                    "archive {} is {size} bytes on disk, its sink wrote {written}",
+                    path.display()
                 );
             }
             if digest != c.digest {
@@ -669,15 +683,22 @@ mod tests {
                 .await
                 .is_err()
         );
-        std::fs::write(&digest, format!("{good} {} 8192\n", 8192 + data.len())).unwrap();
+        let n = data.len();
+        std::fs::write(&digest, format!("{good} {} 8192 {n}\n", 8192 + n)).unwrap();
         verify_archives(&bigger, "r1", dir.path(), &ui)
             .await
             .unwrap();
-        std::fs::write(&digest, format!("{good} {} 8192\n", 4096 + data.len())).unwrap();
+        std::fs::write(&digest, format!("{good} {} 8192 {n}\n", 4096 + n)).unwrap();
         assert!(
             verify_archives(&bigger, "r1", dir.path(), &ui)
                 .await
                 .is_err()
         );
+        // The file on disk must be what the sink wrote.
+        std::fs::write(&digest, format!("{good} {} 8192 {}\n", 8192 + n, n + 1)).unwrap();
+        let err = verify_archives(&bigger, "r1", dir.path(), &ui)
+            .await
+            .unwrap_err();
+        assert!(format!("{err:#}").contains("its sink wrote"), "{err:#}");
     }
 }

@@ -62,31 +62,48 @@ pub fn run(args: SinkArgs) -> u8 {
     }
 }
 
-/// What the digest file says: the digest and size of the stream as it came, and the bytes
-/// of zero pages left out of the file written.
+/// What the digest file says: the digest and size of the stream as it came, the bytes of
+/// zero pages left out, and the size of the file written.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Received {
     pub digest: String,
     pub bytes: u64,
     pub dropped: u64,
+    pub written: u64,
 }
 
 impl Received {
     pub fn line(&self) -> String {
-        format!("{} {} {}", self.digest, self.bytes, self.dropped)
+        format!(
+            "{} {} {} {}",
+            self.digest, self.bytes, self.dropped, self.written
+        )
     }
 
     /// Reads a digest file's line; one with only a digest (an older sink) has no sizes.
-    pub fn parse(line: &str) -> Option<(String, Option<(u64, u64)>)> {
-        let mut w = line.split_whitespace();
-        let digest = w.next()?.to_owned();
-        let sizes = match (w.next(), w.next()) {
-            (Some(b), Some(d)) => Some((b.parse().ok()?, d.parse().ok()?)),
-            (None, None) => None,
-            _ => return None,
-        };
-        Some((digest, sizes))
+    pub fn parse(line: &str) -> Option<(String, Option<Sizes>)> {
+        let w: Vec<&str> = line.split_whitespace().collect();
+        match w[..] {
+            [d] => Some((d.to_owned(), None)),
+            [d, b, x, f] => Some((
+                d.to_owned(),
+                Some(Sizes {
+                    received: b.parse().ok()?,
+                    dropped: x.parse().ok()?,
+                    written: f.parse().ok()?,
+                }),
+            )),
+            _ => None,
+        }
     }
+}
+
+/// The sizes a digest file states.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sizes {
+    pub received: u64,
+    pub dropped: u64,
+    pub written: u64,
 }
 
 /// Copies `input` to `path` (by way of `path.part`), without CRIU's zero pages when
@@ -128,6 +145,7 @@ pub fn write_archive(mut input: impl Read, path: &Path, drop_zero_pages: bool) -
         digest: hasher.hex(),
         bytes: total,
         dropped: dropped.bytes(),
+        written: dropped.written,
     };
     let digest = digest_path(path);
     let mut d = open(&digest)?;
@@ -160,12 +178,21 @@ mod tests {
         assert!(!dir.path().join("db.tar.part").exists());
         let want = crate::digest::of_bytes(&data);
         let line = std::fs::read_to_string(digest_path(&path)).unwrap();
+        let n = data.len() as u64;
         assert_eq!(
             Received::parse(&line),
-            Some((want, Some((data.len() as u64, 0))))
+            Some((
+                want,
+                Some(Sizes {
+                    received: n,
+                    dropped: 0,
+                    written: n
+                })
+            ))
         );
         assert_eq!(Received::parse("abc"), Some(("abc".into(), None)));
         assert_eq!(Received::parse("abc 1"), None);
+        assert_eq!(Received::parse("abc 1 2 x"), None);
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(&path).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);

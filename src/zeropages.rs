@@ -40,10 +40,11 @@ const VMA_AREA_REGULAR: u32 = 1 << 0;
 const VMA_ANON_PRIVATE: u32 = 1 << 9;
 const VMA_ALLOWED: u32 = VMA_AREA_REGULAR | (1 << 1) | (1 << 4) | (1 << 5) | VMA_ANON_PRIVATE;
 
-/// What the filter left out.
+/// What the filter left out, and the size of what it wrote.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Dropped {
     pub pages: u64,
+    pub written: u64,
 }
 
 impl Dropped {
@@ -65,6 +66,9 @@ pub struct ZeroPages<W: Write + Seek> {
     held: Vec<(String, [u8; BLOCK], Vec<u8>)>,
     /// A `pages-*` entry went through unchanged (held pagemaps are out).
     released: bool,
+    /// A memory image went through without being read (too big): with it, this dump may
+    /// hold more than one process, and no page is left out.
+    unread: bool,
     dropped: Dropped,
 }
 
@@ -144,6 +148,7 @@ impl<W: Write + Seek> ZeroPages<W> {
             areas: Vec::new(),
             held: Vec::new(),
             released: false,
+            unread: false,
             dropped: Dropped::default(),
         }
     }
@@ -157,6 +162,7 @@ impl<W: Write + Seek> ZeroPages<W> {
             self.out.write_all(&h)?;
         }
         self.out.flush()?;
+        self.dropped.written = self.out.stream_position()?;
         Ok((self.out, self.dropped))
     }
 
@@ -180,7 +186,7 @@ impl<W: Write + Seek> ZeroPages<W> {
         }
         // Extended headers (PAX, GNU long names) may override a size or a name this filter
         // reads from the plain header: from there on, everything goes as it came.
-        let extended = matches!(hdr[156], b'x' | b'g' | b'L' | b'K');
+        let extended = matches!(hdr[156], b'x' | b'g' | b'L' | b'K' | b'X' | b'N' | b'S');
         let Some(entry) = Entry::parse(&hdr).filter(|_| !extended) else {
             // Not a header this filter understands: stop interpreting.
             self.release()?;
@@ -218,6 +224,10 @@ impl<W: Write + Seek> ZeroPages<W> {
                 size: entry.size,
                 left: padded,
             };
+        } else if numbered("mm-").is_some() || numbered("pagemap-").is_some() {
+            self.unread = true;
+            self.out.write_all(&hdr)?;
+            self.state = State::Copy { left: padded };
         } else if let Some(id) = numbered("pages-") {
             match self.plan_pages(&id, &hdr, entry.size)? {
                 Some(f) => self.state = State::Pages(Box::new(f)),
@@ -242,7 +252,12 @@ impl<W: Write + Seek> ZeroPages<W> {
         hdr: &[u8; BLOCK],
         size: u64,
     ) -> io::Result<Option<PagesFilter>> {
-        if self.released || self.held.len() != 1 || self.areas.len() != 1 {
+        // The header's size field must be able to hold the new size (octal, under 8 GiB).
+        let octal_size = hdr[124] & 0x80 == 0 && size < 1 << 33;
+        if self.released || self.unread || !octal_size {
+            return Ok(None);
+        }
+        if self.held.len() != 1 || self.areas.len() != 1 {
             return Ok(None);
         }
         let (pid, pagemap_hdr, pagemap) = &self.held[0];
@@ -250,15 +265,24 @@ impl<W: Write + Seek> ZeroPages<W> {
             return Ok(None);
         };
         let (mm_pid, areas) = &self.areas[0];
-        if map.pages_id.to_string() != id || mm_pid != pid {
+        if map.pages_id.to_string() != id || mm_pid != pid || !areas.iter().any(|a| a.droppable) {
             return Ok(None);
         }
-        let total: u64 = map.runs.iter().map(|r| r.pages).sum();
-        let plain = map
+        let total = map
             .runs
             .iter()
-            .all(|r| r.flags & !PE_LAZY == PE_PRESENT && r.pages > 0);
-        if !plain || total == 0 || total.checked_mul(PAGE as u64) != Some(size) {
+            .try_fold(0u64, |acc, r| acc.checked_add(r.pages));
+        // Plainly present pages, and runs whose addresses stay in range.
+        let plain = map.runs.iter().all(|r| {
+            r.flags & !PE_LAZY == PE_PRESENT
+                && r.pages > 0
+                && r.pages
+                    .checked_mul(PAGE as u64)
+                    .and_then(|b| r.vaddr.checked_add(b))
+                    .is_some()
+        });
+        let total = total.filter(|&t| t > 0);
+        if !plain || total.and_then(|t| t.checked_mul(PAGE as u64)) != Some(size) {
             return Ok(None);
         }
         let at = self.out.stream_position()?;
@@ -489,7 +513,8 @@ impl Entry {
             std::str::from_utf8(&f[..end]).ok().map(str::to_owned)
         };
         let mut name = field(0..100)?;
-        if &h[257..262] == b"ustar" {
+        // POSIX ustar (GNU's "ustar  " magic has no name prefix there).
+        if &h[257..263] == b"ustar\0" {
             let prefix = field(345..500)?;
             if !prefix.is_empty() {
                 name = format!("{prefix}/{name}");
@@ -836,7 +861,8 @@ mod tests {
         let input = tar_of(&one_process());
         for step in [1, 511, 4096, 1 << 20] {
             let (out, dropped) = filter(&input, step);
-            assert_eq!(dropped, Dropped { pages: 3 }, "step {step}");
+            assert_eq!(dropped.pages, 3, "step {step}");
+            assert_eq!(dropped.written, out.len() as u64);
             let got = untar(&out);
             let names: Vec<&str> = got.iter().map(|(n, _)| n.as_str()).collect();
             assert_eq!(
@@ -903,7 +929,11 @@ mod tests {
         // An mm image that does not parse.
         let mut bad_mm = one_process();
         bad_mm[2].1 = vec![1, 2, 3];
+        // A second process whose memory image is too big to be read: still two processes.
+        let mut unread = one_process();
+        unread.insert(2, ("checkpoint/mm-0.img", vec![0; (16 << 20) + 1]));
         for (what, entries) in [
+            ("unread", unread),
             ("two", two),
             ("parent", parent),
             ("short", short),
