@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use anyhow::{Context, anyhow, bail};
+use anyhow::{Context, bail};
 use tokio::io::BufReader;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Mutex, mpsc};
@@ -484,64 +484,53 @@ async fn verify_archives(
         let size = std::fs::metadata(&path)
             .with_context(|| format!("archive {} of {} is missing", path.display(), c.name))?
             .len();
-        let mismatch = || {
-            anyhow!(
-                "archive {} does not match its {} digest in the manifest",
-                path.display(),
-                crate::digest::NAME
-            )
-        };
-        // Written by `migrate sink` from the very bytes it received: no second read. The
-        // sizes are those of the stream; the file may be smaller by the zero pages it
-        // left out.
-        let line = std::fs::read_to_string(crate::sink::digest_path(&path)).ok();
-        if let Some((digest, sizes)) = line.as_deref().and_then(Received::parse) {
-            let Sizes {
-                received,
-                dropped,
-                written,
-            } = sizes.unwrap_or(Sizes {
-                received: size,
-                dropped: 0,
-                written: size,
-            });
-            if received != c.size {
-                bail!(
-                    "archive {} is {received} bytes, the manifest says {}",
-                    path.display(),
-                    c.size
-                );
-            }
-            if written != size {
-                bail!(
-                    "archive {} is {size} bytes on disk, its sink wrote {written}",
-                    path.display()
-                );
-            }
-            if digest != c.digest {
-                return Err(mismatch());
-            }
-            if dropped > 0 {
-                ui.info(&format!(
-                    "{}: {} MiB of zero pages left out of its archive ({} MiB to restore)",
-                    c.name,
-                    dropped >> 20,
-                    size >> 20
-                ));
-            }
-            continue;
-        }
-        if size != c.size {
+        // Written by `migrate sink` from the very bytes it received: no second read. Its
+        // sizes are those of the stream; the file may be smaller by the zero pages it left
+        // out. Without a sink's file (or from an older sink) the file is the stream.
+        let sink = std::fs::read_to_string(crate::sink::digest_path(&path))
+            .ok()
+            .and_then(|line| Received::parse(&line));
+        let sizes = sink.as_ref().and_then(|(_, s)| *s).unwrap_or(Sizes {
+            received: size,
+            dropped: 0,
+            written: size,
+        });
+        if sizes.received != c.size {
             bail!(
-                "archive {} is {size} bytes, the manifest says {}",
+                "archive {} is {} bytes, the manifest says {}",
                 path.display(),
+                sizes.received,
                 c.size
             );
         }
-        let p = path.clone();
-        let digest = tokio::task::spawn_blocking(move || crate::digest::of_file(&p)).await??;
+        if sizes.written != size {
+            bail!(
+                "archive {} is {size} bytes on disk, its sink wrote {}",
+                path.display(),
+                sizes.written
+            );
+        }
+        let digest = match sink {
+            Some((digest, _)) => digest,
+            None => {
+                let p = path.clone();
+                tokio::task::spawn_blocking(move || crate::digest::of_file(&p)).await??
+            }
+        };
         if digest != c.digest {
-            return Err(mismatch());
+            bail!(
+                "archive {} does not match its {} digest in the manifest",
+                path.display(),
+                crate::digest::NAME
+            );
+        }
+        if sizes.dropped > 0 {
+            ui.info(&format!(
+                "{}: {} MiB of zero pages left out of its archive ({} MiB to restore)",
+                c.name,
+                sizes.dropped >> 20,
+                size >> 20
+            ));
         }
     }
     Ok(())

@@ -138,14 +138,14 @@ pub fn write_archive(mut input: impl Read, path: &Path, drop_zero_pages: bool) -
             .with_context(|| format!("writing {}", part.display()))?;
         total += n as u64;
     }
-    let (_, dropped) = out
+    let (_, summary) = out
         .finish()
         .with_context(|| format!("writing {}", part.display()))?;
     let received = Received {
         digest: hasher.hex(),
         bytes: total,
-        dropped: dropped.bytes(),
-        written: dropped.written,
+        dropped: summary.dropped_bytes(),
+        written: summary.written,
     };
     let digest = digest_path(path);
     let mut d = open(&digest)?;

@@ -42,13 +42,16 @@ const VMA_ALLOWED: u32 = VMA_AREA_REGULAR | (1 << 1) | (1 << 4) | (1 << 5) | VMA
 
 /// What the filter left out, and the size of what it wrote.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct Dropped {
+pub struct Summary {
+    /// Pages left out.
     pub pages: u64,
+    /// Bytes written to `out`.
     pub written: u64,
 }
 
-impl Dropped {
-    pub fn bytes(self) -> u64 {
+impl Summary {
+    /// Bytes left out.
+    pub fn dropped_bytes(self) -> u64 {
         self.pages * PAGE as u64
     }
 }
@@ -69,7 +72,7 @@ pub struct ZeroPages<W: Write + Seek> {
     /// A memory image went through without being read (too big): with it, this dump may
     /// hold more than one process, and no page is left out.
     unread: bool,
-    dropped: Dropped,
+    dropped: Summary,
 }
 
 enum State {
@@ -79,6 +82,8 @@ enum State {
     },
     Capture {
         kind: Capture,
+        /// The process id the image is named after.
+        pid: String,
         hdr: Box<[u8; BLOCK]>,
         data: Vec<u8>,
         size: u64,
@@ -149,13 +154,13 @@ impl<W: Write + Seek> ZeroPages<W> {
             held: Vec::new(),
             released: false,
             unread: false,
-            dropped: Dropped::default(),
+            dropped: Summary::default(),
         }
     }
 
     /// Ends the archive: anything still held goes out (a stream cut short stays cut short;
     /// the caller knows from its reader). Returns the writer and what was left out.
-    pub fn finish(mut self) -> io::Result<(W, Dropped)> {
+    pub fn finish(mut self) -> io::Result<(W, Summary)> {
         self.release()?;
         if !self.header.is_empty() {
             let h = std::mem::take(&mut self.header);
@@ -208,17 +213,15 @@ impl<W: Write + Seek> ZeroPages<W> {
         };
         // Images of the memory are a few KiB; a huge one is not what this expects.
         let small = entry.size <= 16 << 20;
-        if let (Some(_), true) = (numbered("mm-"), small) {
+        let capture = match (numbered("mm-"), numbered("pagemap-")) {
+            (Some(pid), _) if small => Some((Capture::Mm, pid)),
+            (_, Some(pid)) if small && !self.released => Some((Capture::Pagemap, pid)),
+            _ => None,
+        };
+        if let Some((kind, pid)) = capture {
             self.state = State::Capture {
-                kind: Capture::Mm,
-                hdr: Box::new(hdr),
-                data: Vec::with_capacity(entry.size as usize),
-                size: entry.size,
-                left: padded,
-            };
-        } else if let (Some(_), true, false) = (numbered("pagemap-"), small, self.released) {
-            self.state = State::Capture {
-                kind: Capture::Pagemap,
+                kind,
+                pid,
                 hdr: Box::new(hdr),
                 data: Vec::with_capacity(entry.size as usize),
                 size: entry.size,
@@ -308,18 +311,13 @@ impl<W: Write + Seek> ZeroPages<W> {
         }))
     }
 
-    fn captured(&mut self, kind: Capture, hdr: [u8; BLOCK], data: Vec<u8>) -> io::Result<()> {
-        let entry = Entry::parse(&hdr).expect("parsed before");
-        let pid = entry
-            .name
-            .trim_start_matches("checkpoint/")
-            .trim_start_matches(if kind == Capture::Mm {
-                "mm-"
-            } else {
-                "pagemap-"
-            })
-            .trim_end_matches(".img")
-            .to_owned();
+    fn captured(
+        &mut self,
+        kind: Capture,
+        pid: String,
+        hdr: [u8; BLOCK],
+        data: Vec<u8>,
+    ) -> io::Result<()> {
         match kind {
             Capture::Mm => {
                 match parse_mm(&data) {
@@ -338,7 +336,7 @@ impl<W: Write + Seek> ZeroPages<W> {
 
 impl PagesFilter {
     /// Takes one whole page of the entry.
-    fn page<W: Write>(&mut self, out: &mut W, dropped: &mut Dropped) -> io::Result<()> {
+    fn page<W: Write>(&mut self, out: &mut W, dropped: &mut Summary) -> io::Result<()> {
         let r = self.runs[self.run];
         let addr = r.vaddr + self.page_in_run * PAGE as u64;
         let drop = is_zero(&self.page) && droppable(&self.areas, addr);
@@ -435,12 +433,16 @@ impl<W: Write + Seek> Write for ZeroPages<W> {
                     rest = &rest[n..];
                     if *left == 0 {
                         let State::Capture {
-                            kind, hdr, data, ..
+                            kind,
+                            pid,
+                            hdr,
+                            data,
+                            ..
                         } = std::mem::replace(&mut self.state, State::Header)
                         else {
                             unreachable!()
                         };
-                        self.captured(kind, *hdr, data)?;
+                        self.captured(kind, pid, *hdr, data)?;
                     }
                 }
                 State::Pages(f) => {
@@ -819,7 +821,7 @@ mod tests {
     }
 
     /// Runs `input` through the filter, in pieces of `step` bytes.
-    fn filter(input: &[u8], step: usize) -> (Vec<u8>, Dropped) {
+    fn filter(input: &[u8], step: usize) -> (Vec<u8>, Summary) {
         let mut z = ZeroPages::new(Cursor::new(Vec::new()), true);
         for piece in input.chunks(step) {
             z.write_all(piece).unwrap();
