@@ -157,6 +157,19 @@ async fn probe_once(target: &Target, timeout: Duration) -> Option<Duration> {
         .map(|()| start.elapsed())
 }
 
+/// One round: up at the first target that answers (its round-trip time), down when none
+/// does within `timeout`.
+async fn probe_round(targets: &[Target], timeout: Duration) -> Option<Duration> {
+    let mut pending: futures::stream::FuturesUnordered<_> =
+        targets.iter().map(|t| probe_once(t, timeout)).collect();
+    while let Some(answer) = futures::StreamExt::next(&mut pending).await {
+        if answer.is_some() {
+            return answer;
+        }
+    }
+    None
+}
+
 /// True for an HTTP status line with a 2xx or 3xx code.
 pub fn http_status_up(head: &[u8]) -> bool {
     let text = String::from_utf8_lossy(head);
@@ -312,6 +325,84 @@ fn outage(start: i64, end: i64, ongoing: bool) -> Outage {
     }
 }
 
+/// Sends a round every `interval` until `done_sending(rounds sent)` says so or
+/// `interrupted` completes; returns every round in the order they went out.
+async fn probe_rounds(
+    targets: Vec<Target>,
+    interval: Duration,
+    timeout: Duration,
+    done_sending: impl Fn(u64) -> bool,
+    interrupted: impl std::future::Future<Output = ()>,
+) -> Vec<Round> {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    // Like ping, a probe goes out every interval whether or not the ones before have
+    // answered: a target that swallows connections (a frozen listener, an address whose
+    // container is gone) must not hold back the rounds that would see the service back.
+    // Rounds in flight are bounded: each gives up after `timeout` (≤ 10 intervals).
+    let targets = std::sync::Arc::new(targets);
+    tokio::pin!(interrupted);
+    let mut in_flight = tokio::task::JoinSet::new();
+    let mut done: std::collections::BTreeMap<u64, Round> = std::collections::BTreeMap::new();
+    let mut rounds: Vec<Round> = Vec::new();
+    let mut was_up = true;
+    let mut sent = 0u64;
+    // Rounds are reported in the order they went out, as soon as all before them are in.
+    let mut report = |done: &mut std::collections::BTreeMap<u64, Round>,
+                      rounds: &mut Vec<Round>| {
+        while let Some(r) = done.remove(&(rounds.len() as u64)) {
+            let up = r.rtt_us.is_some();
+            if up != was_up {
+                eprintln!(
+                    "{} {}",
+                    format_ts(r.at_us),
+                    if up { "up again" } else { "down" }
+                );
+                was_up = up;
+            }
+            rounds.push(r);
+        }
+    };
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            Some(Ok((seq, r))) = in_flight.join_next() => {
+                done.insert(seq, r);
+                report(&mut done, &mut rounds);
+                continue;
+            }
+            _ = &mut interrupted => break,
+        }
+        if done_sending(sent) {
+            break;
+        }
+        let seq = sent;
+        sent += 1;
+        let targets = targets.clone();
+        in_flight.spawn(async move {
+            let at_us = now_us();
+            let rtt = probe_round(&targets, timeout).await;
+            (
+                seq,
+                Round {
+                    at_us,
+                    rtt_us: rtt.map(|d| d.as_micros() as i64),
+                },
+            )
+        });
+    }
+    // The rounds still out end within `timeout`.
+    while let Some(r) = in_flight.join_next().await {
+        if let Ok((seq, r)) = r {
+            done.insert(seq, r);
+        }
+    }
+    report(&mut done, &mut rounds);
+    // Only a round whose task died would leave a gap; keep the rest in order anyway.
+    rounds.extend(done.into_values());
+    rounds
+}
+
 /// Runs the probe; returns the exit code (0 when it ran, 2 on bad arguments).
 pub async fn run(args: ProbeArgs) -> u8 {
     if args.count.is_none() && args.duration.is_none() {
@@ -338,42 +429,23 @@ pub async fn run(args: ProbeArgs) -> u8 {
         }
     };
     let deadline = args.duration.map(|d| tokio::time::Instant::now() + d);
-    let mut tick = tokio::time::interval(args.interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let timeout = args
         .timeout
         .min(args.interval.max(Duration::from_millis(1)) * 10);
-    let mut rounds: Vec<Round> = Vec::new();
-    let mut was_up = true;
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = signals.changed() => break,
-        }
-        if deadline.is_some_and(|d| tokio::time::Instant::now() >= d)
-            || args.count.is_some_and(|c| rounds.len() as u64 >= c)
-            || args.until_file.as_ref().is_some_and(|p| p.exists())
-        {
-            break;
-        }
-        let at_us = now_us();
-        let answers =
-            futures::future::join_all(targets.iter().map(|t| probe_once(t, timeout))).await;
-        let rtt = answers.into_iter().flatten().min();
-        let up = rtt.is_some();
-        if up != was_up {
-            eprintln!(
-                "{} {}",
-                format_ts(at_us),
-                if up { "up again" } else { "down" }
-            );
-            was_up = up;
-        }
-        rounds.push(Round {
-            at_us,
-            rtt_us: rtt.map(|d| d.as_micros() as i64),
-        });
-    }
+    let until_file = args.until_file.clone();
+    let count = args.count;
+    let rounds = probe_rounds(
+        targets,
+        args.interval,
+        timeout,
+        move |sent| {
+            deadline.is_some_and(|d| tokio::time::Instant::now() >= d)
+                || count.is_some_and(|c| sent >= c)
+                || until_file.as_ref().is_some_and(|p| p.exists())
+        },
+        signals.changed(),
+    )
+    .await;
     let summary = Summary::from_rounds(&args.targets, &rounds);
     let mut out = std::io::stdout().lock();
     let res = match args.format {
@@ -478,6 +550,85 @@ mod tests {
         assert!(!http_status_up(b"HTTP/1.1 502 Bad Gateway\r\n"));
         assert!(!http_status_up(b"SSH-2.0-OpenSSH"));
         assert!(!http_status_up(b""));
+    }
+
+    /// A listener that takes connections and never answers (like a frozen service).
+    async fn swallower() -> (u16, tokio::task::JoinHandle<()>) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        let h = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((c, _)) = l.accept().await {
+                held.push(c);
+            }
+        });
+        (port, h)
+    }
+
+    /// An HTTP server answering 200 to everything.
+    async fn answerer() -> (u16, tokio::task::JoinHandle<()>) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        let h = tokio::spawn(async move {
+            while let Ok((mut c, _)) = l.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 512];
+                    let _ = c.read(&mut buf).await;
+                    let _ = c.write_all(b"HTTP/1.0 200 OK\r\n\r\nok").await;
+                });
+            }
+        });
+        (port, h)
+    }
+
+    fn http(port: u16) -> Target {
+        Target::Http {
+            host: "127.0.0.1".into(),
+            port,
+            path: "/".into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_round_is_up_at_the_first_answer() {
+        let (hung, h1) = swallower().await;
+        let (up, h2) = answerer().await;
+        let start = std::time::Instant::now();
+        let rtt = probe_round(&[http(hung), http(up)], Duration::from_secs(5)).await;
+        assert!(rtt.is_some());
+        // Waiting for the hung target would take the whole 5 s timeout.
+        assert!(
+            start.elapsed() < Duration::from_secs(3),
+            "{:?}",
+            start.elapsed()
+        );
+        assert!(
+            probe_round(&[http(hung)], Duration::from_millis(50))
+                .await
+                .is_none()
+        );
+        h1.abort();
+        h2.abort();
+    }
+
+    #[tokio::test]
+    async fn rounds_go_out_every_interval_while_earlier_ones_hang() {
+        let (hung, h) = swallower().await;
+        let rounds = probe_rounds(
+            vec![http(hung)],
+            Duration::from_millis(20),
+            Duration::from_millis(200),
+            |sent| sent >= 10,
+            std::future::pending(),
+        )
+        .await;
+        h.abort();
+        assert_eq!(rounds.len(), 10);
+        assert!(rounds.iter().all(|r| r.rtt_us.is_none()));
+        assert!(rounds.windows(2).all(|w| w[0].at_us <= w[1].at_us));
+        // One after the other they would span 9 timeouts (1.8 s); sent every 20 ms, 0.18 s.
+        let span = rounds[9].at_us - rounds[0].at_us;
+        assert!(span < 1_000_000, "rounds spread over {span} µs");
     }
 
     #[test]

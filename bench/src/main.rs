@@ -48,6 +48,11 @@ pub struct Opts {
     /// separated, or `none` [default: 64,256,1024; none with --quick].
     #[arg(long)]
     pub memory: Option<String>,
+    /// MiB of extra files in the thesis pair's data folder for the data series (migrate
+    /// moving the pair with 10000 rows and that much more data), comma separated, or
+    /// `none` [default: 0,256,1024; none with --quick].
+    #[arg(long)]
+    pub data_mb: Option<String>,
     /// A fresh workload for every run, so that each run moves a container started on its
     /// source (not one restored there by the run before: migrate restores a container
     /// without its untouched zero pages, and the next move of it has less to move).
@@ -82,6 +87,8 @@ pub struct Plan {
     pub methods: Vec<String>,
     /// Sizes of the memory series, MiB (empty: none).
     pub memory: Vec<u64>,
+    /// Extra MiB in the data folder for the data series (empty: none).
+    pub data: Vec<u64>,
     pub probe_host: String,
     pub probe_interval: String,
     pub skip_in_flight: bool,
@@ -117,6 +124,7 @@ impl Opts {
             runner::netem_args(p)?;
         }
         let rows = match &self.rows {
+            Some(r) if r == "none" => Vec::new(),
             Some(r) => list(r)
                 .iter()
                 .map(|x| {
@@ -139,6 +147,19 @@ impl Opts {
             None if self.quick => Vec::new(),
             None => vec![64, 256, 1024],
         };
+        let data = match self.data_mb.as_deref() {
+            Some("none") => Vec::new(),
+            Some(m) => list(m)
+                .iter()
+                .map(|x| {
+                    x.parse::<u64>().map_err(|_| {
+                        anyhow::anyhow!("bad --data-mb value '{x}': MiB, e.g. 0,256,1024, or none")
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?,
+            None if self.quick => Vec::new(),
+            None => vec![0, 256, 1024],
+        };
         let methods = list(&self.methods);
         for m in &methods {
             if !["migrate", "thesis", "floor"].contains(&m.as_str()) {
@@ -146,7 +167,10 @@ impl Opts {
             }
         }
         let runs = self.runs.unwrap_or(if self.quick { 3 } else { 10 });
-        if runs == 0 || (rows.is_empty() && memory.is_empty()) || profiles.is_empty() {
+        if runs == 0
+            || (rows.is_empty() && memory.is_empty() && data.is_empty())
+            || profiles.is_empty()
+        {
             bail!("nothing to run");
         }
         Ok(Plan {
@@ -158,6 +182,7 @@ impl Opts {
             runs,
             methods,
             memory,
+            data,
             probe_host: self.probe_host.clone(),
             probe_interval: self.probe_interval.clone(),
             skip_in_flight: !self.no_skip_in_flight,
@@ -204,6 +229,32 @@ mod tests {
             .plan()
             .unwrap();
         assert!(none.memory.is_empty());
+        assert_eq!(full.data, vec![0, 256, 1024]);
+        assert!(p.data.is_empty());
+        let data_only = Cli::try_parse_from([
+            "bench",
+            "--out",
+            "x",
+            "--rows",
+            "none",
+            "--memory",
+            "none",
+            "--data-mb",
+            "0,512",
+        ])
+        .unwrap()
+        .opts
+        .plan()
+        .unwrap();
+        assert!(data_only.rows.is_empty());
+        assert_eq!(data_only.data, vec![0, 512]);
+        assert!(
+            Cli::try_parse_from(["bench", "--out", "x", "--data-mb", "lots"])
+                .unwrap()
+                .opts
+                .plan()
+                .is_err()
+        );
         assert!(
             Cli::try_parse_from(["bench", "--out", "x", "--memory", "0"])
                 .unwrap()

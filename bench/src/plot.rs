@@ -148,3 +148,41 @@ pub fn plot_memory(path: &Path, title: &str, profile: &str, rows: &[SummaryRow])
         series,
     )
 }
+
+/// The data series, for one profile: downtime against the size of the data folder, with
+/// the pre-sync (before DOWN, grows with the data) and the post-sync (while down).
+pub fn plot_data(path: &Path, title: &str, profile: &str, rows: &[SummaryRow]) -> Result<()> {
+    let cells: Vec<&SummaryRow> = rows
+        .iter()
+        .filter(|r| r.method == "data" && r.profile == profile)
+        .collect();
+    let line = |f: fn(&SummaryRow) -> Option<f64>| -> Vec<(f64, f64)> {
+        cells
+            .iter()
+            .filter_map(|r| Some((r.data_mean_bytes? / 1048576.0, f(r)?)))
+            .collect()
+    };
+    let series: Vec<Series> = vec![
+        ("downtime", BLUE, line(|r| r.downtime_mean_s)),
+        (
+            "post-sync (while down)",
+            RGBColor(230, 120, 0),
+            line(|r| r.postsync_mean_s),
+        ),
+        (
+            "pre-sync (before DOWN)",
+            RGBColor(0, 140, 0),
+            line(|r| r.presync_mean_s),
+        ),
+    ]
+    .into_iter()
+    .filter(|s| !s.2.is_empty())
+    .collect();
+    draw(
+        path,
+        title,
+        "MiB in the data folder moved with the thesis pair (log scale)",
+        "seconds",
+        series,
+    )
+}

@@ -48,6 +48,10 @@ pub struct RunRow {
     pub archive_bytes: Option<f64>,
     /// migrate only: bytes sent while the service was down (archives, post-sync).
     pub frozen_bytes: Option<f64>,
+    /// migrate only: bytes rsync sent (pre-sync and post-sync).
+    pub sync_bytes: Option<f64>,
+    /// Data series: bytes in the source's data folder when it was moved.
+    pub data_bytes: Option<f64>,
     pub bytes_sent: Option<f64>,
     /// Longest outage the client probe saw.
     pub client_outage_s: Option<f64>,
@@ -122,6 +126,9 @@ pub struct SummaryRow {
     pub criu_restore_mean_s: Option<f64>,
     pub archive_mean_bytes: Option<f64>,
     pub frozen_mean_bytes: Option<f64>,
+    pub presync_mean_s: Option<f64>,
+    pub sync_mean_bytes: Option<f64>,
+    pub data_mean_bytes: Option<f64>,
     /// migrate rows only: mean(migrate) / mean(thesis) in the same profile and rows.
     pub downtime_ratio_migrate_thesis: Option<f64>,
     pub migration_ratio_migrate_thesis: Option<f64>,
@@ -185,6 +192,9 @@ pub fn summarize(runs: &[RunRow]) -> Vec<SummaryRow> {
                 criu_restore_mean_s: mean(|r| r.criu_restore_s),
                 archive_mean_bytes: mean(|r| r.archive_bytes),
                 frozen_mean_bytes: mean(|r| r.frozen_bytes),
+                presync_mean_s: mean(|r| r.presync_s),
+                sync_mean_bytes: mean(|r| r.sync_bytes),
+                data_mean_bytes: mean(|r| r.data_bytes),
                 downtime_ratio_migrate_thesis: None,
                 migration_ratio_migrate_thesis: None,
                 outage_ratio_migrate_thesis: None,
@@ -309,7 +319,9 @@ pub fn summary_markdown(rows: &[SummaryRow], runs: &[RunRow], header: &str) -> S
     }
     let phased: Vec<&SummaryRow> = rows
         .iter()
-        .filter(|r| (r.method == "migrate" || r.method == "memory") && r.dump_mean_s.is_some())
+        .filter(|r| {
+            ["migrate", "memory", "data"].contains(&r.method.as_str()) && r.dump_mean_s.is_some()
+        })
         .collect();
     if !phased.is_empty() {
         s.push_str(
@@ -319,7 +331,7 @@ pub fn summary_markdown(rows: &[SummaryRow], runs: &[RunRow], header: &str) -> S
              `post-sync` is the rsync of the data folders, started at `dump`. From \"OK\": `control` \
              until the target's answer, of which `verify` (size and BLAKE3 digest of the archives) and \
              `restore` (podman restore of all containers, in parallel). `CRIU frozen` and `CRIU restore` \
-             are CRIU's own figures inside podman's. For method memory the rows column is the MiB held.\n\n",
+             are CRIU's own figures inside podman's. For method memory the rows column is the MiB held; for method data, the MiB of extra files in the data folder.\n\n",
         );
         s.push_str("| profile | rows / MiB | method | downtime | dump | archives | shipped | post-sync | control | verify | restore | CRIU frozen | CRIU restore | archive MiB |\n");
         s.push_str("| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n");
@@ -346,6 +358,7 @@ pub fn summary_markdown(rows: &[SummaryRow], runs: &[RunRow], header: &str) -> S
             );
         }
     }
+    s.push_str(&data_table(rows));
     s.push_str(&bound_table(
         rows,
         &[("cloud", 1750e6 / 8.0), ("wan", 45e6 / 8.0)],
@@ -448,4 +461,46 @@ mod tests {
         // No rate-limited profile, no table.
         assert!(bound_table(&rows, &[("cloud", 1e8)]).is_empty());
     }
+}
+
+/// The data series: downtime against the size of the data folders (what was pre-synced
+/// must not be sent again while the service is down).
+fn data_table(rows: &[SummaryRow]) -> String {
+    let cells: Vec<&SummaryRow> = rows.iter().filter(|r| r.method == "data").collect();
+    if cells.is_empty() {
+        return String::new();
+    }
+    let mib = |b: Option<f64>| {
+        b.map(|b| format!("{:.1}", b / 1048576.0))
+            .unwrap_or_else(|| "–".into())
+    };
+    let f = |v: Option<f64>| v.map(|x| format!("{x:.3}")).unwrap_or_else(|| "–".into());
+    let mut s = String::from(
+        "\n## Downtime against the size of the data folders (method data)\n\n\
+         The thesis pair with 10000 rows and N MiB more of random files in its data folder \
+         (`/srv/app/bulk`, 16 MiB files), moved by `migrate send --data /srv/app` to a cold \
+         target; valid only when every extra file arrived with its size. `pre-sync` runs \
+         before DOWN and carries the data folder; `post-sync` and `sent while down` are what \
+         the freeze had to wait for.\n\n\
+         | profile | extra MiB | data folder MiB | valid/runs | pre-sync | rsync MiB sent | downtime | post-sync | sent while down MiB | migration time |\n\
+         | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
+    );
+    for r in cells {
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {}/{} | {} | {} | {} | {} | {} | {} |",
+            r.profile,
+            r.rows,
+            mib(r.data_mean_bytes),
+            r.n_valid,
+            r.n_runs,
+            f(r.presync_mean_s),
+            mib(r.sync_mean_bytes),
+            f(r.downtime_mean_s),
+            f(r.postsync_mean_s),
+            mib(r.frozen_mean_bytes),
+            f(r.migration_mean_s),
+        );
+    }
+    s
 }

@@ -33,6 +33,12 @@ const STOP_FILE: &str = "/tmp/bench-stop-probe";
 /// Port of the memory workload (testdata/workloads/memory/hog.args).
 const HOG_PORT: u16 = 8083;
 const FILLER_FILES: u32 = 9; // x 4 MiB of random data in /srv/app/www/files: ~40 MB of www
+/// Rows of the thesis pair in the data series (the issue's case).
+const DATA_ROWS: u64 = 10000;
+/// Where the data series puts its extra files (inside the pair's data folder).
+const BULK_DIR: &str = "/srv/app/bulk";
+/// Size of one extra file of the data series, MiB.
+const BULK_FILE_MB: u64 = 16;
 
 /// Address of a lab host (scripts/lab: a=10.77.0.11 ... e=10.77.0.15).
 pub fn host_addr(h: &str) -> Result<String> {
@@ -185,7 +191,9 @@ pub fn run(plan: Plan) -> Result<()> {
             * plan.profiles.len() as u64
             + u64::from(plan.methods.iter().any(|m| m == "floor")));
     let total = per_rows * plan.rows.len() as u64
-        + plan.runs as u64 * plan.memory.len() as u64 * plan.profiles.len() as u64;
+        + plan.runs as u64
+            * (plan.memory.len() + plan.data.len()) as u64
+            * plan.profiles.len() as u64;
     let mut b = Bench {
         lab: Lab { repo: repo.clone() },
         migrate: migrate.display().to_string(),
@@ -358,6 +366,55 @@ impl Bench {
         Ok(())
     }
 
+    /// The thesis pair with [`DATA_ROWS`] rows and `mb` MiB more of random files in its
+    /// data folder (the data series).
+    fn data_up(&mut self, host: &str, mb: u64) -> Result<()> {
+        self.workload_up(host, DATA_ROWS)?;
+        self.workload = None;
+        let (whole, rest) = (mb / BULK_FILE_MB, mb % BULK_FILE_MB);
+        self.sh(
+            host,
+            &format!(
+                "mkdir -p {BULK_DIR} && for i in $(seq 1 {whole}); do \
+                 head -c {} /dev/urandom >{BULK_DIR}/bulk-$i.bin || exit 1; done; \
+                 if [ {rest} -gt 0 ]; then head -c {} /dev/urandom >{BULK_DIR}/bulk-rest.bin; fi",
+                BULK_FILE_MB << 20,
+                rest << 20
+            ),
+            600,
+        )?;
+        let (_, bytes) = self.bulk(host)?;
+        if bytes != mb << 20 {
+            bail!("{BULK_DIR} on {host} holds {bytes} bytes, not {mb} MiB");
+        }
+        self.workload = Some((host.to_string(), "data", mb));
+        Ok(())
+    }
+
+    /// (files, bytes) in HOST's [`BULK_DIR`].
+    fn bulk(&self, host: &str) -> Result<(u64, u64)> {
+        let out = self.sh(
+            host,
+            &format!(
+                "find {BULK_DIR} -type f -printf '%s\\n' 2>/dev/null | awk '{{n++; s+=$1}} END {{printf \"%d %d\\n\", n, s}}'"
+            ),
+            60,
+        )?;
+        let mut it = out.split_whitespace().map(str::parse::<u64>);
+        match (it.next(), it.next()) {
+            (Some(Ok(n)), Some(Ok(b))) => Ok((n, b)),
+            _ => bail!("cannot read the size of {BULK_DIR} on {host}: {out:?}"),
+        }
+    }
+
+    /// Bytes in HOST's /srv/app (the data folder migrate syncs).
+    fn data_bytes(&self, host: &str) -> Result<u64> {
+        let out = self.sh(host, "du -sb /srv/app | cut -f1", 60)?;
+        out.trim()
+            .parse()
+            .with_context(|| format!("du of /srv/app on {host}: {out:?}"))
+    }
+
     /// Make sure the workload of `kind` and `size` runs on HOST (fresh if it does not;
     /// then settled, see [`settle`]).
     fn ensure_workload(&mut self, host: &str, kind: &'static str, size: u64) -> Result<()> {
@@ -368,6 +425,8 @@ impl Bench {
         for attempt in 1..=2 {
             let up = if kind == "memory" {
                 self.hog_up(host, size)
+            } else if kind == "data" {
+                self.data_up(host, size)
             } else {
                 self.workload_up(host, size)
             };
@@ -567,6 +626,12 @@ impl Bench {
                     self.one("memory", &profile, mb, run)?;
                 }
             }
+            for mb in self.plan.data.clone() {
+                self.workload = None;
+                for run in 1..=self.plan.runs {
+                    self.one("data", &profile, mb, run)?;
+                }
+            }
         }
         Ok(())
     }
@@ -582,12 +647,12 @@ impl Bench {
             (self.plan.hosts[1].clone(), self.plan.hosts[0].clone())
         };
         let direction = format!("{src}->{dst}");
-        let kind = if method == "memory" {
-            "memory"
-        } else {
-            "thesis"
+        let kind = match method {
+            "memory" => "memory",
+            "data" => "data",
+            _ => "thesis",
         };
-        let size = if kind == "memory" { "MiB" } else { "rows" };
+        let size = if kind == "thesis" { "rows" } else { "MiB" };
         let case = format!(
             "{method} {profile} {size}={rows} run {run}/{} {direction}",
             self.plan.runs
@@ -685,11 +750,18 @@ impl Bench {
         if method == "memory" {
             return self.measure_memory(src, dst, prefix, row);
         }
+        // The data series: the pair with DATA_ROWS rows, its extra files must all arrive.
+        let (rows, bulk) = if method == "data" {
+            row.data_bytes = Some(self.data_bytes(src)? as f64);
+            (DATA_ROWS, Some(self.bulk(src)?))
+        } else {
+            (rows, None)
+        };
         let before = self.counter(src)?;
         row.counter_before = Some(before);
         let probe = self.start_probe(prefix, false)?;
         let sent = match method {
-            "migrate" => self.run_migrate(src, dst, prefix, row, &["db", "web"]),
+            "migrate" | "data" => self.run_migrate(src, dst, prefix, row, &["db", "web"]),
             "thesis" => self.run_thesis(src, dst, prefix, row),
             "floor" => self.run_floor(src, prefix, row),
             _ => unreachable!(),
@@ -723,6 +795,14 @@ impl Bench {
                 "counter on {dst}: {:?} < {before} before",
                 row.counter_after
             ));
+        }
+        if let Some((files, bytes)) = bulk {
+            let got = self.bulk(dst).ok();
+            if got != Some((files, bytes)) {
+                problems.push(format!(
+                    "{BULK_DIR} on {dst}: {got:?} (files, bytes), expected ({files}, {bytes})"
+                ));
+            }
         }
         row.outcome = if !problems.is_empty() {
             "state_lost".into()
@@ -850,6 +930,7 @@ impl Bench {
             row.criu_restore_s = n("criu_restore_s");
             row.archive_bytes = n("archive_bytes");
             row.frozen_bytes = n("frozen_bytes");
+            row.sync_bytes = n("sync_bytes");
         }
         if code != 0 {
             row.outcome = match code {
@@ -993,6 +1074,14 @@ echo "DOWNTIME_S=$(s $t0 $t3)"; rm -rf "$f"; echo RESULT=ok
                     &summary,
                 )?;
             }
+            if !self.plan.data.is_empty() {
+                crate::plot::plot_data(
+                    &self.plan.out.join(format!("downtime-data-{p}.svg")),
+                    &format!("Downtime vs data folder size, profile {p}"),
+                    p,
+                    &summary,
+                )?;
+            }
             crate::plot::plot(
                 &self.plan.out.join(format!("migration-{p}.svg")),
                 &format!("Migration time vs rows, profile {p}"),
@@ -1011,7 +1100,7 @@ echo "DOWNTIME_S=$(s $t0 $t3)"; rm -rf "$f"; echo RESULT=ok
         let mut s = format!(
             "# migrate vs the thesis method: benchmark results\n\n\
              - started: {} (UTC), took {:.0} s\n- mode: {}\n- hosts: {} <-> {} (runs alternate: odd {}->{}, even back), probe on {} every {} ({})\n\
-             - profiles: {}\n- rows: {}\n- memory series (MiB held by the hog): {}\n- runs per case: {}{}\n- methods: {}\n\n\
+             - profiles: {}\n- rows: {}\n- memory series (MiB held by the hog): {}\n- data series (extra MiB in the data folder, 10000 rows): {}\n- runs per case: {}{}\n- methods: {}\n\n\
              Profiles (tc netem on each host's eth0 egress): lan = none; cloud = `{}`; wan = `{}`.\n\n\
              Definitions: migrate's downtime and migration time are those of its own record; thesis: \
              downtime = UP_TIMESTAMP - DOWN_TIMESTAMP, migration time = sending script total + receiving \
@@ -1040,15 +1129,8 @@ echo "DOWNTIME_S=$(s $t0 $t3)"; rm -rf "$f"; echo RESULT=ok
                 .map(u64::to_string)
                 .collect::<Vec<_>>()
                 .join(", "),
-            if p.memory.is_empty() {
-                "none".to_string()
-            } else {
-                p.memory
-                    .iter()
-                    .map(u64::to_string)
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            },
+            sizes(&p.memory),
+            sizes(&p.data),
             p.runs,
             if p.fresh {
                 ", each from a fresh workload on its source (--fresh)"
@@ -1076,6 +1158,14 @@ echo "DOWNTIME_S=$(s $t0 $t3)"; rm -rf "$f"; echo RESULT=ok
         }
         s
     }
+}
+
+/// `64, 256, 1024`, or `none`.
+fn sizes(v: &[u64]) -> String {
+    if v.is_empty() {
+        return "none".into();
+    }
+    v.iter().map(u64::to_string).collect::<Vec<_>>().join(", ")
 }
 
 fn fmt(v: Option<f64>) -> String {
