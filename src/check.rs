@@ -16,6 +16,10 @@ fi
 if command -v criu >/dev/null 2>&1; then
   echo "criu=$(criu --version 2>/dev/null | sed -n 's/^Version: *//p' | head -n 1)"
   if out=$(criu check 2>&1); then echo criu_check=ok; else echo "criu_check=$(printf '%s' "$out" | tail -n 1)"; fi
+  # CRIU keeps its kernel probe in /run/criu.kdat, and only on a tmpfs.
+  if [ -s /run/criu.kdat ]; then echo criu_kdat=cached
+  elif [ "$(stat -f -c %T /run 2>/dev/null)" = tmpfs ]; then echo criu_kdat=tmpfs
+  else echo criu_kdat=uncached; fi
   for f in mem_dirty_track uffd-noncoop; do
     if criu check --feature "$f" >/dev/null 2>&1; then echo "feature_$f=yes"; else echo "feature_$f=no"; fi
   done
@@ -35,6 +39,8 @@ pub struct Facts {
     pub crun_criu: bool,
     /// The `zstd` command is there (archives can be decompressed as they arrive).
     pub zstd: bool,
+    /// `uncached` when CRIU cannot keep its kernel probe (`/run` is not a tmpfs).
+    pub criu_kdat: Option<String>,
     /// Optional CRIU features (`criu check --feature X`): "yes" or "no".
     pub features: std::collections::BTreeMap<String, String>,
 }
@@ -52,6 +58,7 @@ impl Facts {
                 "runtime" => f.runtime = v,
                 "criu" => f.criu = v,
                 "criu_check" => f.criu_check = v,
+                "criu_kdat" => f.criu_kdat = v,
                 "crun_criu" => f.crun_criu = v.as_deref() == Some("yes"),
                 "zstd" => f.zstd = v.as_deref() == Some("yes"),
                 _ => {
