@@ -655,7 +655,7 @@ async fn freeze_and_stream(
             let retry = match &r {
                 Err(e)
                     if attempt < CHECKPOINT_ATTEMPTS
-                        && tcp_trouble(e) == Some(TcpTrouble::InFlight) =>
+                        && trouble(&e.to_string()) == Some(Trouble::InFlight) =>
                 {
                     podman
                         .inspect(std::slice::from_ref(&it.info.name))
@@ -684,11 +684,14 @@ async fn freeze_and_stream(
             (Err(_), Ok(n)) => Ok((n, String::new())),
         };
         let checkpoint = checkpoint.map_err(|e| {
-            let hint = match tcp_trouble(&e) {
-                Some(TcpTrouble::Established) => {
+            let hint = match trouble(&e.to_string()) {
+                Some(Trouble::Established) => {
                     "; it had established TCP connections: pass --tcp-established to carry them"
                 }
-                Some(TcpTrouble::InFlight) => {
+                Some(Trouble::Stuck) => {
+                    "; one of its processes was stuck in the kernel (state D, e.g. waiting for the disk) and could not be frozen: try again when the host is less busy"
+                }
+                Some(Trouble::InFlight) => {
                     "; clients kept connecting during the freeze: drain them first (e.g. a pre-freeze hook that takes the host out of the balancer) or set tcp-skip-in-flight in /etc/criu/runc.conf"
                 }
                 None => "",
@@ -798,22 +801,26 @@ const REMOVE_ATTEMPTS: u32 = 10;
 /// Checkpoint attempts when CRIU meets a half-open TCP connection.
 const CHECKPOINT_ATTEMPTS: u32 = 3;
 
-/// TCP states CRIU refuses to dump without an option.
+/// Why CRIU refused a dump, from its own words (not from the command line, which names
+/// the options given).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum TcpTrouble {
+enum Trouble {
     /// An established connection and no --tcp-established.
     Established,
     /// A connection still in its handshake (CRIU's --tcp-skip-in-flight, which podman 4.3
     /// does not offer).
     InFlight,
+    /// A process CRIU could not seize (uninterruptible sleep through its timeout).
+    Stuck,
 }
 
-fn tcp_trouble(e: &PodmanError) -> Option<TcpTrouble> {
-    let text = format!("{e}");
-    if text.contains("In-flight") || text.contains("skip-in-flight") {
-        Some(TcpTrouble::InFlight)
-    } else if text.contains("tcp-established") || text.contains("Connected TCP socket") {
-        Some(TcpTrouble::Established)
+fn trouble(text: &str) -> Option<Trouble> {
+    if text.contains("In-flight connection") {
+        Some(Trouble::InFlight)
+    } else if text.contains("Connected TCP socket") {
+        Some(Trouble::Established)
+    } else if text.contains("Unseizable non-zombie") {
+        Some(Trouble::Stuck)
     } else {
         None
     }
@@ -1561,6 +1568,31 @@ impl Rollback<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn criu_refusals_are_read_from_criu_not_from_the_command_line() {
+        // The command line names --tcp-established; CRIU's log says why it failed.
+        let cmd = "`podman container checkpoint --export /x/web.fifo --tcp-established web` exited with status 125: CRIU log dump.log: ";
+        assert_eq!(
+            trouble(&format!(
+                "{cmd}(10.002103) Error (compel/src/lib/infect.c:262): Unseizable non-zombie 7403 found, state D, err -1/4"
+            )),
+            Some(Trouble::Stuck)
+        );
+        assert_eq!(
+            trouble(&format!(
+                "{cmd}(00.1) Error (criu/sk-inet.c:200): Connected TCP socket, consider using --tcp-established option."
+            )),
+            Some(Trouble::Established)
+        );
+        assert_eq!(
+            trouble(&format!(
+                "{cmd}(00.1) Error (criu/sk-inet.c:185): In-flight connection (l) for 1a2b"
+            )),
+            Some(Trouble::InFlight)
+        );
+        assert_eq!(trouble(&format!("{cmd}(00.1) Error: something else")), None);
+    }
 
     fn states(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         pairs

@@ -113,7 +113,13 @@ fn draw(path: &Path, title: &str, x_label: &str, y_label: &str, series: Vec<Seri
 
 /// Downtime against the memory the hog holds (method memory), for one profile, with
 /// the two parts that grow with it: archives complete after DOWN, and the restore.
-pub fn plot_memory(path: &Path, title: &str, profile: &str, rows: &[SummaryRow]) -> Result<()> {
+pub fn plot_memory(
+    path: &Path,
+    title: &str,
+    profile: &str,
+    rows: &[SummaryRow],
+    link: Option<f64>,
+) -> Result<()> {
     let cells: Vec<&SummaryRow> = rows
         .iter()
         .filter(|r| r.method == "memory" && r.profile == profile)
@@ -135,6 +141,17 @@ pub fn plot_memory(path: &Path, title: &str, profile: &str, rows: &[SummaryRow])
             "restore on the target",
             RGBColor(0, 140, 0),
             line(|r| r.restore_mean_s),
+        ),
+        (
+            "link needs (archive ÷ SSH throughput)",
+            RGBColor(120, 120, 120),
+            link.map(|rate| {
+                cells
+                    .iter()
+                    .filter_map(|r| Some((r.rows as f64, r.archive_mean_bytes? / rate)))
+                    .collect()
+            })
+            .unwrap_or_default(),
         ),
     ]
     .into_iter()

@@ -289,7 +289,12 @@ pub fn bound_table(rows: &[SummaryRow], rates: &[(&str, f64)]) -> String {
     )
 }
 
-pub fn summary_markdown(rows: &[SummaryRow], runs: &[RunRow], header: &str) -> String {
+pub fn summary_markdown(
+    rows: &[SummaryRow],
+    runs: &[RunRow],
+    header: &str,
+    links: &BTreeMap<String, f64>,
+) -> String {
     let mut s = String::new();
     s.push_str(header);
     s.push_str("\n## Results (seconds; mean ± sample std dev over valid runs)\n\n");
@@ -358,6 +363,7 @@ pub fn summary_markdown(rows: &[SummaryRow], runs: &[RunRow], header: &str) -> S
             );
         }
     }
+    s.push_str(&memory_table(rows, links));
     s.push_str(&data_table(rows));
     s.push_str(&bound_table(
         rows,
@@ -500,6 +506,55 @@ fn data_table(rows: &[SummaryRow]) -> String {
             f(r.postsync_mean_s),
             mib(r.frozen_mean_bytes),
             f(r.migration_mean_s),
+        );
+    }
+    s
+}
+
+/// The memory series against what the link requires: the archive ÷ the rate SSH alone
+/// carries between the two hosts (measured by the bench in the same profile).
+fn memory_table(rows: &[SummaryRow], links: &BTreeMap<String, f64>) -> String {
+    let cells: Vec<&SummaryRow> = rows.iter().filter(|r| r.method == "memory").collect();
+    if cells.is_empty() {
+        return String::new();
+    }
+    let f = |v: Option<f64>| v.map(|x| format!("{x:.3}")).unwrap_or_else(|| "–".into());
+    let mut s = String::from(
+        "\n## Downtime against memory (method memory)\n\n\
+         `link needs` = the archive ÷ what SSH alone carries from A to B in that profile \
+         (random bytes into `cat >/dev/null` with the cipher migrate prefers, start-up \
+         subtracted, measured by the bench before the series): the time the bytes need on \
+         this link with nothing else running. `over the link` = downtime − link needs.\n\n",
+    );
+    for (p, rate) in links {
+        let _ = writeln!(s, "- {p}: SSH carries {:.0} MiB/s\n", rate / 1048576.0);
+    }
+    s.push_str(
+        "| profile | MiB held | archive MiB | downtime | link needs | over the link | archives complete | restore |\n\
+         | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
+    );
+    for r in cells {
+        let needs = match (r.archive_mean_bytes, links.get(&r.profile)) {
+            (Some(b), Some(rate)) => Some(b / rate),
+            _ => None,
+        };
+        let over = match (r.downtime_mean_s, needs) {
+            (Some(d), Some(n)) => Some(d - n),
+            _ => None,
+        };
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} | {} | {} | {} | {} |",
+            r.profile,
+            r.rows,
+            r.archive_mean_bytes
+                .map(|b| format!("{:.1}", b / 1048576.0))
+                .unwrap_or_else(|| "–".into()),
+            f(r.downtime_mean_s),
+            f(needs),
+            f(over),
+            f(r.checkpoint_mean_s),
+            f(r.restore_mean_s),
         );
     }
     s

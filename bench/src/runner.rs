@@ -148,6 +148,8 @@ struct Bench {
     shaped: bool,
     /// Profile -> the qdisc actually used (netem, or the tbf fallback).
     shaping: std::collections::BTreeMap<String, String>,
+    /// Profile -> bytes/s that SSH alone carries from A to B (the memory series' link).
+    link: std::collections::BTreeMap<String, f64>,
 }
 
 fn repo_root() -> Result<PathBuf> {
@@ -206,6 +208,7 @@ pub fn run(plan: Plan) -> Result<()> {
         workload: None,
         shaped: false,
         shaping: Default::default(),
+        link: Default::default(),
         plan,
     };
     let t0 = Instant::now();
@@ -364,6 +367,48 @@ impl Bench {
             .lab(&["hog", "up", host, "--mb", &mb.to_string()], 300)?;
         self.workload = Some((host.to_string(), "memory", mb));
         Ok(())
+    }
+
+    /// Bytes per second SSH alone carries from host A to host B in the current profile
+    /// (random bytes into `cat >/dev/null`, the cipher migrate prefers, the start-up of
+    /// an empty transfer subtracted; best of two): what "the link requires" means for the
+    /// memory series.
+    fn measure_link(&self, profile: &str) -> Result<f64> {
+        let bytes: u64 = match profile {
+            "wan" => 32 << 20,
+            "cloud" => 256 << 20,
+            _ => 512 << 20,
+        };
+        let to = format!("root@{}", host_addr(&self.plan.hosts[1])?);
+        let out = self.sh(
+            &self.plan.hosts[0],
+            &format!(
+                "f=/var/tmp/bench-link.bin; \
+                 [ \"$(stat -c %s $f 2>/dev/null)\" = {bytes} ] || head -c {bytes} /dev/urandom >$f || exit 1; \
+                 t() {{ s=$(date +%s%N); head -c $1 $f | ssh -o BatchMode=yes \
+                   -o 'Ciphers=^aes128-gcm@openssh.com,aes256-gcm@openssh.com' {to} 'cat >/dev/null' || exit 1; \
+                   e=$(date +%s%N); echo $1 $(( (e - s) / 1000 )); }}; \
+                 t 1; t {bytes}; t 1; t {bytes}"
+            ),
+            300,
+        )?;
+        let mut empty = f64::INFINITY;
+        let mut full = f64::INFINITY;
+        for line in out.lines() {
+            let mut it = line.split_whitespace().map(str::parse::<u64>);
+            if let (Some(Ok(n)), Some(Ok(us))) = (it.next(), it.next()) {
+                let s = us as f64 / 1e6;
+                if n == 1 {
+                    empty = empty.min(s);
+                } else {
+                    full = full.min(s);
+                }
+            }
+        }
+        if !(empty.is_finite() && full.is_finite() && full > empty) {
+            bail!("no usable timings: {out:?}");
+        }
+        Ok(bytes as f64 / (full - empty))
     }
 
     /// The thesis pair with [`DATA_ROWS`] rows and `mb` MiB more of random files in its
@@ -618,6 +663,22 @@ impl Bench {
                     for run in 1..=self.plan.runs {
                         self.one(&method, &profile, rows, run)?;
                     }
+                }
+            }
+            if !self.plan.memory.is_empty() {
+                match self.measure_link(&profile) {
+                    Ok(rate) => {
+                        self.progress.println(&format!(
+                            "bench: {profile}: SSH carries {:.0} MiB/s from {} to {}",
+                            rate / 1048576.0,
+                            self.plan.hosts[0],
+                            self.plan.hosts[1]
+                        ));
+                        self.link.insert(profile.clone(), rate);
+                    }
+                    Err(e) => self.progress.println(&format!(
+                        "bench: WARNING: could not measure the link of {profile}: {e:#}"
+                    )),
                 }
             }
             for mb in self.plan.memory.clone() {
@@ -1054,7 +1115,7 @@ echo "DOWNTIME_S=$(s $t0 $t3)"; rm -rf "$f"; echo RESULT=ok
         let header = self.header(started, took);
         fs::write(
             self.plan.out.join("summary.md"),
-            report::summary_markdown(&summary, &self.results, &header),
+            report::summary_markdown(&summary, &self.results, &header, &self.link),
         )?;
         for p in &self.plan.profiles {
             crate::plot::plot(
@@ -1072,6 +1133,7 @@ echo "DOWNTIME_S=$(s $t0 $t3)"; rm -rf "$f"; echo RESULT=ok
                     &format!("Downtime vs memory held, profile {p}"),
                     p,
                     &summary,
+                    self.link.get(p).copied(),
                 )?;
             }
             if !self.plan.data.is_empty() {
