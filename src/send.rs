@@ -64,6 +64,9 @@ fn refuse(error: impl Into<anyhow::Error>) -> SendFailure {
 const CONTROL_REPLY_TIMEOUT: Duration = Duration::from_secs(10);
 const REMOTE_TIMEOUT: Duration = Duration::from_secs(120);
 const SHIP_TIMEOUT: Duration = Duration::from_secs(3600);
+/// How long the target may take to write the pre-synced data to disk before the freeze
+/// goes ahead without it.
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(300);
 /// How long the target may take to restore once "OK" is sent.
 const RESTORE_TIMEOUT: Duration = Duration::from_secs(900);
 const CLOCK_ROUNDS: usize = 8;
@@ -188,6 +191,28 @@ async fn migrate(
                         )),
                     ));
                 }
+            }
+        }
+        if !plan.target.data.is_empty() {
+            // What the pre-sync wrote sits in the target's page cache; written back during
+            // the freeze it competes with the restore (1 GiB of data folders: ~0.4 s more
+            // downtime here). Written now, it costs migration time only.
+            ui.phase("flushing the pre-synced data on the target");
+            let flush = Stopwatch::start();
+            let mut args = vec!["-f".to_string()];
+            args.extend(plan.target.data.iter().map(|d| d.display().to_string()));
+            let r = tokio::select! {
+                r = ssh.run("sync", &args, FLUSH_TIMEOUT) => r,
+                _ = signals.changed() => return Err(("interrupted during pre-sync", anyhow!("interrupted before the freeze; nothing was frozen"))),
+            };
+            match r {
+                Ok(_) => ui.info(&format!(
+                    "the target wrote the pre-synced data to disk in {:.3}s",
+                    flush.secs()
+                )),
+                Err(e) => ui.warn(&format!(
+                    "the target could not write the pre-synced data to disk ({e}); going on"
+                )),
             }
         }
         Ok(bytes)
@@ -1089,6 +1114,11 @@ pub async fn dry_run(plan: &SendPlan, ui: &Arc<Ui>) -> u8 {
     }
     if plan.target.data.is_empty() {
         lines.push("  2. no --data folders: nothing to pre-sync".into());
+    } else {
+        lines.push(
+            "     then the target writes the pre-synced data to disk (sync -f), before the freeze"
+                .into(),
+        );
     }
     let rss: Vec<(String, u64, bool)> = report
         .infos

@@ -42,6 +42,20 @@ fn migrate_pair(from: &str, dest: &str, rows_expected: u64) -> String {
             out.describe()
         );
     }
+    // The pre-synced data was written to disk on the target before the freeze.
+    let flushed = out
+        .stderr
+        .find("the target wrote the pre-synced data to disk")
+        .expect("the flush is logged");
+    assert!(
+        flushed
+            < out
+                .stderr
+                .find("DOWN: checkpointing")
+                .expect("DOWN is logged"),
+        "{}",
+        out.describe()
+    );
     let log = rx.log();
     let (code, rx_out) = rx.wait(T);
     assert_eq!(code, Some(0), "receiver exit; stdout:\n{rx_out}");
