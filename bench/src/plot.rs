@@ -111,8 +111,41 @@ fn draw(path: &Path, title: &str, x_label: &str, y_label: &str, series: Vec<Seri
     Ok(())
 }
 
+/// A value of a summary row, for one axis of a series plot.
+type Metric = fn(&SummaryRow) -> Option<f64>;
+
+/// One line per metric over the cells of `method` in `profile`, x from `x`; `extra`
+/// lines are drawn after them.
+#[allow(clippy::too_many_arguments)]
+fn cells_plot(
+    path: &Path,
+    title: &str,
+    x_label: &str,
+    rows: &[SummaryRow],
+    (method, profile): (&str, &str),
+    x: Metric,
+    metrics: &[(&'static str, RGBColor, Metric)],
+    extra: impl Fn(&[&SummaryRow]) -> Vec<Series<'static>>,
+) -> Result<()> {
+    let cells: Vec<&SummaryRow> = rows
+        .iter()
+        .filter(|r| r.method == method && r.profile == profile)
+        .collect();
+    let series: Vec<Series> = metrics
+        .iter()
+        .map(|(name, color, f)| {
+            let pts = cells.iter().filter_map(|r| Some((x(r)?, f(r)?))).collect();
+            (*name, *color, pts)
+        })
+        .chain(extra(&cells))
+        .filter(|s| !s.2.is_empty())
+        .collect();
+    draw(path, title, x_label, "seconds", series)
+}
+
 /// Downtime against the memory the hog holds (method memory), for one profile, with
-/// the two parts that grow with it: archives complete after DOWN, and the restore.
+/// the two parts that grow with it: archives complete after DOWN, and the restore; and,
+/// when the link was measured, the time the archive needs on it.
 pub fn plot_memory(
     path: &Path,
     title: &str,
@@ -120,86 +153,122 @@ pub fn plot_memory(
     rows: &[SummaryRow],
     link: Option<f64>,
 ) -> Result<()> {
-    let cells: Vec<&SummaryRow> = rows
-        .iter()
-        .filter(|r| r.method == "memory" && r.profile == profile)
-        .collect();
-    let line = |f: fn(&SummaryRow) -> Option<f64>| -> Vec<(f64, f64)> {
-        cells
-            .iter()
-            .filter_map(|r| f(r).map(|v| (r.rows as f64, v)))
-            .collect()
-    };
-    let series: Vec<Series> = vec![
-        ("downtime", BLUE, line(|r| r.downtime_mean_s)),
-        (
-            "archives complete (after DOWN)",
-            RGBColor(230, 120, 0),
-            line(|r| r.checkpoint_mean_s),
-        ),
-        (
-            "restore on the target",
-            RGBColor(0, 140, 0),
-            line(|r| r.restore_mean_s),
-        ),
-        (
-            "link needs (archive ÷ SSH throughput)",
-            RGBColor(120, 120, 120),
-            link.map(|rate| {
-                cells
-                    .iter()
-                    .filter_map(|r| Some((r.rows as f64, r.archive_mean_bytes? / rate)))
-                    .collect()
-            })
-            .unwrap_or_default(),
-        ),
-    ]
-    .into_iter()
-    .filter(|s| !s.2.is_empty())
-    .collect();
-    draw(
+    cells_plot(
         path,
         title,
         "MiB of touched memory held by the process (log scale)",
-        "seconds",
-        series,
+        rows,
+        ("memory", profile),
+        |r| Some(r.rows as f64),
+        &[
+            ("downtime", BLUE, |r| r.downtime_mean_s),
+            (
+                "archives complete (after DOWN)",
+                RGBColor(230, 120, 0),
+                |r| r.checkpoint_mean_s,
+            ),
+            ("restore on the target", RGBColor(0, 140, 0), |r| {
+                r.restore_mean_s
+            }),
+        ],
+        |cells| {
+            let Some(rate) = link else {
+                return Vec::new();
+            };
+            let pts = cells
+                .iter()
+                .filter_map(|r| Some((r.rows as f64, r.archive_mean_bytes? / rate)))
+                .collect();
+            vec![(
+                "link needs (archive ÷ SSH throughput)",
+                RGBColor(120, 120, 120),
+                pts,
+            )]
+        },
     )
 }
 
 /// The data series, for one profile: downtime against the size of the data folder, with
 /// the pre-sync (before DOWN, grows with the data) and the post-sync (while down).
 pub fn plot_data(path: &Path, title: &str, profile: &str, rows: &[SummaryRow]) -> Result<()> {
-    let cells: Vec<&SummaryRow> = rows
-        .iter()
-        .filter(|r| r.method == "data" && r.profile == profile)
-        .collect();
-    let line = |f: fn(&SummaryRow) -> Option<f64>| -> Vec<(f64, f64)> {
-        cells
-            .iter()
-            .filter_map(|r| Some((r.data_mean_bytes? / 1048576.0, f(r)?)))
-            .collect()
-    };
-    let series: Vec<Series> = vec![
-        ("downtime", BLUE, line(|r| r.downtime_mean_s)),
-        (
-            "post-sync (while down)",
-            RGBColor(230, 120, 0),
-            line(|r| r.postsync_mean_s),
-        ),
-        (
-            "pre-sync (before DOWN)",
-            RGBColor(0, 140, 0),
-            line(|r| r.presync_mean_s),
-        ),
-    ]
-    .into_iter()
-    .filter(|s| !s.2.is_empty())
-    .collect();
-    draw(
+    cells_plot(
         path,
         title,
         "MiB in the data folder moved with the thesis pair (log scale)",
-        "seconds",
-        series,
+        rows,
+        ("data", profile),
+        |r| r.data_mean_bytes.map(|b| b / 1048576.0),
+        &[
+            ("downtime", BLUE, |r| r.downtime_mean_s),
+            ("post-sync (while down)", RGBColor(230, 120, 0), |r| {
+                r.postsync_mean_s
+            }),
+            ("pre-sync (before DOWN)", RGBColor(0, 140, 0), |r| {
+                r.presync_mean_s
+            }),
+        ],
+        |_| Vec::new(),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cell(method: &str, rows: u64, downtime: f64) -> SummaryRow {
+        SummaryRow {
+            method: method.into(),
+            profile: "lan".into(),
+            rows,
+            downtime_mean_s: Some(downtime),
+            checkpoint_mean_s: Some(downtime / 2.0),
+            restore_mean_s: Some(downtime / 2.0),
+            postsync_mean_s: Some(0.1),
+            presync_mean_s: Some(rows as f64 / 100.0 + 1.0),
+            archive_mean_bytes: Some((rows << 20) as f64),
+            data_mean_bytes: Some(((rows + 170) << 20) as f64),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn series_plots_draw_their_lines() {
+        let dir = std::env::temp_dir().join(format!("bench-plot-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let rows = vec![
+            cell("memory", 64, 1.2),
+            cell("memory", 1024, 14.0),
+            cell("data", 0, 1.0),
+            cell("data", 1024, 1.1),
+            cell("migrate", 1000, 1.0),
+        ];
+        let mem = dir.join("m.svg");
+        plot_memory(&mem, "Memory", "lan", &rows, Some(300.0 * 1048576.0)).unwrap();
+        let text = std::fs::read_to_string(&mem).unwrap();
+        for label in [
+            "downtime",
+            "archives complete",
+            "restore on the target",
+            "link needs",
+        ] {
+            assert!(text.contains(label), "memory plot lacks {label}");
+        }
+        plot_memory(&mem, "Memory", "lan", &rows, None).unwrap();
+        assert!(
+            !std::fs::read_to_string(&mem)
+                .unwrap()
+                .contains("link needs")
+        );
+        let data = dir.join("d.svg");
+        plot_data(&data, "Data", "lan", &rows).unwrap();
+        let text = std::fs::read_to_string(&data).unwrap();
+        for label in [
+            "downtime",
+            "post-sync (while down)",
+            "pre-sync (before DOWN)",
+        ] {
+            assert!(text.contains(label), "data plot lacks {label}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -94,7 +94,7 @@ impl RunRow {
 /// Key of a summary cell: (profile, rows, method).
 pub type Cell = (String, u64, String);
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct SummaryRow {
     pub method: String,
     pub profile: String,
