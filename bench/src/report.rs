@@ -407,68 +407,6 @@ pub fn summary_markdown(
     s
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn run(method: &str, outcome: &str, down: f64, mig: f64) -> RunRow {
-        RunRow {
-            method: method.into(),
-            profile: "lan".into(),
-            rows: 1000,
-            outcome: outcome.into(),
-            downtime_s: Some(down),
-            migration_time_s: Some(mig),
-            ..Default::default()
-        }
-    }
-
-    #[test]
-    fn invalid_runs_are_excluded_and_ratios_filled() {
-        let runs = vec![
-            run("migrate", "ok", 1.0, 4.0),
-            run("migrate", "ok", 3.0, 6.0),
-            run("migrate", "state_lost", 100.0, 100.0),
-            run("thesis", "ok", 4.0, 10.0),
-            run("thesis", "failed", 0.1, 0.1),
-        ];
-        let s = summarize(&runs);
-        let m = s.iter().find(|r| r.method == "migrate").unwrap();
-        assert_eq!((m.n_runs, m.n_valid), (3, 2));
-        assert_eq!(m.downtime_mean_s, Some(2.0));
-        assert_eq!(m.downtime_max_s, Some(3.0));
-        assert_eq!(m.downtime_ratio_migrate_thesis, Some(0.5));
-        assert_eq!(m.migration_ratio_migrate_thesis, Some(0.5));
-        let t = s.iter().find(|r| r.method == "thesis").unwrap();
-        assert_eq!((t.n_runs, t.n_valid), (2, 1));
-        assert_eq!(t.downtime_ratio_migrate_thesis, None);
-    }
-
-    #[test]
-    fn bound_compares_downtime_with_bytes_over_rate_plus_floor() {
-        // 5.625 MB/s (45 Mbit/s): 11.25 MB take 2 s; floor 1 s: bound 1.5 × 3 = 4.5 s.
-        assert!((bound_s(11.25e6, 5.625e6, 1.0) - 4.5).abs() < 1e-9);
-        let mut m = run("migrate", "ok", 4.0, 5.0);
-        m.profile = "wan".into();
-        m.frozen_bytes = Some(11.25e6);
-        let mut slow = m.clone();
-        slow.rows = 2000;
-        slow.downtime_s = Some(5.0);
-        let mut f = run("floor", "ok", 1.0, 0.0);
-        f.profile = "local".into();
-        let mut f2 = f.clone();
-        f2.rows = 2000;
-        let rows = summarize(&[m, slow, f, f2]);
-        let t = bound_table(&rows, &[("wan", 5.625e6)]);
-        assert!(t.contains("| wan | 1000 | 4.000 |"), "{t}");
-        assert!(t.contains("| 4.500 | yes |"), "{t}");
-        assert!(t.contains("| wan | 2000 | 5.000 |"), "{t}");
-        assert!(t.contains("**no**"), "{t}");
-        // No rate-limited profile, no table.
-        assert!(bound_table(&rows, &[("cloud", 1e8)]).is_empty());
-    }
-}
-
 /// The data series: downtime against the size of the data folders (what was pre-synced
 /// must not be sent again while the service is down).
 fn data_table(rows: &[SummaryRow]) -> String {
@@ -558,4 +496,66 @@ fn memory_table(rows: &[SummaryRow], links: &BTreeMap<String, f64>) -> String {
         );
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(method: &str, outcome: &str, down: f64, mig: f64) -> RunRow {
+        RunRow {
+            method: method.into(),
+            profile: "lan".into(),
+            rows: 1000,
+            outcome: outcome.into(),
+            downtime_s: Some(down),
+            migration_time_s: Some(mig),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn invalid_runs_are_excluded_and_ratios_filled() {
+        let runs = vec![
+            run("migrate", "ok", 1.0, 4.0),
+            run("migrate", "ok", 3.0, 6.0),
+            run("migrate", "state_lost", 100.0, 100.0),
+            run("thesis", "ok", 4.0, 10.0),
+            run("thesis", "failed", 0.1, 0.1),
+        ];
+        let s = summarize(&runs);
+        let m = s.iter().find(|r| r.method == "migrate").unwrap();
+        assert_eq!((m.n_runs, m.n_valid), (3, 2));
+        assert_eq!(m.downtime_mean_s, Some(2.0));
+        assert_eq!(m.downtime_max_s, Some(3.0));
+        assert_eq!(m.downtime_ratio_migrate_thesis, Some(0.5));
+        assert_eq!(m.migration_ratio_migrate_thesis, Some(0.5));
+        let t = s.iter().find(|r| r.method == "thesis").unwrap();
+        assert_eq!((t.n_runs, t.n_valid), (2, 1));
+        assert_eq!(t.downtime_ratio_migrate_thesis, None);
+    }
+
+    #[test]
+    fn bound_compares_downtime_with_bytes_over_rate_plus_floor() {
+        // 5.625 MB/s (45 Mbit/s): 11.25 MB take 2 s; floor 1 s: bound 1.5 × 3 = 4.5 s.
+        assert!((bound_s(11.25e6, 5.625e6, 1.0) - 4.5).abs() < 1e-9);
+        let mut m = run("migrate", "ok", 4.0, 5.0);
+        m.profile = "wan".into();
+        m.frozen_bytes = Some(11.25e6);
+        let mut slow = m.clone();
+        slow.rows = 2000;
+        slow.downtime_s = Some(5.0);
+        let mut f = run("floor", "ok", 1.0, 0.0);
+        f.profile = "local".into();
+        let mut f2 = f.clone();
+        f2.rows = 2000;
+        let rows = summarize(&[m, slow, f, f2]);
+        let t = bound_table(&rows, &[("wan", 5.625e6)]);
+        assert!(t.contains("| wan | 1000 | 4.000 |"), "{t}");
+        assert!(t.contains("| 4.500 | yes |"), "{t}");
+        assert!(t.contains("| wan | 2000 | 5.000 |"), "{t}");
+        assert!(t.contains("**no**"), "{t}");
+        // No rate-limited profile, no table.
+        assert!(bound_table(&rows, &[("cloud", 1e8)]).is_empty());
+    }
 }
