@@ -53,12 +53,6 @@ pub struct Opts {
     /// `none` [default: 0,256,1024; none with --quick].
     #[arg(long)]
     pub data_mb: Option<String>,
-    /// GiB of memory this machine touches once before the first run [default: 12; 0 with
-    /// --quick]. In a VM whose host backs guest memory only when first touched (this lab's),
-    /// memory never used since boot costs several times more to fill (~4 s per GiB here
-    /// against ~0.7 s once used), and the memory series would measure that instead.
-    #[arg(long)]
-    pub warm_gib: Option<u64>,
     /// A fresh workload for every run, so that each run moves a container started on its
     /// source (not one restored there by the run before: migrate restores a container
     /// without its untouched zero pages, and the next move of it has less to move).
@@ -95,8 +89,6 @@ pub struct Plan {
     pub memory: Vec<u64>,
     /// Extra MiB in the data folder for the data series (empty: none).
     pub data: Vec<u64>,
-    /// GiB of memory touched once before the first run.
-    pub warm_gib: u64,
     pub probe_host: String,
     pub probe_interval: String,
     pub skip_in_flight: bool,
@@ -195,7 +187,6 @@ impl Opts {
             probe_interval: self.probe_interval.clone(),
             skip_in_flight: !self.no_skip_in_flight,
             fresh: self.fresh,
-            warm_gib: self.warm_gib.unwrap_or(if self.quick { 0 } else { 12 }),
         })
     }
 }
@@ -239,8 +230,6 @@ mod tests {
             .unwrap();
         assert!(none.memory.is_empty());
         assert_eq!(full.data, vec![0, 256, 1024]);
-        assert_eq!(full.warm_gib, 12);
-        assert_eq!(p.warm_gib, 0);
         assert!(p.data.is_empty());
         let data_only = Cli::try_parse_from([
             "bench",

@@ -150,32 +150,6 @@ struct Bench {
     shaping: std::collections::BTreeMap<String, String>,
     /// Profile -> bytes/s that SSH alone carries from A to B (the memory series' link).
     link: std::collections::BTreeMap<String, f64>,
-    /// GiB of memory touched before the first run, and how long that took.
-    warmed: Option<(u64, f64)>,
-}
-
-/// Touches `gib` GiB of memory (at most what is free, less 2 GiB), one GiB at a time, and
-/// frees it: the host of a VM that backs guest memory only on first touch then has it
-/// backed. Returns the GiB touched and the seconds it took.
-fn warm_memory(gib: u64) -> (u64, f64) {
-    let free_gib = fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| {
-            m.lines()
-                .find(|l| l.starts_with("MemAvailable:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-        })
-        .map_or(0, |kib| kib >> 20);
-    let gib = gib.min(free_gib.saturating_sub(2));
-    let t0 = Instant::now();
-    let mut held: Vec<Vec<u8>> = Vec::new();
-    for _ in 0..gib {
-        // vec![1; n] writes every byte: every page is touched.
-        held.push(std::hint::black_box(vec![1u8; 1 << 30]));
-    }
-    std::hint::black_box(&held);
-    drop(held);
-    (gib, t0.elapsed().as_secs_f64())
 }
 
 fn repo_root() -> Result<PathBuf> {
@@ -235,18 +209,10 @@ pub fn run(plan: Plan) -> Result<()> {
         shaped: false,
         shaping: Default::default(),
         link: Default::default(),
-        warmed: None,
         plan,
     };
     let t0 = Instant::now();
     let started = chrono::Utc::now();
-    if b.plan.warm_gib > 0 {
-        let (gib, secs) = warm_memory(b.plan.warm_gib);
-        b.warmed = Some((gib, secs));
-        b.progress.println(&format!(
-            "bench: touched {gib} GiB of memory once in {secs:.1}s (see --warm-gib)"
-        ));
-    }
     let res = b.criu_config(true).and_then(|()| b.matrix());
     // Cleanup runs whatever happened (also after Ctrl-C).
     CLEANUP.store(true, Ordering::SeqCst);
@@ -1245,11 +1211,6 @@ echo "DOWNTIME_S=$(s $t0 $t3)"; rm -rf "$f"; echo RESULT=ok
              with a cold target (no /srv/app there), as the thesis's prepare() leaves it.\n\n",
             if p.skip_in_flight { "yes (tmpfs /etc/criu/runc.conf inside those hosts only)" } else { "no" }
         ));
-        if let Some((gib, secs)) = self.warmed {
-            s.push_str(&format!(
-                "Memory warmed: before the first run the bench touched {gib} GiB of memory once ({secs:.1} s): this machine is a VM whose host backs memory on first touch, and memory never used since boot costs several times more to fill (`--warm-gib`).\n\n"
-            ));
-        }
         for (p, q) in &self.shaping {
             s.push_str(&format!("Shaping used for {p}: `{q}`.\n\n"));
         }
