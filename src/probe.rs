@@ -40,6 +40,12 @@ pub struct ProbeArgs {
     #[arg(long, value_name = "TIME", default_value = "1s", value_parser = parse_duration)]
     pub timeout: Duration,
 
+    /// Wait for each round before the next goes out (one connection per target at a time,
+    /// as the probe did before 2026-12-02). By default a round goes out every interval
+    /// whatever the rounds before are doing.
+    #[arg(long)]
+    pub sequential: bool,
+
     /// Summary format on stdout.
     #[arg(long, value_enum, default_value_t = ProbeFormat::Text)]
     pub format: ProbeFormat,
@@ -331,6 +337,7 @@ async fn probe_rounds(
     targets: Vec<Target>,
     interval: Duration,
     timeout: Duration,
+    sequential: bool,
     done_sending: impl Fn(u64) -> bool,
     interrupted: impl std::future::Future<Output = ()>,
 ) -> Vec<Round> {
@@ -378,6 +385,19 @@ async fn probe_rounds(
         }
         let seq = sent;
         sent += 1;
+        if sequential {
+            let at_us = now_us();
+            let rtt = probe_round(&targets, timeout).await;
+            done.insert(
+                seq,
+                Round {
+                    at_us,
+                    rtt_us: rtt.map(|d| d.as_micros() as i64),
+                },
+            );
+            report(&mut done, &mut rounds);
+            continue;
+        }
         let targets = targets.clone();
         in_flight.spawn(async move {
             let at_us = now_us();
@@ -438,6 +458,7 @@ pub async fn run(args: ProbeArgs) -> u8 {
         targets,
         args.interval,
         timeout,
+        args.sequential,
         move |sent| {
             deadline.is_some_and(|d| tokio::time::Instant::now() >= d)
                 || count.is_some_and(|c| sent >= c)
@@ -618,6 +639,7 @@ mod tests {
             vec![http(hung)],
             Duration::from_millis(20),
             Duration::from_millis(200),
+            false,
             |sent| sent >= 10,
             std::future::pending(),
         )
@@ -629,6 +651,25 @@ mod tests {
         // One after the other they would span 9 timeouts (1.8 s); sent every 20 ms, 0.18 s.
         let span = rounds[9].at_us - rounds[0].at_us;
         assert!(span < 1_000_000, "rounds spread over {span} µs");
+    }
+
+    #[tokio::test]
+    async fn sequential_rounds_wait_for_each_other() {
+        let (hung, h) = swallower().await;
+        let rounds = probe_rounds(
+            vec![http(hung)],
+            Duration::from_millis(20),
+            Duration::from_millis(100),
+            true,
+            |sent| sent >= 3,
+            std::future::pending(),
+        )
+        .await;
+        h.abort();
+        assert_eq!(rounds.len(), 3);
+        // Each waited for its 100 ms timeout before the next went out.
+        let span = rounds[2].at_us - rounds[0].at_us;
+        assert!(span >= 190_000, "rounds spread over {span} µs");
     }
 
     #[test]
