@@ -462,14 +462,18 @@ fn memory_table(rows: &[SummaryRow], links: &BTreeMap<String, f64>) -> String {
          `link needs` = the archive ÷ what SSH alone carries from A to B in that profile \
          (random bytes into `cat >/dev/null` with the cipher migrate prefers, start-up \
          subtracted, measured by the bench before the series): the time the bytes need on \
-         this link with nothing else running. `over the link` = downtime − link needs.\n\n",
+         this link with nothing else running. `over the link` = downtime − link needs. \
+         `CRIU alone` = CRIU's own time with the processes frozen at the dump plus its own \
+         restore time (podman's statistics): what any checkpoint-and-restore of the whole \
+         memory costs on these hosts before a byte is packed, moved or unpacked; where it \
+         exceeds `link needs`, no pre-copy migration can keep to the link.\n\n",
     );
     for (p, rate) in links {
         let _ = writeln!(s, "- {p}: SSH carries {:.0} MiB/s\n", rate / 1048576.0);
     }
     s.push_str(
-        "| profile | MiB held | archive MiB | downtime | link needs | over the link | archives complete | restore |\n\
-         | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
+        "| profile | MiB held | archive MiB | downtime | link needs | over the link | CRIU alone | archives complete | restore |\n\
+         | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
     );
     for r in cells {
         let needs = match (r.archive_mean_bytes, links.get(&r.profile)) {
@@ -480,9 +484,13 @@ fn memory_table(rows: &[SummaryRow], links: &BTreeMap<String, f64>) -> String {
             (Some(d), Some(n)) => Some(d - n),
             _ => None,
         };
+        let criu = match (r.criu_frozen_mean_s, r.criu_restore_mean_s) {
+            (Some(a), Some(b)) => Some(a + b),
+            _ => None,
+        };
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             r.profile,
             r.rows,
             r.archive_mean_bytes
@@ -491,6 +499,7 @@ fn memory_table(rows: &[SummaryRow], links: &BTreeMap<String, f64>) -> String {
             f(r.downtime_mean_s),
             f(needs),
             f(over),
+            f(criu),
             f(r.checkpoint_mean_s),
             f(r.restore_mean_s),
         );
@@ -557,5 +566,23 @@ mod tests {
         assert!(t.contains("**no**"), "{t}");
         // No rate-limited profile, no table.
         assert!(bound_table(&rows, &[("cloud", 1e8)]).is_empty());
+    }
+
+    #[test]
+    fn memory_table_sets_criu_alone_beside_what_the_link_needs() {
+        // 1 GiB at 256 MiB/s: the link needs 4 s; CRIU alone 0.9 + 3.9 = 4.8 s.
+        let mut m = run("memory", "ok", 12.0, 12.5);
+        m.rows = 1024;
+        m.archive_bytes = Some(1024.0 * 1048576.0);
+        m.criu_frozen_s = Some(0.9);
+        m.criu_restore_s = Some(3.9);
+        let rows = summarize(&[m]);
+        let links = BTreeMap::from([("lan".to_string(), 256.0 * 1048576.0)]);
+        let t = memory_table(&rows, &links);
+        assert!(
+            t.contains("| lan | 1024 | 1024.0 | 12.000 | 4.000 | 8.000 | 4.800 |"),
+            "{t}"
+        );
+        assert!(t.contains("SSH carries 256 MiB/s"), "{t}");
     }
 }
