@@ -484,10 +484,10 @@ fn memory_table(rows: &[SummaryRow], links: &BTreeMap<String, f64>) -> String {
             (Some(d), Some(n)) => Some(d - n),
             _ => None,
         };
-        let criu = match (r.criu_frozen_mean_s, r.criu_restore_mean_s) {
-            (Some(a), Some(b)) => Some(a + b),
-            _ => None,
-        };
+        let criu = r
+            .criu_frozen_mean_s
+            .zip(r.criu_restore_mean_s)
+            .map(|(a, b)| a + b);
         let _ = writeln!(
             s,
             "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
