@@ -74,7 +74,7 @@ pub struct ReceiveArgs {
     #[arg(
         long,
         value_name = "DIR",
-        default_value = "/var/lib/migrate",
+        default_value = crate::rundir::DEFAULT_WORKDIR,
         env = "MIGRATE_WORKDIR"
     )]
     pub workdir: PathBuf,
@@ -120,6 +120,17 @@ pub struct TargetArgs {
     #[arg(long, value_name = "N", default_value_t = 12345)]
     pub control_port: u16,
 
+    /// The receiver's work folder on the target (its --workdir). The run folder and the
+    /// migration's secret are placed there over SSH before anything is said on the control
+    /// port, and the receiver must prove it read them.
+    #[arg(
+        long,
+        value_name = "DIR",
+        default_value = crate::rundir::DEFAULT_WORKDIR,
+        env = "MIGRATE_TARGET_WORKDIR"
+    )]
+    pub target_workdir: PathBuf,
+
     /// Data folder to sync to the same path on the target (repeatable): synced while the
     /// containers run, then again (only what changed) after the freeze.
     #[arg(long, value_name = "PATH")]
@@ -162,7 +173,7 @@ pub struct SendArgs {
     #[arg(
         long,
         value_name = "DIR",
-        default_value = "/var/lib/migrate",
+        default_value = crate::rundir::DEFAULT_WORKDIR,
         env = "MIGRATE_WORKDIR"
     )]
     pub workdir: PathBuf,

@@ -13,6 +13,7 @@ mod probe;
 mod progress;
 mod protocol;
 mod receive;
+mod rundir;
 mod secret;
 mod send;
 mod sink;

@@ -87,6 +87,11 @@ pub fn check_data_path(p: &Path) -> Result<PathBuf, PlanError> {
     if p.components().any(|c| matches!(c, Component::ParentDir)) {
         return bad(format!("--data {shown}: must not contain `..`"));
     }
+    if p.to_str().is_none_or(|s| s.chars().any(char::is_control)) {
+        return bad(format!(
+            "--data {shown}: must be UTF-8 without control characters"
+        ));
+    }
     let clean: PathBuf = p.components().collect();
     if clean == Path::new("/") {
         return bad(
@@ -98,6 +103,84 @@ pub fn check_data_path(p: &Path) -> Result<PathBuf, PlanError> {
         Ok(_) => bad(format!("--data {shown}: is not a directory")),
         Err(e) => bad(format!("--data {shown}: {e}")),
     }
+}
+
+/// Checks a work folder flag: absolute, no `..`, nothing a remote script or a log line
+/// could misread. Returns it as text.
+fn check_workdir(flag: &str, p: &Path) -> Result<String, PlanError> {
+    let shown = p.display();
+    if !p.is_absolute() || p.components().any(|c| matches!(c, Component::ParentDir)) {
+        return bad(format!(
+            "{flag} {shown}: must be an absolute path without `..`"
+        ));
+    }
+    match p.to_str() {
+        Some(s) if !s.chars().any(char::is_control) => Ok(s.to_string()),
+        _ => bad(format!(
+            "{flag} {shown}: must be UTF-8 without control characters"
+        )),
+    }
+}
+
+/// Folders `--data` must never name: rsync mirrors a data folder with `--delete`, so
+/// these would wipe or overwrite the target's system, its containers or migrate itself.
+const SYSTEM_FOLDERS: &[&str] = &[
+    "/bin", "/boot", "/dev", "/etc", "/home", "/lib", "/lib32", "/lib64", "/libx32", "/opt",
+    "/proc", "/root", "/run", "/sbin", "/srv", "/sys", "/tmp", "/usr", "/var", "/var/lib",
+    "/var/log", "/var/tmp", "/var/run",
+];
+/// Trees no data folder may be in or contain: the kernel's, and podman's storage.
+const OFF_LIMITS: &[&str] = &[
+    "/proc",
+    "/sys",
+    "/dev",
+    "/var/lib/containers",
+    "/run/containers",
+    "/run/libpod",
+    "/var/run/containers",
+    "/var/run/libpod",
+];
+
+/// Refuses a `--data` folder that is a system folder, lies in or contains podman's
+/// storage or one of `workdirs` (migrate's own), or resolves (through symlinks) to any of
+/// these.
+pub fn refuse_system_data(d: &Path, workdirs: &[&Path]) -> Result<(), PlanError> {
+    let real = std::fs::canonicalize(d).unwrap_or_else(|_| d.to_path_buf());
+    let mut user_storage = Vec::new();
+    if let Some(home) = std::env::var_os("HOME") {
+        user_storage.push(PathBuf::from(home).join(".local/share/containers"));
+    }
+    for p in [d, real.as_path()] {
+        if let Some(s) = SYSTEM_FOLDERS.iter().find(|s| p == Path::new(s)) {
+            return bad(format!(
+                "--data {}: refusing {s}, a system folder (rsync mirrors a data folder with --delete); name the application's own folder",
+                d.display()
+            ));
+        }
+        let storage = OFF_LIMITS
+            .iter()
+            .map(PathBuf::from)
+            .chain(user_storage.iter().cloned());
+        for s in storage {
+            if p.starts_with(&s) || s.starts_with(p) {
+                return bad(format!(
+                    "--data {}: overlaps {}, which the system or podman owns; name the application's own folder",
+                    d.display(),
+                    s.display()
+                ));
+            }
+        }
+        for w in workdirs {
+            if p.starts_with(w) || w.starts_with(p) {
+                return bad(format!(
+                    "--data {}: overlaps migrate's work folder {}; name the application's own folder",
+                    d.display(),
+                    w.display()
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// A fresh id for one migration: sortable time plus randomness.
@@ -116,6 +199,8 @@ pub fn new_run_id() -> String {
 pub struct TargetPlan {
     pub dest: Destination,
     pub control_port: u16,
+    /// The receiver's work folder on the target.
+    pub target_workdir: String,
     pub data: Vec<PathBuf>,
     pub containers: Vec<String>,
     pub ship_images: bool,
@@ -145,9 +230,11 @@ impl TargetPlan {
                 return bad(format!("container {c:?} is named twice"));
             }
         }
+        let target_workdir = check_workdir("--target-workdir", &a.target_workdir)?;
         let mut data: Vec<PathBuf> = Vec::new();
         for p in &a.data {
             let clean = check_data_path(p)?;
+            refuse_system_data(&clean, &[Path::new(&target_workdir)])?;
             for other in &data {
                 if clean.starts_with(other) || other.starts_with(&clean) {
                     return bad(format!(
@@ -167,6 +254,7 @@ impl TargetPlan {
                 identity: a.identity.clone(),
             },
             control_port: a.control_port,
+            target_workdir,
             data,
             containers: containers.to_vec(),
             ship_images: a.ship_image,
@@ -179,11 +267,9 @@ impl TargetPlan {
 impl SendPlan {
     pub fn resolve(a: &SendArgs) -> Result<SendPlan, PlanError> {
         let t = TargetPlan::resolve(&a.target, &a.containers)?;
-        if !a.workdir.is_absolute() {
-            return bad(format!(
-                "--workdir {}: must be an absolute path",
-                a.workdir.display()
-            ));
+        let workdir = check_workdir("--workdir", &a.workdir)?;
+        for d in &t.data {
+            refuse_system_data(d, &[Path::new(&workdir)])?;
         }
         let mut hooks = Vec::new();
         for h in &a.hooks {
@@ -260,6 +346,43 @@ mod tests {
                 .0
                 .contains("not a directory")
         );
+    }
+
+    #[test]
+    fn system_folders_podman_storage_and_work_folders_are_refused_as_data() {
+        let work = Path::new("/var/lib/migrate");
+        for d in [
+            "/etc",
+            "/var",
+            "/usr",
+            "/var/lib",
+            "/home",
+            "/var/lib/containers",
+            "/var/lib/containers/storage/volumes/v",
+            "/run/containers",
+            "/var/lib/migrate",
+            "/var/lib/migrate/runs",
+        ] {
+            let e = refuse_system_data(Path::new(d), &[work]).unwrap_err();
+            assert!(
+                e.0.contains(d) && e.0.contains("name the application"),
+                "{d}: {e}"
+            );
+        }
+        for d in ["/srv/app", "/opt/app/data", "/var/lib/mysql", "/home/u/app"] {
+            refuse_system_data(Path::new(d), &[work]).unwrap();
+        }
+        // Through a symlink: the folder it resolves to counts.
+        let tmp = tempfile::tempdir().unwrap();
+        let link = tmp.path().join("etc-link");
+        std::os::unix::fs::symlink("/etc", &link).unwrap();
+        assert!(refuse_system_data(&link, &[work]).is_err());
+        // Another work folder is honoured.
+        assert!(refuse_system_data(Path::new("/srv/w/x"), &[Path::new("/srv/w")]).is_err());
+        // Control characters never reach a remote script or a log line.
+        assert!(check_data_path(Path::new("/srv/a\nb")).is_err());
+        assert!(check_workdir("--target-workdir", Path::new("/srv/a\tb")).is_err());
+        assert!(check_workdir("--target-workdir", Path::new("rel")).is_err());
     }
 
     #[test]

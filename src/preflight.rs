@@ -68,6 +68,8 @@ impl Finding {
 pub struct Want<'a> {
     pub dest: &'a Destination,
     pub control_port: u16,
+    /// The receiver's work folder on the target (`--target-workdir`).
+    pub target_workdir: &'a str,
     pub containers: &'a [String],
     pub data: &'a [PathBuf],
     pub ship_images: bool,
@@ -91,6 +93,7 @@ impl<'a> Want<'a> {
         Want {
             dest: &target.dest,
             control_port: target.control_port,
+            target_workdir: &target.target_workdir,
             containers: &target.containers,
             data: &target.data,
             ship_images: target.ship_images,
@@ -119,13 +122,12 @@ pub const INSTALL_DIR: &str = "/var/lib/migrate/bin";
 /// How long a spawned receiver waits for its migration before it gives up.
 const SPAWNED_IDLE_SECS: u64 = 600;
 
-/// A receiver that answered hello.
+/// A receiver that answered hello and, for `send`, proved that it holds the run's
+/// secret: its control channel is authenticated.
 pub struct Welcome {
     pub control: Control,
-    pub workdir: String,
-    pub nonce: String,
-    /// The receiver's binary, offered as the upload sink.
-    pub sink: Option<String>,
+    pub receiver_version: String,
+    pub hostname: String,
 }
 
 /// All that the checks found, and what they opened on the way.
@@ -194,48 +196,73 @@ pub async fn run(want: &Want<'_>, ui: &Ui) -> Report {
         }
     };
 
+    // Who listens on the control port, as the target's kernel tells it over SSH.
+    ui.phase("checking who listens on the control port");
+    let mut listener = match listener_on(&ssh, want.control_port).await {
+        Ok(l) => l,
+        Err(e) => {
+            r.push(Finding::new(
+                Level::Fail,
+                "target",
+                format!("cannot look at the control port there: {e}"),
+            ));
+            r.ssh = Some(ssh);
+            return r;
+        }
+    };
+    if let Err(f) = listener.verdict(want) {
+        r.push(f);
+        r.ssh = Some(ssh);
+        return r;
+    }
+    let mut sink = listener.receiver_exe();
     if let Some(spawn) = want.spawn {
         ui.phase("checking migrate on the target");
-        match spawn_receiver(&ssh, want, spawn).await {
-            Ok(f) => r.findings.extend(f),
-            Err(f) => r.push(f),
+        match spawn_receiver(&ssh, want, spawn, &listener).await {
+            Ok((f, bin)) => {
+                r.findings.extend(f);
+                if let Some(bin) = bin {
+                    sink = Some(bin);
+                    // What listens now must be the receiver just started.
+                    listener = match listener_on(&ssh, want.control_port).await {
+                        Ok(l) => l,
+                        Err(e) => {
+                            r.push(Finding::new(
+                                Level::Fail,
+                                "target",
+                                format!("cannot look at the control port there: {e}"),
+                            ));
+                            r.ssh = Some(ssh);
+                            return r;
+                        }
+                    };
+                    if let Err(f) = listener.verdict(want) {
+                        r.push(f);
+                        r.ssh = Some(ssh);
+                        return r;
+                    }
+                }
+            }
+            Err(f) => {
+                r.push(f);
+                r.ssh = Some(ssh);
+                return r;
+            }
         }
     }
-    let skip_receiver = want.spawn.is_some_and(|s| !s.start);
-    ui.phase("checking the receiver");
-    match if skip_receiver {
-        Err(None)
-    } else {
-        connect_receiver(want).await.map_err(Some)
-    } {
-        Ok(w) => {
-            r.push(Finding::new(
-                Level::Ok,
-                "target",
-                format!(
-                    "receiver on {}:{} answers (work folder {})",
-                    want.dest.host, want.control_port, w.workdir
-                ),
-            ));
-            r.receiver = Some(w);
-        }
-        Err(Some(f)) => r.push(f),
-        Err(None) => {}
+    if let Some(note) = listener.note() {
+        r.push(note);
     }
 
     ui.phase("checking the target");
-    let workdir = r
-        .receiver
-        .as_ref()
-        .map(|w| w.workdir.clone())
-        .unwrap_or_else(|| "/var/lib/migrate".into());
-    let run_dir = format!("{}/runs/{}", workdir.trim_end_matches('/'), want.run_id);
-    let sink = r.receiver.as_ref().and_then(|w| w.sink.clone());
+    let run_dir = crate::rundir::remote_run_dir(want.target_workdir, want.run_id);
+    let create = want.create_run_dir && listener.listening();
     let mut script = target_script(
         &r.infos,
         want.data,
-        &run_dir,
-        want.create_run_dir && r.receiver.is_some(),
+        want.target_workdir,
+        want.run_id,
+        create,
     );
     if let Some(exe) = &sink {
         script.push_str(&format!("{} sink --check 2>/dev/null\n", shell_quote(exe)));
@@ -260,16 +287,22 @@ pub async fn run(want: &Want<'_>, ui: &Ui) -> Report {
                 needs.push((d.display().to_string(), local_kib(d).await));
             }
             let (findings, missing) =
-                target_findings(&out.stdout, &r.infos, &needs, want.ship_images);
+                target_findings(&out.stdout, &r.infos, want.data, &needs, want.ship_images);
             r.findings.extend(findings);
             r.missing_images = missing;
-            if out.stdout.lines().any(|l| l == "run_dir=ok") {
-                r.remote_dir = Some(run_dir);
-            } else if want.create_run_dir && r.receiver.is_some() {
-                r.push(
-                    Finding::new(Level::Fail, "target", format!("cannot create {run_dir}"))
-                        .fix("check that the receiver's --workdir is writable by the SSH user"),
-                );
+            match out.stdout.lines().find_map(|l| l.strip_prefix("run_dir=")) {
+                Some("ok") => r.remote_dir = Some(run_dir),
+                Some(why) => r.push(
+                    Finding::new(Level::Fail, "target", format!("run folder: {why}")).fix(
+                        "the receiver's work folder must be a plain folder owned by the SSH user and closed to others; pass --target-workdir if the receiver uses another --workdir",
+                    ),
+                ),
+                None if create => r.push(Finding::new(
+                    Level::Fail,
+                    "target",
+                    format!("could not create {run_dir}"),
+                )),
+                None => {}
             }
         }
         Err(e) => r.push(Finding::new(
@@ -277,6 +310,53 @@ pub async fn run(want: &Want<'_>, ui: &Ui) -> Report {
             "target",
             format!("checking the target failed: {e}"),
         )),
+    }
+
+    // Only a run folder that SSH made gets the secret, and only then does the sender talk
+    // to the port: the receiver must prove it read that secret before it hears more.
+    let secret = match &r.remote_dir {
+        Some(dir) if r.first_failure().is_none() => {
+            let secret = crate::secret::random_hex(32);
+            let path = crate::transport::ssh::remote_join(dir, crate::rundir::SECRET_FILE);
+            match ssh.upload(secret.as_bytes(), &path, REMOTE_TIMEOUT).await {
+                Ok(_) => Some(hex::decode(&secret).expect("hex")),
+                Err(e) => {
+                    r.push(Finding::new(
+                        Level::Fail,
+                        "target",
+                        format!("cannot place the migration secret there: {e}"),
+                    ));
+                    None
+                }
+            }
+        }
+        _ => None,
+    };
+    let skip_receiver = !listener.listening() || (want.create_run_dir && secret.is_none());
+    if !skip_receiver {
+        ui.phase("checking the receiver");
+        match connect_receiver(want, secret).await {
+            Ok(w) => {
+                r.push(Finding::new(
+                    Level::Ok,
+                    "target",
+                    format!(
+                        "receiver on {}:{} answers (migrate {} on {}{})",
+                        want.dest.host,
+                        want.control_port,
+                        w.receiver_version,
+                        w.hostname,
+                        if want.create_run_dir {
+                            ", proved it holds this run's secret"
+                        } else {
+                            ""
+                        }
+                    ),
+                ));
+                r.receiver = Some(w);
+            }
+            Err(f) => r.push(f),
+        }
     }
     r.ssh = Some(ssh);
     r
@@ -391,7 +471,13 @@ pub fn stack_findings(f: &Facts, side: &'static str, out: &mut Vec<Finding>) {
 
 /// Makes sure the target can run a receiver of our version and, when asked, starts one
 /// in the background over SSH (it handles one migration, then exits).
-async fn spawn_receiver(ssh: &Ssh, want: &Want<'_>, spawn: Spawn) -> Result<Vec<Finding>, Finding> {
+/// Returns the findings and, when it started one, the receiver's binary.
+async fn spawn_receiver(
+    ssh: &Ssh,
+    want: &Want<'_>,
+    spawn: Spawn,
+    listener: &Listener,
+) -> Result<(Vec<Finding>, Option<String>), Finding> {
     let ours = env!("CARGO_PKG_VERSION");
     let installed = format!("{INSTALL_DIR}/migrate-{ours}");
     let probe = format!(
@@ -457,7 +543,7 @@ async fn spawn_receiver(ssh: &Ssh, want: &Want<'_>, spawn: Spawn) -> Result<Vec<
                 "target",
                 format!("--install-receiver will copy this binary to {installed}"),
             ));
-            return Ok(findings);
+            return Ok((findings, None));
         }
         (Some(b), false) => {
             findings.push(Finding::new(
@@ -490,24 +576,26 @@ async fn spawn_receiver(ssh: &Ssh, want: &Want<'_>, spawn: Spawn) -> Result<Vec<
         }
     };
     if !spawn.start {
-        return Ok(findings);
+        return Ok((findings, None));
     }
-    // A receiver may already listen there: then use it.
-    let addr = format!("{}:{}", want.dest.host, want.control_port);
-    if let Ok(Ok(_)) =
-        tokio::time::timeout(CONTROL_CONNECT_TIMEOUT, TcpStream::connect(&addr)).await
-    {
+    // A receiver may already listen there (verified by `Listener::verdict`): then use it.
+    if listener.listening() {
         findings.push(Finding::new(
             Level::Info,
             "target",
-            format!("a receiver already listens on {addr}; using it"),
+            format!(
+                "a receiver already listens on port {}; using it",
+                want.control_port
+            ),
         ));
-        return Ok(findings);
+        return Ok((findings, None));
     }
-    let log = format!("/var/lib/migrate/receiver-{}.log", want.run_id);
+    let workdir = want.target_workdir.trim_end_matches('/');
+    let log = format!("{workdir}/receiver-{}.log", want.run_id);
     let start = format!(
-        "mkdir -p /var/lib/migrate && nohup setsid {b} receive --listen 0.0.0.0:{p} --idle-timeout {SPAWNED_IDLE_SECS} > {l} 2>&1 < /dev/null &",
+        "umask 077 && mkdir -p {w} && set -C && nohup setsid {b} receive --listen 0.0.0.0:{p} --workdir {w} --idle-timeout {SPAWNED_IDLE_SECS} > {l} 2>&1 < /dev/null &",
         b = shell_quote(&bin),
+        w = shell_quote(workdir),
         p = want.control_port,
         l = shell_quote(&log)
     );
@@ -518,8 +606,10 @@ async fn spawn_receiver(ssh: &Ssh, want: &Want<'_>, spawn: Spawn) -> Result<Vec<
             format!("cannot start the receiver there: {e}"),
         )
     })?;
+    let addr = format!("{}:{}", bracketed(&want.dest.host), want.control_port);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while tokio::time::Instant::now() < deadline {
+        // Only a connection attempt: nothing is said before the receiver is verified.
         if let Ok(Ok(_)) =
             tokio::time::timeout(Duration::from_secs(1), TcpStream::connect(&addr)).await
         {
@@ -528,7 +618,7 @@ async fn spawn_receiver(ssh: &Ssh, want: &Want<'_>, spawn: Spawn) -> Result<Vec<
                 "target",
                 format!("started a receiver there over SSH (log {log})"),
             ));
-            return Ok(findings);
+            return Ok((findings, Some(bin)));
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -540,14 +630,163 @@ async fn spawn_receiver(ssh: &Ssh, want: &Want<'_>, spawn: Spawn) -> Result<Vec<
     .fix(format!("read {log} on the target")))
 }
 
-/// Connects to the receiver and says hello.
-async fn connect_receiver(want: &Want<'_>) -> Result<Welcome, Finding> {
-    let host = if want.dest.host.contains(':') {
-        format!("[{}]", want.dest.host)
+fn bracketed(host: &str) -> String {
+    if host.contains(':') {
+        format!("[{host}]")
     } else {
-        want.dest.host.clone()
-    };
-    let addr = format!("{host}:{}", want.control_port);
+        host.to_string()
+    }
+}
+
+/// What listens on the control port on the target, from `ss` run there over SSH.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Listener {
+    /// The SSH user's uid there.
+    pub me: Option<u32>,
+    /// `ss` is missing there: nobody can be named.
+    pub no_ss: bool,
+    /// Listening sockets on the port.
+    pub sockets: usize,
+    /// The processes holding them (visible to the SSH user).
+    pub procs: Vec<ListenerProc>,
+}
+
+/// One process listening on the control port.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ListenerProc {
+    pub pid: u32,
+    pub uid: Option<u32>,
+    /// Its first argument (`receive` for a receiver).
+    pub verb: String,
+    /// Its binary, as `/proc/PID/exe` says.
+    pub exe: String,
+}
+
+impl ListenerProc {
+    /// A `migrate receive` run by root or by the SSH user: the same trust as SSH itself.
+    fn is_receiver(&self, me: Option<u32>) -> bool {
+        self.verb == "receive" && self.uid.is_some_and(|u| u == 0 || Some(u) == me)
+    }
+}
+
+/// Reports what listens on TCP `port` on the target.
+fn listener_script(port: u16) -> String {
+    format!(
+        r#"echo "me=$(id -u)"
+command -v ss >/dev/null 2>&1 || {{ echo no_ss; exit 0; }}
+echo "sockets=$(ss -Htln 'sport = :{port}' | wc -l)"
+for pid in $(ss -Htlnp 'sport = :{port}' | grep -o 'pid=[0-9]*' | cut -d= -f2 | sort -u); do
+  uid=$(awk '/^Uid:/ {{print $2}}' /proc/$pid/status 2>/dev/null)
+  verb=$(tr '\0' '\n' < /proc/$pid/cmdline 2>/dev/null | sed -n 2p)
+  exe=$(readlink /proc/$pid/exe 2>/dev/null)
+  printf 'proc=%s\t%s\t%s\t%s\n' "$pid" "$uid" "$verb" "$exe"
+done
+"#
+    )
+}
+
+impl Listener {
+    pub fn parse(out: &str) -> Listener {
+        let mut l = Listener::default();
+        for line in out.lines() {
+            if let Some(v) = line.strip_prefix("me=") {
+                l.me = v.trim().parse().ok();
+            } else if line == "no_ss" {
+                l.no_ss = true;
+            } else if let Some(v) = line.strip_prefix("sockets=") {
+                l.sockets = v.trim().parse().unwrap_or(0);
+            } else if let Some(v) = line.strip_prefix("proc=") {
+                let f: Vec<&str> = v.splitn(4, '\t').collect();
+                if let [pid, uid, verb, exe] = f[..]
+                    && let Ok(pid) = pid.parse()
+                {
+                    l.procs.push(ListenerProc {
+                        pid,
+                        uid: uid.parse().ok(),
+                        verb: verb.to_string(),
+                        exe: exe.to_string(),
+                    });
+                }
+            }
+        }
+        l
+    }
+
+    /// Something listens (or, without `ss`, maybe does).
+    pub fn listening(&self) -> bool {
+        self.no_ss || self.sockets > 0
+    }
+
+    /// Fails when the port is held by anything but a receiver SSH vouches for: nothing
+    /// will be sent to it. A port nobody listens on fails unless a receiver is to be
+    /// spawned.
+    pub fn verdict(&self, want: &Want<'_>) -> Result<(), Finding> {
+        let port = want.control_port;
+        if let Some(p) = self.procs.iter().find(|p| !p.is_receiver(self.me)) {
+            return Err(Finding::new(
+                Level::Fail,
+                "target",
+                format!(
+                    "port {port} there is held by pid {} (uid {}, `{}` {}), which is not a migrate receiver of root or of the SSH user: nothing was sent to it",
+                    p.pid,
+                    p.uid.map_or("?".into(), |u| u.to_string()),
+                    p.exe,
+                    p.verb
+                ),
+            )
+            .fix("stop that process on the target (or pick another --control-port) and start `migrate receive` there"));
+        }
+        let spawning = want.spawn.is_some();
+        if !self.listening() && !spawning {
+            return Err(Finding::new(
+                Level::Fail,
+                "target",
+                format!("no receiver listening on port {port} there"),
+            )
+            .fix("start `migrate receive` on the target first, pass --spawn-receiver, or fix --control-port"));
+        }
+        Ok(())
+    }
+
+    /// The receiver's own binary, for `migrate sink`.
+    fn receiver_exe(&self) -> Option<String> {
+        self.procs
+            .iter()
+            .find(|p| p.is_receiver(self.me))
+            .map(|p| p.exe.clone())
+            .filter(|e| e.starts_with('/') && !e.ends_with(" (deleted)"))
+    }
+
+    /// A warning when the listener could not be named (its proof still decides).
+    fn note(&self) -> Option<Finding> {
+        let why = if self.no_ss {
+            "`ss` is missing there"
+        } else if self.sockets > 0 && self.procs.is_empty() {
+            "the SSH user cannot see its process"
+        } else {
+            return None;
+        };
+        Some(Finding::new(
+            Level::Warn,
+            "target",
+            format!(
+                "cannot tell who listens on the control port ({why}); the receiver must still prove it holds the run's secret"
+            ),
+        ))
+    }
+}
+
+async fn listener_on(ssh: &Ssh, port: u16) -> Result<Listener, crate::transport::ssh::SshError> {
+    let out = ssh.sh(&listener_script(port), REMOTE_TIMEOUT).await?;
+    Ok(Listener::parse(&out.stdout))
+}
+
+/// Connects to the receiver and says hello. With the run's `secret` (`send`), the
+/// receiver must prove that it holds it before the sender says anything else, and the
+/// channel comes back authenticated; without it (`check`) the receiver only says who it
+/// is.
+async fn connect_receiver(want: &Want<'_>, secret: Option<Vec<u8>>) -> Result<Welcome, Finding> {
+    let addr = format!("{}:{}", bracketed(&want.dest.host), want.control_port);
     let fail = |text: String, fix: &str| Finding::new(Level::Fail, "target", text).fix(fix);
     let sock = match tokio::time::timeout(CONTROL_CONNECT_TIMEOUT, TcpStream::connect(&addr)).await
     {
@@ -569,14 +808,17 @@ async fn connect_receiver(want: &Want<'_>) -> Result<Welcome, Finding> {
         }
     };
     let _ = sock.set_nodelay(true);
+    let _ = crate::protocol::keepalive(&sock);
     let (rd, wr) = sock.into_split();
     let mut control = Channel::new(BufReader::new(rd), wr, Direction::ToReceiver);
+    let challenge = secret.as_ref().map(|_| crate::protocol::fresh_nonce());
     let hello = ToReceiver::Hello {
         protocol: PROTOCOL_VERSION,
         run_id: want.run_id.to_string(),
         sender_version: env!("CARGO_PKG_VERSION").into(),
         source_host: crate::hostname(),
         label: want.label.to_string(),
+        challenge: challenge.clone(),
     };
     let welcome = async {
         control.send(&hello).await?;
@@ -584,23 +826,39 @@ async fn connect_receiver(want: &Want<'_>) -> Result<Welcome, Finding> {
     };
     match tokio::time::timeout(CONTROL_REPLY_TIMEOUT, welcome).await {
         Ok(Ok(ToSender::Welcome {
-            workdir,
             nonce,
-            sink,
+            proof,
+            receiver_version,
+            hostname,
             ..
-        })) => Ok(Welcome {
-            control,
-            workdir,
-            nonce,
-            sink,
-        }),
+        })) => {
+            if let (Some(secret), Some(challenge)) = (secret, challenge) {
+                let auth = crate::protocol::Auth::new(secret, &challenge, &nonce);
+                if !crate::protocol::valid_nonce(&nonce)
+                    || !proof.as_deref().is_some_and(|p| auth.check_proof(p))
+                {
+                    return Err(fail(
+                        format!(
+                            "the listener on {addr} did not prove that it holds this run's secret: it is not the receiver SSH set up (a stranger on the port?); nothing more was sent to it"
+                        ),
+                        "look at what listens on the control port on the target (ss -tlnp), stop it, and start `migrate receive` there",
+                    ));
+                }
+                control.authenticate(auth);
+            }
+            Ok(Welcome {
+                control,
+                receiver_version,
+                hostname,
+            })
+        }
         Ok(Ok(ToSender::Refused { reason })) => Err(fail(
             format!("the receiver on {addr} refused: {reason}"),
-            "use the same migrate version on both hosts",
+            "use the same migrate version on both hosts, and --target-workdir for a receiver with another --workdir",
         )),
-        Ok(Ok(other)) => Err(fail(
-            format!("the receiver on {addr} answered {other:?} to hello"),
-            "is it a migrate receiver?",
+        Ok(Ok(_)) => Err(fail(
+            format!("the receiver on {addr} did not answer hello with a welcome"),
+            "is it a migrate receiver? check --control-port",
         )),
         Ok(Err(e)) => Err(fail(
             format!("{addr} does not speak the migrate protocol ({e})"),
@@ -613,48 +871,67 @@ async fn connect_receiver(want: &Want<'_>) -> Result<Welcome, Finding> {
     }
 }
 
-/// The shell script that inspects the target in one SSH round trip.
+/// The shell script that inspects the target in one SSH round trip. Every value from the
+/// user or from podman enters it as one single-quoted word, never inside double quotes,
+/// and leaves it through `printf '%s'`, never `echo` (which may read backslashes).
 pub fn target_script(
     infos: &[ContainerInfo],
     data: &[PathBuf],
-    run_dir: &str,
+    workdir: &str,
+    run_id: &str,
     create_run_dir: bool,
 ) -> String {
     let mut s = String::from(STACK_SCRIPT);
     for c in infos {
         s.push_str(&format!(
-            "podman container exists {n} && echo exists={n}\n",
+            "podman container exists {n} && printf 'exists=%s\\n' {n}\n",
             n = shell_quote(&c.name)
         ));
         s.push_str(&format!(
-            "podman image exists {i} || echo missing_image={i}\n",
+            "podman image exists {i} || printf 'missing_image=%s\\n' {i}\n",
             i = shell_quote(&c.image_id)
         ));
     }
+    s.push_str(&bind_script(infos, data));
+    s.push_str(&space_script(
+        &crate::rundir::remote_run_dir(workdir, run_id),
+        data,
+    ));
+    if create_run_dir {
+        s.push_str(&crate::rundir::create_script(workdir, run_id));
+    }
+    s
+}
+
+/// Prints `present_path=C=P` or `missing_path=C=P` for each bind mount no data folder
+/// covers.
+pub fn bind_script(infos: &[ContainerInfo], data: &[PathBuf]) -> String {
+    let mut s = String::new();
     for (c, m) in uncovered_binds(infos, data) {
         s.push_str(&format!(
-            "if [ -e {p} ]; then echo present_path={c}={p}; else echo missing_path={c}={p}; fi\n",
+            "if [ -e {p} ]; then w=present_path; else w=missing_path; fi; printf '%s=%s=%s\\n' \"$w\" {c} {p}\n",
             p = shell_quote(&m),
             c = shell_quote(&c)
         ));
     }
-    s.push_str(
-        "avail() { p=$1; while [ ! -e \"$p\" ]; do p=$(dirname \"$p\"); done; df -Pk \"$p\" | awk 'NR==2 {print $4, $6}'; }\n",
+    s
+}
+
+/// Prints `space=KEY=AVAIL_KIB DEVICE PRESENT_KIB` for the archives (KEY `archives`) and
+/// each data folder (KEY `dataN`, in order): free space on the file system that holds
+/// (or will hold) the path, and what of it is there already.
+pub fn space_script(run_dir: &str, data: &[PathBuf]) -> String {
+    let mut s = String::from(
+        "avail() { p=$1; while [ ! -e \"$p\" ]; do p=$(dirname \"$p\"); done; printf '%s %s' \"$(df -Pk \"$p\" | awk 'NR==2 {print $4}')\" \"$(stat -c %d \"$p\")\"; }\n",
     );
     s.push_str(&format!(
-        "echo \"space=archives=$(avail {d}) 0\"\n",
+        "printf 'space=archives=%s 0\\n' \"$(avail {d})\"\n",
         d = shell_quote(run_dir)
     ));
-    for d in data {
+    for (i, d) in data.iter().enumerate() {
         let d = shell_quote(&d.display().to_string());
         s.push_str(&format!(
-            "echo \"space={d}=$(avail {d}) $( [ -e {d} ] && du -sk {d} | cut -f1 || echo 0)\"\n"
-        ));
-    }
-    if create_run_dir {
-        s.push_str(&format!(
-            "umask 077 && mkdir -p {d} && echo run_dir=ok\n",
-            d = shell_quote(run_dir)
+            "printf 'space=data{i}=%s %s\\n' \"$(avail {d})\" \"$( [ -e {d} ] && du -sk {d} | cut -f1 || echo 0)\"\n"
         ));
     }
     s
@@ -664,6 +941,7 @@ pub fn target_script(
 pub fn target_findings(
     stdout: &str,
     infos: &[ContainerInfo],
+    data: &[PathBuf],
     needs: &[(String, u64)],
     ship_images: bool,
 ) -> (Vec<Finding>, Vec<(String, String)>) {
@@ -745,7 +1023,7 @@ pub fn target_findings(
             "every image is there with the same ID",
         ));
     }
-    match space_problem(stdout, needs) {
+    match space_problem(stdout, data, needs) {
         Some(p) => out.push(
             Finding::new(Level::Fail, "target", p)
                 .fix("free some space there (or give the receiver another --workdir)"),
@@ -774,14 +1052,21 @@ pub async fn local_kib(dir: &Path) -> u64 {
 
 /// Compares what must land on each target file system with what is free there.
 /// `report` holds lines `space=WHAT=AVAIL_KIB MOUNT PRESENT_KIB`; `needs` (WHAT, KiB).
-pub fn space_problem(report: &str, needs: &[(String, u64)]) -> Option<String> {
+pub fn space_problem(report: &str, data: &[PathBuf], needs: &[(String, u64)]) -> Option<String> {
     let mut per_mount: BTreeMap<String, (u64, u64, Vec<String>)> = BTreeMap::new();
     for line in report.lines() {
         let Some(rest) = line.strip_prefix("space=") else {
             continue;
         };
-        let Some((what, fields)) = rest.rsplit_once('=') else {
+        let Some((key, fields)) = rest.split_once('=') else {
             continue;
+        };
+        let what = match key.strip_prefix("data") {
+            Some(i) => match i.parse::<usize>().ok().and_then(|i| data.get(i)) {
+                Some(d) => d.display().to_string(),
+                None => continue,
+            },
+            None => key.to_string(),
         };
         let mut f = fields.split_whitespace();
         let (Some(avail), Some(mount)) = (f.next().and_then(|v| v.parse::<u64>().ok()), f.next())
@@ -791,25 +1076,26 @@ pub fn space_problem(report: &str, needs: &[(String, u64)]) -> Option<String> {
         let present: u64 = f.next().and_then(|v| v.parse().ok()).unwrap_or(0);
         let need = needs
             .iter()
-            .find(|(w, _)| w == what)
+            .find(|(w, _)| *w == what)
             .map(|(_, n)| *n)
             .unwrap_or(0);
         let e = per_mount
             .entry(mount.to_string())
             .or_insert((avail, 0, Vec::new()));
         e.1 += need.saturating_sub(present);
-        e.2.push(what.to_string());
+        e.2.push(what);
     }
     per_mount
         .into_iter()
         .find_map(|(mount, (avail, need, whats))| {
             // Leave a margin: archives and file systems have overheads.
             (need + need / 10 > avail).then(|| {
+                let _ = mount;
                 format!(
-                    "not enough free space on {mount}: {} MiB free, about {} MiB needed for {}",
+                    "not enough free space on the file system of {}: {} MiB free, about {} MiB needed",
+                    whats.join(", "),
                     avail / 1024,
                     (need + need / 10) / 1024,
-                    whats.join(", ")
                 )
             })
         })
@@ -872,31 +1158,177 @@ mod tests {
 
     #[test]
     fn space_is_checked_per_file_system() {
-        let report = "space=archives=1000000 / 0\nspace=/srv/app=50000 /srv 10000\n";
+        let data = [PathBuf::from("/srv/app")];
+        let report = "space=archives=1000000 2049 0\nspace=data0=50000 2050 10000\n";
         let needs = vec![
             ("archives".to_string(), 200_000),
             ("/srv/app".to_string(), 40_000),
         ];
-        assert_eq!(space_problem(report, &needs), None);
+        assert_eq!(space_problem(report, &data, &needs), None);
         let needs = vec![
             ("archives".to_string(), 200_000),
             ("/srv/app".to_string(), 60_000),
         ];
-        let p = space_problem(report, &needs).unwrap();
-        assert!(p.contains("/srv") && p.contains("/srv/app"), "{p}");
+        let p = space_problem(report, &data, &needs).unwrap();
+        assert!(p.contains("/srv/app") && p.contains("48 MiB free"), "{p}");
         // Two things on one file system add up.
-        let report = "space=archives=100000 / 0\nspace=/srv/app=100000 / 0\n";
+        let report = "space=archives=100000 2049 0\nspace=data0=100000 2049 0\n";
         let needs = vec![
             ("archives".to_string(), 60_000),
             ("/srv/app".to_string(), 60_000),
         ];
-        assert!(space_problem(report, &needs).is_some());
+        assert!(space_problem(report, &data, &needs).is_some());
+    }
+
+    /// Runs a script with `sh` in a fresh folder; returns stdout and whether anything
+    /// was created there that the script did not mean to create.
+    fn run_hostile(script: &str, dir: &Path) -> String {
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(script)
+            .current_dir(dir)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    #[test]
+    fn hostile_paths_stay_literal_in_remote_scripts() {
+        let hostile = [
+            "$(touch pwned1)",
+            "`touch pwned2`",
+            "a\"b; touch pwned3; \"",
+            "it's; touch pwned4",
+            "with space",
+            "back\\slash\\n",
+            "$HOME ${IFS} *",
+        ];
+        let tmp = tempfile::tempdir().unwrap();
+        let mut data = Vec::new();
+        for (i, h) in hostile.iter().enumerate() {
+            let d = tmp.path().join(format!("{i} {h}"));
+            std::fs::create_dir(&d).unwrap();
+            std::fs::write(d.join("f"), vec![0u8; 64 << 10]).unwrap();
+            data.push(d);
+        }
+        let run_dir = tmp.path().join("work $(touch pwned5)/runs/r1");
+        let out = run_hostile(&space_script(run_dir.to_str().unwrap(), &data), tmp.path());
+        let names: Vec<String> = std::fs::read_dir(tmp.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(
+            names.iter().all(|n| !n.starts_with("pwned")),
+            "a path ran a command: {names:?}\n{out}"
+        );
+        // Every folder was measured (its space line parsed), the archives too.
+        let lines: Vec<&str> = out.lines().filter(|l| l.starts_with("space=")).collect();
+        assert_eq!(lines.len(), data.len() + 1, "{out}");
+        for (i, l) in lines[1..].iter().enumerate() {
+            let fields: Vec<&str> = l
+                .split_once('=')
+                .unwrap()
+                .1
+                .split_once('=')
+                .unwrap()
+                .1
+                .split_whitespace()
+                .collect();
+            assert_eq!(fields.len(), 3, "{l}");
+            assert!(
+                fields[2].parse::<u64>().unwrap() >= 64,
+                "data{i} not measured: {l}"
+            );
+        }
+        // A need on a hostile path is found again from the report.
+        let needs = vec![(data[4].display().to_string(), u64::MAX / 4)];
+        let p = space_problem(&out, &data, &needs).expect("the space check ran");
+        assert!(p.contains("with space"), "{p}");
+
+        // The bind-mount probe and the run folder script keep names literal too.
+        let mut c = info();
+        c.mounts = data
+            .iter()
+            .map(|d| Mount {
+                kind: "bind".into(),
+                source: d.display().to_string(),
+                destination: "/x".into(),
+            })
+            .collect();
+        let out = run_hostile(&bind_script(&[c], &[]), tmp.path());
+        let present: Vec<String> = out
+            .lines()
+            .filter_map(|l| l.strip_prefix("present_path=db="))
+            .map(str::to_string)
+            .collect();
+        let want: Vec<String> = data.iter().map(|d| d.display().to_string()).collect();
+        assert_eq!(present, want, "{out}");
+        let script = target_script(
+            &[],
+            &[],
+            tmp.path().join("w `touch pwned6`").to_str().unwrap(),
+            "r1",
+            true,
+        );
+        let _ = run_hostile(&script, tmp.path());
+        let names: Vec<String> = std::fs::read_dir(tmp.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(names.iter().all(|n| !n.starts_with("pwned")), "{names:?}");
+    }
+
+    #[test]
+    fn the_listener_on_the_control_port_must_be_a_receiver_ssh_vouches_for() {
+        let dest = Destination {
+            user: None,
+            host: "b".into(),
+            port: None,
+            identity: None,
+        };
+        let want = Want {
+            dest: &dest,
+            control_port: 12345,
+            target_workdir: "/var/lib/migrate",
+            containers: &[],
+            data: &[],
+            ship_images: false,
+            run_id: "r1",
+            label: "",
+            create_run_dir: true,
+            spawn: None,
+        };
+        let ours = "me=0\nsockets=1\nproc=42\t0\treceive\t/usr/bin/migrate\n";
+        let l = Listener::parse(ours);
+        assert!(l.verdict(&want).is_ok());
+        assert_eq!(l.receiver_exe().as_deref(), Some("/usr/bin/migrate"));
+        // A user's program squatting on the port: refused, named.
+        let squatter = "me=0\nsockets=1\nproc=77\t1000\treceive\t/tmp/migrate\n";
+        let f = Listener::parse(squatter).verdict(&want).unwrap_err();
+        assert!(
+            f.text.contains("pid 77") && f.text.contains("uid 1000"),
+            "{f:?}"
+        );
+        let nc = "me=0\nsockets=1\nproc=78\t0\t-l\t/usr/bin/nc.openbsd\n";
+        assert!(Listener::parse(nc).verdict(&want).is_err());
+        // Nobody listens: refused unless a receiver is to be spawned.
+        let none = Listener::parse("me=0\nsockets=0\n");
+        assert!(!none.listening());
+        assert!(none.verdict(&want).is_err());
+        // Without ss nobody can be named: a warning, the proof decides.
+        let blind = Listener::parse("me=0\nno_ss\n");
+        assert!(blind.verdict(&want).is_ok() && blind.note().is_some());
+        // A binary replaced since it started is not used as the sink.
+        let deleted =
+            Listener::parse("me=0\nsockets=1\nproc=42\t0\treceive\t/usr/bin/migrate (deleted)\n");
+        assert_eq!(deleted.receiver_exe(), None);
     }
 
     #[test]
     fn target_findings_name_problem_and_fix() {
-        let out = "exists=db\nmissing_image=img123\nmissing_path=db=/etc/app.conf\nspace=archives=100 / 0\n";
-        let (f, missing) = target_findings(out, &[info()], &[("archives".into(), 1000)], false);
+        let out = "exists=db\nmissing_image=img123\nmissing_path=db=/etc/app.conf\nspace=archives=100 2049 0\n";
+        let (f, missing) =
+            target_findings(out, &[info()], &[], &[("archives".into(), 1000)], false);
         let fails: Vec<String> = f
             .iter()
             .filter(|f| f.level == Level::Fail)
@@ -912,7 +1344,7 @@ mod tests {
             vec![("img123".to_string(), "localhost/m:latest".to_string())]
         );
         // With --ship-image the missing image is no longer a failure.
-        let (f, _) = target_findings("missing_image=img123\n", &[info()], &[], true);
+        let (f, _) = target_findings("missing_image=img123\n", &[info()], &[], &[], true);
         assert!(f.iter().all(|f| f.level != Level::Fail), "{f:#?}");
     }
 

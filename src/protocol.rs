@@ -1,11 +1,15 @@
 //! The control protocol between `migrate send` and `migrate receive`.
 //!
 //! One TCP connection per migration. Frames are single JSON lines of at most
-//! [`MAX_FRAME`] bytes. The first two frames (`Hello`, `Welcome`) are plain; every later
-//! frame in either direction carries an HMAC-SHA256 over the direction, the receiver's
-//! per-connection nonce, a sequence number and the message text, keyed with a
-//! per-migration secret that the sender placed on the target over SSH. A frame whose
-//! MAC does not verify is refused and never acted upon.
+//! [`MAX_FRAME`] bytes. Before it connects, the sender has placed a per-migration secret
+//! in the run folder on the target over SSH (the only channel that authenticates the
+//! target host). The first two frames (`Hello` with the sender's random challenge,
+//! `Welcome` with the receiver's nonce) are plain, but `Welcome` carries a proof, a MAC
+//! over both with that secret: a listener that is not the receiver SSH vouches for (a
+//! stranger squatting on the port) cannot make one, and the sender tells it nothing more.
+//! Every later frame in either direction carries an HMAC-SHA256 over the direction, both
+//! nonces, a sequence number and the message text. A frame whose MAC does not verify is
+//! refused and never acted upon.
 
 use hmac::{Hmac, KeyInit, Mac};
 use serde::{Deserialize, Serialize};
@@ -13,7 +17,7 @@ use sha2::Sha256;
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWrite, AsyncWriteExt};
 
 /// Protocol version; bumped on any incompatible change. Fields are never reused.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 /// Largest frame either side accepts, newline included.
 pub const MAX_FRAME: usize = 64 * 1024;
 /// Most containers one migration may carry.
@@ -69,6 +73,10 @@ pub enum ToReceiver {
         sender_version: String,
         source_host: String,
         label: String,
+        /// The sender's random challenge (hex). With it the receiver must prove that it
+        /// holds this run's secret; without it (`check`) it only says who it is.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        challenge: Option<String>,
     },
     /// One round of the clock-offset exchange; `t0` is the sender's clock in µs.
     TimeProbe { t0: i64 },
@@ -83,16 +91,17 @@ pub enum ToReceiver {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum ToSender {
-    /// Answer to `Hello` (unauthenticated): where to put things and the nonce to MAC with.
+    /// Answer to `Hello`: who answers, the nonce to MAC with, and (when challenged) the
+    /// proof that this receiver holds the run's secret. Nothing in it decides an action:
+    /// paths and programs on the target are learnt over SSH.
     Welcome {
         protocol: u32,
         receiver_version: String,
         hostname: String,
-        workdir: String,
         nonce: String,
-        /// The receiver's own binary: the sender writes archives through its `sink`.
+        /// [`Auth::proof`] of the challenge and the nonce.
         #[serde(default, skip_serializing_if = "Option::is_none")]
-        sink: Option<String>,
+        proof: Option<String>,
     },
     /// The receiver will not take this migration.
     Refused { reason: String },
@@ -289,8 +298,34 @@ pub struct Auth {
 }
 
 impl Auth {
-    pub fn new(secret: Vec<u8>, nonce: String) -> Self {
-        Auth { secret, nonce }
+    /// Keys for a connection whose hello carried `challenge` and whose welcome `nonce`.
+    pub fn new(secret: Vec<u8>, challenge: &str, nonce: &str) -> Self {
+        Auth {
+            secret,
+            nonce: format!("{challenge}:{nonce}"),
+        }
+    }
+
+    fn proof_mac(&self) -> HmacSha256 {
+        let mut mac =
+            <HmacSha256 as KeyInit>::new_from_slice(&self.secret).expect("HMAC takes any key");
+        mac.update(b"migrate/v2/welcome-proof");
+        mac.update(&[0]);
+        mac.update(self.nonce.as_bytes());
+        mac
+    }
+
+    /// The receiver's proof, in `Welcome`, that it holds the secret.
+    pub fn proof(&self) -> String {
+        hex::encode(self.proof_mac().finalize().into_bytes())
+    }
+
+    /// Checks a receiver's proof (constant time).
+    pub fn check_proof(&self, proof: &str) -> bool {
+        match hex::decode(proof) {
+            Ok(bytes) => self.proof_mac().verify_slice(&bytes).is_ok(),
+            Err(_) => false,
+        }
     }
 
     fn mac(&self, dir: Direction, seq: u64, msg: &str) -> HmacSha256 {
@@ -415,14 +450,6 @@ impl<R: AsyncBufRead + Unpin, W: AsyncWrite + Unpin> Channel<R, W> {
         }
     }
 
-    /// Waits until the peer has sent something (or closed), without consuming it.
-    pub async fn wait_for_data(&mut self) -> Result<(), ProtocolError> {
-        if self.reader.fill_buf().await?.is_empty() {
-            return Err(ProtocolError::Closed);
-        }
-        Ok(())
-    }
-
     /// From now on every frame in both directions must carry a valid MAC.
     pub fn authenticate(&mut self, auth: Auth) {
         self.auth = Some(auth);
@@ -454,6 +481,27 @@ impl<R: AsyncBufRead + Unpin, W: AsyncWrite + Unpin> Channel<R, W> {
         self.recv_seq += 1;
         Ok(msg)
     }
+}
+
+/// TCP keepalive on a control connection: a peer that vanished (host down, cable cut)
+/// is noticed within about 30 s (10 s idle, then 4 probes 5 s apart), even while neither
+/// side has anything to say (a long pre-sync).
+pub fn keepalive(sock: &tokio::net::TcpStream) -> std::io::Result<()> {
+    let ka = socket2::TcpKeepalive::new()
+        .with_time(std::time::Duration::from_secs(10))
+        .with_interval(std::time::Duration::from_secs(5))
+        .with_retries(4);
+    socket2::SockRef::from(sock).set_tcp_keepalive(&ka)
+}
+
+/// A fresh challenge or nonce for the handshake.
+pub fn fresh_nonce() -> String {
+    crate::secret::random_hex(16)
+}
+
+/// A challenge or nonce as the handshake accepts it: 16 to 64 bytes of hex.
+pub fn valid_nonce(n: &str) -> bool {
+    (32..=128).contains(&n.len()) && n.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
 /// One NTP-style clock sample, all in µs: sender sent `t0`, receiver got it at `t1`
@@ -586,7 +634,23 @@ mod tests {
     }
 
     fn auth() -> Auth {
-        Auth::new(b"secret-secret".to_vec(), "nonce1".into())
+        Auth::new(b"secret-secret".to_vec(), "challenge1", "nonce1")
+    }
+
+    #[test]
+    fn only_the_holder_of_the_secret_can_prove_it() {
+        let a = auth();
+        let proof = a.proof();
+        assert!(a.check_proof(&proof));
+        assert!(!Auth::new(b"guess".to_vec(), "challenge1", "nonce1").check_proof(&proof));
+        // A proof made for another challenge (a replay) or another nonce does not count.
+        assert!(!Auth::new(b"secret-secret".to_vec(), "challenge2", "nonce1").check_proof(&proof));
+        assert!(!Auth::new(b"secret-secret".to_vec(), "challenge1", "nonce2").check_proof(&proof));
+        assert!(!a.check_proof("zz"));
+        assert!(!a.check_proof(""));
+        // The proof is not a frame MAC of either direction (no reflection).
+        assert_ne!(proof, a.sign(Direction::ToSender, 0, ""));
+        assert_ne!(proof, a.sign(Direction::ToReceiver, 0, ""));
     }
 
     #[test]
@@ -611,12 +675,12 @@ mod tests {
         };
         let frame = encode(&msg, 1, Some((&a, Direction::ToReceiver))).unwrap();
         let line = &frame[..frame.len() - 1];
-        let other = Auth::new(b"guess".to_vec(), "nonce1".into());
+        let other = Auth::new(b"guess".to_vec(), "challenge1", "nonce1");
         assert!(matches!(
             decode::<ToReceiver>(line, 1, Some((&other, Direction::ToReceiver))),
             Err(ProtocolError::BadMac)
         ));
-        let other_nonce = Auth::new(b"secret-secret".to_vec(), "nonce2".into());
+        let other_nonce = Auth::new(b"secret-secret".to_vec(), "challenge1", "nonce2");
         assert!(matches!(
             decode::<ToReceiver>(line, 1, Some((&other_nonce, Direction::ToReceiver))),
             Err(ProtocolError::BadMac)
@@ -651,11 +715,11 @@ mod tests {
     fn strict_parsing() {
         assert!(decode::<ToReceiver>(b"OK", 0, None).is_err());
         assert!(
-            decode::<ToReceiver>(b"{\"v\":1,\"seq\":0,\"msg\":\"{}\",\"mac\":null}", 0, None)
+            decode::<ToReceiver>(b"{\"v\":2,\"seq\":0,\"msg\":\"{}\",\"mac\":null}", 0, None)
                 .is_err()
         );
         let unknown =
-            br#"{"v":1,"seq":0,"msg":"{\"type\":\"time_probe\",\"t0\":1,\"x\":2}","mac":null}"#;
+            br#"{"v":2,"seq":0,"msg":"{\"type\":\"time_probe\",\"t0\":1,\"x\":2}","mac":null}"#;
         assert!(decode::<ToReceiver>(unknown, 0, None).is_err());
         let version = br#"{"v":9,"seq":0,"msg":"{\"type\":\"time_probe\",\"t0\":1}","mac":null}"#;
         assert!(matches!(
@@ -690,12 +754,11 @@ mod tests {
             let hello: ToReceiver = ch.recv().await.unwrap();
             assert!(matches!(hello, ToReceiver::Hello { .. }));
             ch.send(&ToSender::Welcome {
-                sink: None,
                 protocol: PROTOCOL_VERSION,
                 receiver_version: "t".into(),
                 hostname: "b".into(),
-                workdir: "/w".into(),
                 nonce: "nonce1".into(),
+                proof: Some(auth().proof()),
             })
             .await
             .unwrap();
@@ -717,11 +780,18 @@ mod tests {
             sender_version: "t".into(),
             source_host: "a".into(),
             label: String::new(),
+            challenge: Some("challenge1".into()),
         })
         .await
         .unwrap();
         let welcome: ToSender = ch.recv().await.unwrap();
-        assert!(matches!(welcome, ToSender::Welcome { .. }));
+        let ToSender::Welcome {
+            proof: Some(proof), ..
+        } = welcome
+        else {
+            panic!("{welcome:?}")
+        };
+        assert!(auth().check_proof(&proof));
         ch.authenticate(auth());
         ch.send(&ToReceiver::TimeProbe { t0: 1 }).await.unwrap();
         let reply: ToSender = ch.recv().await.unwrap();

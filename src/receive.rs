@@ -1,7 +1,7 @@
 //! The target side: wait for a sender, check what it shipped, restore, answer.
 
 use std::net::SocketAddr;
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -19,26 +19,15 @@ use crate::protocol::{
     Auth, Channel, Direction, Manifest, PROTOCOL_VERSION, ProtocolError, TargetOutcome, ToReceiver,
     ToSender, restore_waves, valid_run_id,
 };
+use crate::rundir::{self, PID_FILE, RESULT_FILE, SECRET_FILE, run_dir};
 use crate::sink::{Received, Sizes};
 use crate::timing::{Format, Outcome, Record, Stopwatch, now_us};
 
 /// How long a new connection may take to say hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long between `Welcome` and the first authenticated frame (the sender places the
-/// secret over SSH in between).
-const AUTH_TIMEOUT: Duration = Duration::from_secs(120);
-/// How long an authenticated sender may stay silent (pre-sync of big folders).
+/// How long an authenticated sender may stay silent (pre-sync of big folders); a sender
+/// whose host vanished is noticed sooner by TCP keepalive.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(12 * 3600);
-
-/// File names inside a run folder, shared with the sender.
-pub const SECRET_FILE: &str = "secret";
-pub const RESULT_FILE: &str = "result.json";
-pub const PID_FILE: &str = "receiver.pid";
-
-/// Folder of one migration under the work folder.
-pub fn run_dir(workdir: &Path, run_id: &str) -> PathBuf {
-    workdir.join("runs").join(run_id)
-}
 
 struct Ctx {
     workdir: PathBuf,
@@ -47,8 +36,6 @@ struct Ctx {
     ui: Arc<Ui>,
     format: Format,
     header_done: AtomicBool,
-    /// Set once a migration authenticated (for --idle-timeout).
-    started: AtomicBool,
 }
 
 /// What one finished migration means for the receiver's exit.
@@ -56,6 +43,8 @@ struct Ctx {
 enum Done {
     Restored,
     NotRestored,
+    /// Aborted or dropped by the sender before "OK": nothing was restored.
+    Ended,
 }
 
 /// Runs the receiver; returns the process exit code.
@@ -71,6 +60,13 @@ pub async fn run(args: ReceiveArgs, ui: Arc<Ui>) -> anyhow::Result<u8> {
                 runs.display()
             )
         })?;
+    // Run folders are made there over SSH and hold the secret: nobody else may write there.
+    rundir::check_private_dir(&runs).with_context(|| {
+        format!(
+            "work folder {} is not private: `chmod 700` it (and make it a plain folder owned by this user)",
+            runs.display()
+        )
+    })?;
     let listener = TcpListener::bind(args.listen).await.with_context(|| {
         format!(
             "cannot listen on {}: is another receiver running? pick another --listen",
@@ -84,11 +80,9 @@ pub async fn run(args: ReceiveArgs, ui: Arc<Ui>) -> anyhow::Result<u8> {
         ui: ui.clone(),
         format: args.output.format,
         header_done: AtomicBool::new(args.output.no_header),
-        started: AtomicBool::new(false),
     });
-    let idle_deadline = args
-        .idle_timeout
-        .map(|s| tokio::time::Instant::now() + Duration::from_secs(s));
+    let idle = args.idle_timeout.map(Duration::from_secs);
+    let mut idle_deadline = idle.map(|d| tokio::time::Instant::now() + d);
     ui.info(&format!(
         "listening on {} (work folder {}){}",
         args.listen,
@@ -102,13 +96,23 @@ pub async fn run(args: ReceiveArgs, ui: Arc<Ui>) -> anyhow::Result<u8> {
     let (done_tx, mut done_rx) = mpsc::channel::<Done>(4);
     let mut signals = crate::Signals::new()?;
     let mut stopping = false;
+    let mut accept_warned = false;
     loop {
         tokio::select! {
             accepted = listener.accept() => {
                 let (sock, peer) = match accepted {
                     Ok(x) => x,
-                    Err(e) => { ui.warn(&format!("accept failed: {e}")); continue; }
+                    Err(e) => {
+                        // Out of file descriptors (or similar): back off instead of spinning.
+                        if !accept_warned {
+                            ui.warn(&format!("accept failed: {e}; retrying every 100 ms"));
+                            accept_warned = true;
+                        }
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
                 };
+                accept_warned = false;
                 let ctx = ctx.clone();
                 let done_tx = done_tx.clone();
                 tokio::spawn(async move {
@@ -121,12 +125,18 @@ pub async fn run(args: ReceiveArgs, ui: Arc<Ui>) -> anyhow::Result<u8> {
                 if !args.serve || stopping {
                     return Ok(if done == Done::Restored { 0 } else { 1 });
                 }
+                idle_deadline = idle.map(|d| tokio::time::Instant::now() + d);
                 ui.info("waiting for the next migration");
             }
             _ = async { tokio::time::sleep_until(idle_deadline.expect("guarded")).await },
-                if idle_deadline.is_some() && !ctx.started.load(Ordering::SeqCst) => {
-                ui.warn("no migration arrived within --idle-timeout; exiting");
-                return Ok(1);
+                if idle_deadline.is_some() => {
+                // A migration in progress is bounded by its own timeouts; the idle clock
+                // counts again once it is over.
+                if ctx.busy.try_lock().is_ok() {
+                    ui.warn("no migration within --idle-timeout; exiting");
+                    return Ok(1);
+                }
+                idle_deadline = idle.map(|d| tokio::time::Instant::now() + d);
             }
             _ = signals.changed() => {
                 if ctx.busy.try_lock().is_ok() {
@@ -140,10 +150,15 @@ pub async fn run(args: ReceiveArgs, ui: Arc<Ui>) -> anyhow::Result<u8> {
     }
 }
 
+/// How long the sender may take from `Welcome` to its first authenticated frame (it
+/// measures the clock offset at once).
+const FIRST_FRAME_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// One control connection. Returns `Some` when it carried an authenticated migration
-/// that reached an end which counts (restored, failed, or rolled back after a freeze).
+/// that ended (restored, failed, aborted, or dropped by the sender).
 async fn handle(sock: TcpStream, peer: SocketAddr, ctx: &Ctx) -> Option<Done> {
     let _ = sock.set_nodelay(true);
+    let _ = crate::protocol::keepalive(&sock);
     let (r, w) = sock.into_split();
     let mut ch = Channel::new(BufReader::new(r), w, Direction::ToSender);
     let hello = match tokio::time::timeout(HELLO_TIMEOUT, ch.recv::<ToReceiver>()).await {
@@ -165,6 +180,7 @@ async fn handle(sock: TcpStream, peer: SocketAddr, ctx: &Ctx) -> Option<Done> {
         run_id,
         source_host,
         label,
+        challenge,
         ..
     } = hello
     else {
@@ -173,63 +189,81 @@ async fn handle(sock: TcpStream, peer: SocketAddr, ctx: &Ctx) -> Option<Done> {
         ));
         return None;
     };
+    let refuse = async |ch: &mut Channel<_, _>, reason: String| {
+        ctx.ui
+            .warn(&format!("refused connection from {peer}: {reason}"));
+        let _ = ch.send(&ToSender::Refused { reason }).await;
+    };
     if protocol != PROTOCOL_VERSION || !valid_run_id(&run_id) {
         let reason = format!(
             "protocol {protocol} / run id {run_id:?} not accepted (this receiver speaks protocol {PROTOCOL_VERSION})"
         );
-        ctx.ui
-            .warn(&format!("refused connection from {peer}: {reason}"));
-        let _ = ch.send(&ToSender::Refused { reason }).await;
+        refuse(&mut ch, reason).await;
         return None;
     }
-    let nonce = crate::secret::random_hex(16);
-    let welcome = ToSender::Welcome {
+    let nonce = crate::protocol::fresh_nonce();
+    let welcome = |proof| ToSender::Welcome {
         protocol: PROTOCOL_VERSION,
         receiver_version: env!("CARGO_PKG_VERSION").into(),
         hostname: ctx.hostname.clone(),
-        workdir: ctx.workdir.display().to_string(),
         nonce: nonce.clone(),
-        sink: own_binary(),
+        proof,
     };
-    if ch.send(&welcome).await.is_err() {
+    let Some(challenge) = challenge else {
+        // `check` only looks: say who answers, then close.
+        let _ = ch.send(&welcome(None)).await;
+        return None;
+    };
+    if !crate::protocol::valid_nonce(&challenge) {
+        refuse(&mut ch, "malformed challenge".into()).await;
         return None;
     }
-    // Authenticate: the first frame after Welcome must carry a MAC made with the secret
-    // the sender placed in the run folder over SSH.
-    match tokio::time::timeout(AUTH_TIMEOUT, ch.wait_for_data()).await {
-        Ok(Ok(())) => {}
-        _ => return None,
-    }
+    let Ok(_guard) = ctx.busy.try_lock() else {
+        refuse(&mut ch, "busy with another migration".into()).await;
+        return None;
+    };
+    // The secret was placed over SSH before the sender connected: proving that we hold
+    // it is what tells the sender that it talks to the receiver SSH vouches for.
     let dir = run_dir(&ctx.workdir, &run_id);
-    let secret = match read_secret(&dir) {
+    let secret = match rundir::read_secret(&dir) {
         Ok(s) => s,
         Err(e) => {
-            ctx.ui.warn(&format!(
-                "refused message from {peer} for run {run_id}: {e:#}"
-            ));
+            let reason = format!(
+                "no usable secret for run {run_id} in this receiver's work folder {} ({e}); if the receiver runs with another --workdir, pass that as send's --target-workdir",
+                ctx.workdir.display()
+            );
+            refuse(&mut ch, reason).await;
             return None;
         }
     };
-    ch.authenticate(Auth::new(secret, nonce));
-    let first = match ch.recv::<ToReceiver>().await {
-        Ok(m) => m,
-        Err(e) => {
+    let auth = Auth::new(secret, &challenge, &nonce);
+    if ch.send(&welcome(Some(auth.proof()))).await.is_err() {
+        return None;
+    }
+    ch.authenticate(auth);
+    let first = match tokio::time::timeout(FIRST_FRAME_TIMEOUT, ch.recv::<ToReceiver>()).await {
+        Ok(Ok(m)) => m,
+        Ok(Err(e)) => {
             ctx.ui.warn(&format!(
                 "refused message from {peer} for run {run_id}: {e}; not acted on"
             ));
             return None;
         }
+        Err(_) => {
+            ctx.ui.warn(&format!(
+                "{peer} said nothing for run {run_id} within {}s of the welcome; closing",
+                FIRST_FRAME_TIMEOUT.as_secs()
+            ));
+            return None;
+        }
     };
-    let Ok(_guard) = ctx.busy.try_lock() else {
-        let _ = ch
-            .send(&ToSender::Refused {
-                reason: "busy with another migration".into(),
-            })
-            .await;
-        return None;
-    };
-    ctx.started.store(true, Ordering::SeqCst);
-    let _ = std::fs::write(dir.join(PID_FILE), std::process::id().to_string());
+    if let Err(e) = rundir::write_private(&dir, PID_FILE, std::process::id().to_string().as_bytes())
+    {
+        ctx.ui.warn(&format!(
+            "cannot write {PID_FILE} in {}: {e}",
+            dir.display()
+        ));
+    }
     ctx.ui.info(&format!(
         "migration {run_id} from {source_host} ({peer}) authenticated"
     ));
@@ -262,7 +296,11 @@ async fn handle(sock: TcpStream, peer: SocketAddr, ctx: &Ctx) -> Option<Done> {
                 } else {
                     remove_archives(&dir);
                 }
-                return frozen.then_some(Done::NotRestored);
+                return Some(if frozen {
+                    Done::NotRestored
+                } else {
+                    Done::Ended
+                });
             }
             ToReceiver::Ready { manifest } => {
                 ctx.ui.info("OK received: verifying and restoring");
@@ -333,27 +371,7 @@ async fn handle(sock: TcpStream, peer: SocketAddr, ctx: &Ctx) -> Option<Done> {
     };
     let _ = write_result(&dir, &outcome);
     remove_archives(&dir);
-    None
-}
-
-/// Reads the per-migration secret; it must be a root-only file.
-fn read_secret(dir: &Path) -> anyhow::Result<Vec<u8>> {
-    let path = dir.join(SECRET_FILE);
-    let meta = std::fs::metadata(&path).with_context(|| {
-        format!(
-            "no secret at {} (it is placed over SSH by the sender)",
-            path.display()
-        )
-    })?;
-    if meta.permissions().mode() & 0o077 != 0 {
-        bail!("{} is readable by others; refusing it", path.display());
-    }
-    let text = std::fs::read_to_string(&path)?;
-    let secret = hex::decode(text.trim()).context("secret is not hex")?;
-    if secret.len() < 16 {
-        bail!("secret too short");
-    }
-    Ok(secret)
+    Some(Done::Ended)
 }
 
 /// podman refused to restore `name` because somebody else's container holds it here.
@@ -536,18 +554,9 @@ async fn verify_archives(
     Ok(())
 }
 
-/// This very binary, while it is still on disk (a rebuilt one reads "… (deleted)").
-fn own_binary() -> Option<String> {
-    let exe = std::env::current_exe().ok()?;
-    let s = exe.to_str()?;
-    (exe.is_file() && !s.ends_with(" (deleted)")).then(|| s.to_string())
-}
-
 /// Writes `result.json` so a sender that lost the control connection can read it over SSH.
 fn write_result(dir: &Path, outcome: &TargetOutcome) -> std::io::Result<()> {
-    let tmp = dir.join(format!("{RESULT_FILE}.tmp"));
-    std::fs::write(&tmp, serde_json::to_vec(outcome)?)?;
-    std::fs::rename(tmp, dir.join(RESULT_FILE))
+    rundir::write_private(dir, RESULT_FILE, &serde_json::to_vec(outcome)?)
 }
 
 fn remove_secret(dir: &Path) {

@@ -19,10 +19,9 @@ use crate::plan::SendPlan;
 use crate::preflight::{self, Control, Want, Welcome};
 use crate::progress::Ui;
 use crate::protocol::{
-    Auth, ClockSample, ContainerEntry, Manifest, TargetOutcome, ToReceiver, ToSender,
-    estimate_offset,
+    ClockSample, ContainerEntry, Manifest, TargetOutcome, ToReceiver, ToSender, estimate_offset,
 };
-use crate::receive::{PID_FILE, RESULT_FILE, SECRET_FILE};
+use crate::rundir::{PID_FILE, RESULT_FILE};
 use crate::sync::rsync;
 use crate::timing::{Outcome, Record, Stopwatch, now_us};
 use crate::transport::ssh::{Ssh, remote_join};
@@ -915,11 +914,20 @@ async fn preflight(
     let report = preflight::run(&want, ui).await;
     if let Some(f) = report.first_failure() {
         let e = anyhow!(f.one_line());
-        let preflight::Report { ssh, receiver, .. } = report;
+        let preflight::Report {
+            ssh,
+            receiver,
+            remote_dir,
+            ..
+        } = report;
         if let Some(mut w) = receiver {
             abort(&mut w.control, "refused in preflight", false).await;
         }
         if let Some(ssh) = ssh {
+            // The run folder (and the secret in it) goes with the refusal.
+            if let Some(dir) = remote_dir {
+                let _ = ssh.run("rm", &["-rf".into(), dir], REMOTE_TIMEOUT).await;
+            }
             ssh.close().await;
         }
         return Err(refuse(e));
@@ -936,39 +944,19 @@ async fn preflight(
         ..
     } = report;
     let ssh = ssh.expect("no failure means SSH works");
-    let Welcome {
-        mut control, nonce, ..
-    } = receiver.expect("no failure means a receiver answered");
+    let Welcome { mut control, .. } = receiver.expect("no failure means a receiver answered");
     let remote_dir = remote_dir.expect("no failure means the run folder exists");
     let fail = async |control: &mut Control, ssh: Ssh, e: anyhow::Error| {
         abort(control, "refused in preflight", false).await;
+        let _ = ssh
+            .run("rm", &["-rf".into(), remote_dir.clone()], REMOTE_TIMEOUT)
+            .await;
         ssh.close().await;
         Err(refuse(e))
     };
 
-    for (id, image) in &missing_images {
-        ui.info(&format!(
-            "shipping image {image} to the target (podman save | podman load)"
-        ));
-        if let Err(e) = ship_image(&ssh, id, image).await {
-            return fail(&mut control, ssh, e).await;
-        }
-    }
-
-    // Place the per-migration secret where only root on the target can read it.
-    let secret = crate::secret::random_hex(32);
-    if let Err(e) = ssh
-        .upload(
-            secret.as_bytes(),
-            &remote_join(&remote_dir, SECRET_FILE),
-            REMOTE_TIMEOUT,
-        )
-        .await
-    {
-        let e = anyhow!(e).context("cannot place the migration secret on the target");
-        return fail(&mut control, ssh, e).await;
-    }
-    control.authenticate(Auth::new(hex::decode(&secret).expect("hex"), nonce));
+    // The receiver expects its first authenticated frame at once: the clock offset is
+    // measured before anything slow (shipping images).
     let (offset_us, delay_us) = match clock_offset(&mut control).await {
         Ok(x) => x,
         Err(e) => return fail(&mut control, ssh, e).await,
@@ -979,6 +967,14 @@ async fn preflight(
         offset_us as f64 / 1e6,
         delay_us as f64 / 1e6
     ));
+    for (id, image) in &missing_images {
+        ui.info(&format!(
+            "shipping image {image} to the target (podman save | podman load)"
+        ));
+        if let Err(e) = ship_image(&ssh, id, image).await {
+            return fail(&mut control, ssh, e).await;
+        }
+    }
 
     let compression = match plan.compress {
         CompressChoice::None => Compression::None,
@@ -1000,7 +996,7 @@ async fn preflight(
         }
     };
 
-    let local_dir = crate::receive::run_dir(&plan.workdir, &plan.run_id);
+    let local_dir = crate::rundir::run_dir(&plan.workdir, &plan.run_id);
     if let Err(e) = std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)

@@ -5,7 +5,6 @@
 //! service is down.
 
 use std::io::{BufWriter, Read, Write};
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
@@ -108,20 +107,30 @@ pub struct Sizes {
 
 /// Copies `input` to `path` (by way of `path.part`), without CRIU's zero pages when
 /// `drop_zero_pages`, and writes its digest file.
-pub fn write_archive(mut input: impl Read, path: &Path, drop_zero_pages: bool) -> Result<Received> {
+pub fn write_archive(input: impl Read, path: &Path, drop_zero_pages: bool) -> Result<Received> {
     let mut part = path.as_os_str().to_owned();
     part.push(".part");
     let part = PathBuf::from(part);
-    let open = |p: &Path| {
-        std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(p)
-            .with_context(|| format!("cannot write {}", p.display()))
-    };
-    let file = BufWriter::with_capacity(1 << 20, open(&part)?);
+    let res = write_via(input, path, &part, drop_zero_pages);
+    if res.is_err() {
+        // A full disk or a broken stream leaves nothing half-written behind.
+        let _ = std::fs::remove_file(&part);
+    }
+    res
+}
+
+fn write_via(
+    mut input: impl Read,
+    path: &Path,
+    part: &Path,
+    drop_zero_pages: bool,
+) -> Result<Received> {
+    // A part left by an earlier attempt is removed (unlink never follows a symlink), and
+    // the new one is created new: never through a symlink, never readable by others.
+    let _ = std::fs::remove_file(part);
+    let created = crate::rundir::create_new_private(part)
+        .with_context(|| format!("cannot create {}", part.display()))?;
+    let file = BufWriter::with_capacity(1 << 20, created);
     let mut out = ZeroPages::new(file, drop_zero_pages);
     let mut hasher = crate::digest::Digest::new();
     let mut buf = vec![0u8; 1 << 20];
@@ -148,9 +157,18 @@ pub fn write_archive(mut input: impl Read, path: &Path, drop_zero_pages: bool) -
         written: summary.written,
     };
     let digest = digest_path(path);
-    let mut d = open(&digest)?;
-    writeln!(d, "{}", received.line()).with_context(|| format!("writing {}", digest.display()))?;
-    std::fs::rename(&part, path)
+    let (dir, name) = match (digest.parent(), digest.file_name()) {
+        (Some(d), Some(n)) => (d, n.to_string_lossy()),
+        _ => anyhow::bail!("{}: not a file path", digest.display()),
+    };
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    crate::rundir::write_private(dir, &name, format!("{}\n", received.line()).as_bytes())
+        .with_context(|| format!("writing {}", digest.display()))?;
+    std::fs::rename(part, path)
         .with_context(|| format!("renaming {} to {}", part.display(), path.display()))?;
     Ok(received)
 }
@@ -209,5 +227,22 @@ mod tests {
         assert!(r.is_err());
         assert!(!path.exists());
         assert!(!digest_path(&path).exists());
+        assert!(!dir.path().join("db.tar.part").exists());
+    }
+
+    #[test]
+    fn a_planted_symlink_is_never_written_through() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        let victim = outside.path().join("victim");
+        std::fs::write(&victim, "keep").unwrap();
+        let path = dir.path().join("db.tar");
+        std::os::unix::fs::symlink(&victim, dir.path().join("db.tar.part")).unwrap();
+        std::os::unix::fs::symlink(&victim, digest_path(&path)).unwrap();
+        write_archive(&b"archive"[..], &path, false).unwrap();
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "keep");
+        assert_eq!(std::fs::read(&path).unwrap(), b"archive");
+        let meta = std::fs::symlink_metadata(digest_path(&path)).unwrap();
+        assert!(meta.is_file());
     }
 }

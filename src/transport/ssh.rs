@@ -393,8 +393,9 @@ impl Ssh {
         filter: &str,
     ) -> Result<RemoteStream<'_>, SshError> {
         let part = format!("{remote_path}.part");
+        // noclobber: the part file is created new (O_EXCL), never through a symlink.
         self.open_stream(&format!(
-            "umask 077 && {filter} > {p} && mv -f {p} {f}",
+            "umask 077 && rm -f {p} && set -C && {filter} > {p} && mv -f {p} {f}",
             p = shell_quote(&part),
             f = shell_quote(remote_path)
         ))
