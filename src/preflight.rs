@@ -1278,6 +1278,87 @@ mod tests {
         assert!(names.iter().all(|n| !n.starts_with("pwned")), "{names:?}");
     }
 
+    /// A listener on 127.0.0.1 that answers hello with a welcome whose proof was made
+    /// with `key`, then keeps every byte it gets until the connection ends.
+    async fn fake_receiver(key: Vec<u8>) -> (u16, tokio::task::JoinHandle<(String, Vec<u8>)>) {
+        use tokio::io::AsyncReadExt;
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        let task = tokio::spawn(async move {
+            let (sock, _) = l.accept().await.unwrap();
+            let (r, w) = sock.into_split();
+            let mut ch = Channel::new(BufReader::new(r), w, Direction::ToSender);
+            let hello: ToReceiver = ch.recv().await.unwrap();
+            let ToReceiver::Hello { challenge, .. } = hello.clone() else {
+                panic!("{hello:?}")
+            };
+            let nonce = "ab".repeat(16);
+            let proof = crate::protocol::Auth::new(key, &challenge.unwrap(), &nonce).proof();
+            ch.send(&ToSender::Welcome {
+                protocol: PROTOCOL_VERSION,
+                receiver_version: "x".into(),
+                hostname: "fake".into(),
+                nonce,
+                proof: Some(proof),
+            })
+            .await
+            .unwrap();
+            let (mut r, _w) = ch.into_parts();
+            let mut rest = Vec::new();
+            let _ = r.read_to_end(&mut rest).await;
+            (format!("{hello:?}"), rest)
+        });
+        (port, task)
+    }
+
+    #[tokio::test]
+    async fn a_listener_without_the_secret_hears_nothing_after_hello() {
+        let dest = Destination {
+            user: None,
+            host: "127.0.0.1".into(),
+            port: None,
+            identity: None,
+        };
+        let secret = b"the-secret-placed-over-ssh-32byte".to_vec();
+        for (key, accepted) in [(b"a-guess".to_vec(), false), (secret.clone(), true)] {
+            let (port, task) = fake_receiver(key).await;
+            let want = Want {
+                dest: &dest,
+                control_port: port,
+                target_workdir: "/var/lib/migrate",
+                containers: &[],
+                data: &[],
+                ship_images: false,
+                run_id: "r1",
+                label: "",
+                create_run_dir: true,
+                spawn: None,
+            };
+            let got = connect_receiver(&want, Some(secret.clone())).await;
+            match got {
+                Ok(mut w) => {
+                    assert!(accepted);
+                    // The channel is authenticated: its frames carry MACs.
+                    w.control
+                        .send(&ToReceiver::TimeProbe { t0: 1 })
+                        .await
+                        .unwrap();
+                    drop(w);
+                    let (_, rest) = task.await.unwrap();
+                    let text = String::from_utf8(rest).unwrap();
+                    assert!(text.contains("\"mac\":\""), "{text}");
+                }
+                Err(f) => {
+                    assert!(!accepted, "{f:?}");
+                    assert!(f.text.contains("did not prove"), "{f:?}");
+                    let (hello, rest) = task.await.unwrap();
+                    assert!(hello.contains("challenge: Some"), "{hello}");
+                    assert!(rest.is_empty(), "sent after a bad proof: {rest:?}");
+                }
+            }
+        }
+    }
+
     #[test]
     fn the_listener_on_the_control_port_must_be_a_receiver_ssh_vouches_for() {
         let dest = Destination {

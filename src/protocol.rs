@@ -450,6 +450,12 @@ impl<R: AsyncBufRead + Unpin, W: AsyncWrite + Unpin> Channel<R, W> {
         }
     }
 
+    /// The reader and writer back (for tests that look at raw bytes).
+    #[cfg(test)]
+    pub fn into_parts(self) -> (R, W) {
+        (self.reader, self.writer)
+    }
+
     /// From now on every frame in both directions must carry a valid MAC.
     pub fn authenticate(&mut self, auth: Auth) {
         self.auth = Some(auth);

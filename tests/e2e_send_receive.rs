@@ -282,8 +282,9 @@ fn strangers_on_the_control_port_do_not_trigger_a_restore() {
     let mut rx = Receiver::start("b", &[]);
     // Plain bytes, the thesis's bare "OK", a forged hello followed by a forged (unsigned)
     // Ready, and a frame far larger than allowed.
-    let forged = r#"{"v":1,"seq":0,"msg":"{\"type\":\"hello\",\"protocol\":1,\"run_id\":\"evil\",\"sender_version\":\"x\",\"source_host\":\"x\",\"label\":\"\"}","mac":null}
-{"v":1,"seq":1,"msg":"{\"type\":\"ready\",\"manifest\":{\"run_id\":\"evil\",\"containers\":[{\"name\":\"db\",\"archive\":\"../../x.tar\",\"size\":1,\"digest\":\"00\",\"image_id\":\"x\",\"file_locks\":false,\"tcp_established\":false}],\"data\":[],\"down_us\":0,\"clock_offset_us\":0}}","mac":"00"}
+    // A hello with a challenge for a run nobody set up over SSH, then a forged ready.
+    let forged = r#"{"v":2,"seq":0,"msg":"{\"type\":\"hello\",\"protocol\":2,\"run_id\":\"evil\",\"sender_version\":\"x\",\"source_host\":\"x\",\"label\":\"\",\"challenge\":\"00112233445566778899aabbccddeeff\"}","mac":null}
+{"v":2,"seq":1,"msg":"{\"type\":\"ready\",\"manifest\":{\"run_id\":\"evil\",\"containers\":[{\"name\":\"db\",\"archive\":\"../../x.tar\",\"size\":1,\"digest\":\"00\",\"image_id\":\"x\",\"file_locks\":false,\"tcp_established\":false}],\"data\":[],\"down_us\":0,\"clock_offset_us\":0}}","mac":"00"}
 "#;
     let forged_file = format!("{}/forged.txt", env!("CARGO_TARGET_TMPDIR"));
     std::fs::write(&forged_file, forged).unwrap();
