@@ -256,14 +256,12 @@ pub async fn run(want: &Want<'_>, ui: &Ui) -> Report {
 
     ui.phase("checking the target");
     let run_dir = crate::rundir::remote_run_dir(want.target_workdir, want.run_id);
-    let create = want.create_run_dir && listener.listening();
-    let mut script = target_script(
-        &r.infos,
-        want.data,
-        want.target_workdir,
-        want.run_id,
-        create,
-    );
+    let step = match (listener.listening(), want.create_run_dir) {
+        (false, _) => RunDirStep::Skip,
+        (true, false) => RunDirStep::Check,
+        (true, true) => RunDirStep::Create,
+    };
+    let mut script = target_script(&r.infos, want.data, want.target_workdir, want.run_id, step);
     if let Some(exe) = &sink {
         script.push_str(&format!("{} sink --check 2>/dev/null\n", shell_quote(exe)));
     }
@@ -291,13 +289,14 @@ pub async fn run(want: &Want<'_>, ui: &Ui) -> Report {
             r.findings.extend(findings);
             r.missing_images = missing;
             match out.stdout.lines().find_map(|l| l.strip_prefix("run_dir=")) {
-                Some("ok") => r.remote_dir = Some(run_dir),
+                Some("ok") if step == RunDirStep::Create => r.remote_dir = Some(run_dir),
+                Some("ok") => {}
                 Some(why) => r.push(
                     Finding::new(Level::Fail, "target", format!("run folder: {why}")).fix(
                         "the receiver's work folder must be a plain folder owned by the SSH user and closed to others; pass --target-workdir if the receiver uses another --workdir",
                     ),
                 ),
-                None if create => r.push(Finding::new(
+                None if step == RunDirStep::Create => r.push(Finding::new(
                     Level::Fail,
                     "target",
                     format!("could not create {run_dir}"),
@@ -879,7 +878,7 @@ pub fn target_script(
     data: &[PathBuf],
     workdir: &str,
     run_id: &str,
-    create_run_dir: bool,
+    run_dir: RunDirStep,
 ) -> String {
     let mut s = String::from(STACK_SCRIPT);
     for c in infos {
@@ -897,10 +896,23 @@ pub fn target_script(
         &crate::rundir::remote_run_dir(workdir, run_id),
         data,
     ));
-    if create_run_dir {
-        s.push_str(&crate::rundir::create_script(workdir, run_id));
+    match run_dir {
+        RunDirStep::Skip => {}
+        RunDirStep::Check => s.push_str(&crate::rundir::create_script(workdir, run_id, false)),
+        RunDirStep::Create => s.push_str(&crate::rundir::create_script(workdir, run_id, true)),
     }
     s
+}
+
+/// What the target script does about the run folder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunDirStep {
+    /// Nothing (no receiver there yet).
+    Skip,
+    /// Check that the work folder is safe to make one in (`check`, `--dry-run`).
+    Check,
+    /// Make it (`send`).
+    Create,
 }
 
 /// Prints `present_path=C=P` or `missing_path=C=P` for each bind mount no data folder
@@ -1268,7 +1280,7 @@ mod tests {
             &[],
             tmp.path().join("w `touch pwned6`").to_str().unwrap(),
             "r1",
-            true,
+            RunDirStep::Create,
         );
         let _ = run_hostile(&script, tmp.path());
         let names: Vec<String> = std::fs::read_dir(tmp.path())

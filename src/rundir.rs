@@ -150,8 +150,9 @@ pub fn read_secret(dir: &Path) -> Result<Vec<u8>, RunDirError> {
 /// The shell script (run over SSH on the target) that creates the run folder `run_dir`
 /// under `workdir` for `send`: the work folder and its `runs` must be real folders owned
 /// by the SSH user, not writable by others; the run folder itself must not exist yet.
-/// Prints `run_dir=ok` on success, else `run_dir=` and the reason.
-pub fn create_script(workdir: &str, run_id: &str) -> String {
+/// Prints `run_dir=ok` on success, else `run_dir=` and the reason. Without `mkdir` (for
+/// `check`) it only checks the work folder.
+pub fn create_script(workdir: &str, run_id: &str, mkdir: bool) -> String {
     let q = crate::exec::shell_quote;
     let w = workdir.trim_end_matches('/');
     let w = if w.is_empty() { "/" } else { w };
@@ -164,14 +165,21 @@ pub fn create_script(workdir: &str, run_id: &str) -> String {
     if [ "$1" != "$me" ]; then printf 'run_dir=%s belongs to uid %s, not to the SSH user (uid %s)\n' "$d" "$1" "$me"; return; fi
     case "$2" in *[2367]?|*[2367]) printf 'run_dir=%s has mode %s: writable by others\n' "$d" "$2"; return;; esac
   done
-  (umask 077 && mkdir {d}) 2>/dev/null || {{ printf 'run_dir=cannot create %s (it exists already or the folder is not writable)\n' {d}; return; }}
+  {make}
   echo run_dir=ok
 }}
 mk_run_dir
 "#,
         w = q(w),
         runs = q(&format!("{}/runs", w.trim_end_matches('/'))),
-        d = q(&remote_run_dir(workdir, run_id)),
+        make = if mkdir {
+            format!(
+                "(umask 077 && mkdir {d}) 2>/dev/null || {{ printf 'run_dir=cannot create %s (it exists already or the folder is not writable)\\n' {d}; return; }}",
+                d = q(&remote_run_dir(workdir, run_id))
+            )
+        } else {
+            ":".to_string()
+        },
     )
 }
 
@@ -280,7 +288,10 @@ mod tests {
             std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o700)).unwrap();
         }
         let ws = w.to_str().unwrap();
-        let out = run_script(&create_script(ws, "r1"));
+        let out = run_script(&create_script(ws, "r1", false));
+        assert_eq!(out.trim(), "run_dir=ok", "{out}");
+        assert!(!run_dir(&w, "r1").exists(), "a check made the folder");
+        let out = run_script(&create_script(ws, "r1", true));
         assert_eq!(out.trim(), "run_dir=ok", "{out}");
         let made = run_dir(&w, "r1");
         let meta = std::fs::symlink_metadata(&made).unwrap();
@@ -290,12 +301,12 @@ mod tests {
         assert!(!w.join("pwned").exists());
 
         // Exists already: refused.
-        let out = run_script(&create_script(ws, "r1"));
+        let out = run_script(&create_script(ws, "r1", true));
         assert!(out.starts_with("run_dir=cannot create"), "{out}");
 
         // runs writable by others: refused.
         std::fs::set_permissions(w.join("runs"), std::fs::Permissions::from_mode(0o777)).unwrap();
-        let out = run_script(&create_script(ws, "r2"));
+        let out = run_script(&create_script(ws, "r2", true));
         assert!(out.contains("writable by others"), "{out}");
         assert!(!run_dir(&w, "r2").exists());
 
@@ -303,7 +314,7 @@ mod tests {
         std::fs::set_permissions(w.join("runs"), std::fs::Permissions::from_mode(0o700)).unwrap();
         std::fs::rename(w.join("runs"), w.join("elsewhere")).unwrap();
         std::os::unix::fs::symlink(w.join("elsewhere"), w.join("runs")).unwrap();
-        let out = run_script(&create_script(ws, "r3"));
+        let out = run_script(&create_script(ws, "r3", true));
         assert!(out.contains("not a folder"), "{out}");
         assert!(!w.join("elsewhere").join("r3").exists());
     }

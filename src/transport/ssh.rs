@@ -237,7 +237,11 @@ impl Ssh {
                 .map_err(|e| self.transport(e))?;
             let mut out = child.stdout().take().expect("stdout is piped");
             let part = local.with_extension("part");
-            let mut file = tokio::fs::File::create(&part).await.map_err(io_err)?;
+            // Created new, never through a symlink, readable by root only.
+            let _ = std::fs::remove_file(&part);
+            let mut file = tokio::fs::File::from_std(
+                crate::rundir::create_new_private(&part).map_err(io_err)?,
+            );
             let n = tokio::io::copy(&mut out, &mut file).await.map_err(io_err)?;
             file.sync_all().await.map_err(io_err)?;
             drop(out);
