@@ -198,56 +198,39 @@ pub async fn run(want: &Want<'_>, ui: &Ui) -> Report {
 
     // Who listens on the control port, as the target's kernel tells it over SSH.
     ui.phase("checking who listens on the control port");
-    let mut listener = match listener_on(&ssh, want.control_port).await {
+    let mut listener = match verified_listener(&ssh, want).await {
         Ok(l) => l,
-        Err(e) => {
-            r.push(Finding::new(
-                Level::Fail,
-                "target",
-                format!("cannot look at the control port there: {e}"),
-            ));
+        Err(f) => {
+            r.push(f);
             r.ssh = Some(ssh);
             return r;
         }
     };
-    if let Err(f) = listener.verdict(want) {
-        r.push(f);
-        r.ssh = Some(ssh);
-        return r;
-    }
     let mut sink = listener.receiver_exe();
     if let Some(spawn) = want.spawn {
         ui.phase("checking migrate on the target");
-        match spawn_receiver(&ssh, want, spawn, &listener).await {
+        let spawned = match spawn_receiver(&ssh, want, spawn, &listener).await {
             Ok((f, bin)) => {
                 r.findings.extend(f);
-                if let Some(bin) = bin {
-                    sink = Some(bin);
-                    // What listens now must be the receiver just started.
-                    listener = match listener_on(&ssh, want.control_port).await {
-                        Ok(l) => l,
-                        Err(e) => {
-                            r.push(Finding::new(
-                                Level::Fail,
-                                "target",
-                                format!("cannot look at the control port there: {e}"),
-                            ));
-                            r.ssh = Some(ssh);
-                            return r;
-                        }
-                    };
-                    if let Err(f) = listener.verdict(want) {
-                        r.push(f);
-                        r.ssh = Some(ssh);
-                        return r;
-                    }
-                }
+                bin
             }
             Err(f) => {
                 r.push(f);
                 r.ssh = Some(ssh);
                 return r;
             }
+        };
+        if let Some(bin) = spawned {
+            sink = Some(bin);
+            // What listens now must be the receiver just started.
+            listener = match verified_listener(&ssh, want).await {
+                Ok(l) => l,
+                Err(f) => {
+                    r.push(f);
+                    r.ssh = Some(ssh);
+                    return r;
+                }
+            };
         }
     }
     if let Some(note) = listener.note() {
@@ -775,9 +758,22 @@ impl Listener {
     }
 }
 
-async fn listener_on(ssh: &Ssh, port: u16) -> Result<Listener, crate::transport::ssh::SshError> {
-    let out = ssh.sh(&listener_script(port), REMOTE_TIMEOUT).await?;
-    Ok(Listener::parse(&out.stdout))
+/// What listens on the control port, refused (as a finding) unless it is a receiver SSH
+/// vouches for, or nothing while a receiver is to be spawned.
+async fn verified_listener(ssh: &Ssh, want: &Want<'_>) -> Result<Listener, Finding> {
+    let out = ssh
+        .sh(&listener_script(want.control_port), REMOTE_TIMEOUT)
+        .await
+        .map_err(|e| {
+            Finding::new(
+                Level::Fail,
+                "target",
+                format!("cannot look at the control port there: {e}"),
+            )
+        })?;
+    let l = Listener::parse(&out.stdout);
+    l.verdict(want)?;
+    Ok(l)
 }
 
 /// Connects to the receiver and says hello. With the run's `secret` (`send`), the
