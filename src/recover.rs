@@ -661,8 +661,9 @@ pub async fn run(args: RecoverArgs) -> u8 {
             Verdict::Undetermined => code = 3,
             Verdict::Failed => code = code.max(1),
             Verdict::Clean | Verdict::Repaired => {
-                // Settled: the journal has been reported and goes.
+                // Settled: the journal (and its watchdog's log) has been reported and goes.
                 let _ = std::fs::remove_file(&path);
+                let _ = std::fs::remove_file(path.with_extension("watchdog.log"));
             }
             Verdict::InProgress | Verdict::Listed => {}
         }

@@ -161,10 +161,13 @@ async fn migrate(
     rec.clock_offset_us = Some(offset_us);
     // The journal and the watchdog that repairs the run if this process dies.
     let entries = items.iter().map(journal_entry).collect();
-    if let Err(e) = guard.start(plan, entries, &local_dir, &remote_dir).await {
-        abort(&mut control, "cannot start the watchdog", false).await;
-        ssh.close().await;
-        return Err(refuse(e.context("nothing was frozen")));
+    match guard.start(plan, entries, &local_dir, &remote_dir).await {
+        Ok(said) => ui.info(&said),
+        Err(e) => {
+            abort(&mut control, "cannot start the watchdog", false).await;
+            ssh.close().await;
+            return Err(refuse(e.context("nothing was frozen")));
+        }
     }
     // rsync compresses only where the archives are compressed too: on slow links.
     let compress_sync = items

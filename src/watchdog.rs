@@ -63,7 +63,7 @@ impl Guard {
         containers: Vec<Entry>,
         local_dir: &Path,
         remote_dir: &str,
-    ) -> anyhow::Result<()> {
+    ) -> anyhow::Result<String> {
         let me = std::process::id();
         let j = Journal {
             run_id: plan.run_id.clone(),
@@ -128,7 +128,11 @@ impl Guard {
         j.watchdog_start = crate::journal::start_time(pid);
         j.save(&self.path)
             .with_context(|| format!("cannot write the run journal {}", self.path.display()))?;
-        Ok(())
+        Ok(format!(
+            "run {}: journal {}, watchdog pid {pid} (repairs the run if this process dies; `migrate recover` shows it)",
+            j.run_id,
+            self.path.display()
+        ))
     }
 
     /// Records a new phase: what a watchdog would act on if the sender died from here on.
