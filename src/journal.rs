@@ -150,7 +150,9 @@ pub enum JournalError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{0} is not a folder owned by this user with mode 0700 (a symlink, or others can write to it)")]
+    #[error(
+        "{0} is not a folder owned by this user with mode 0700 (a symlink, or others can write to it)"
+    )]
     UnsafeDir(PathBuf),
     #[error("{path}: not a run journal: {detail}")]
     Parse { path: PathBuf, detail: String },
@@ -175,7 +177,9 @@ impl Journal {
         ensure_dir(parent)?;
         let tmp = parent.join(format!(
             ".{}.{}.tmp",
-            path.file_name().and_then(|n| n.to_str()).unwrap_or("journal"),
+            path.file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or("journal"),
             std::process::id()
         ));
         // A leftover of this very pid (a sender that died between create and rename).
@@ -339,7 +343,10 @@ mod tests {
         j.save(&path).unwrap();
         let mode = std::fs::metadata(&path).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
-        let dmode = std::fs::metadata(dir(d.path())).unwrap().permissions().mode();
+        let dmode = std::fs::metadata(dir(d.path()))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(dmode & 0o777, 0o700);
         j.phase = Phase::OkSent;
         j.save(&path).unwrap();

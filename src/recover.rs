@@ -214,7 +214,9 @@ fn exporters(fifos: &[PathBuf]) -> Vec<u32> {
             let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
                 return false;
             };
-            let hit = cmd.split(|&b| b == 0).any(|a| wanted.iter().any(|w| w == a));
+            let hit = cmd
+                .split(|&b| b == 0)
+                .any(|a| wanted.iter().any(|w| w == a));
             hit && std::fs::read_to_string(format!("/proc/{pid}/stat"))
                 .ok()
                 .and_then(|s| {
@@ -374,9 +376,13 @@ pub async fn repair(j: &Journal, mode: Mode, ui: &Arc<Ui>) -> RunReport {
         r.runs_on = where_from_local(&states);
         r.detail = match j.phase {
             Phase::Prepared => "died before the freeze".into(),
-            Phase::Checkpointing => "died after the freeze began, before \"OK\": the containers belong here".into(),
+            Phase::Checkpointing => {
+                "died after the freeze began, before \"OK\": the containers belong here".into()
+            }
             Phase::OkSent => "died after \"OK\": the target's state decides".into(),
-            Phase::Committing => "died while removing the containers here; the target runs them".into(),
+            Phase::Committing => {
+                "died while removing the containers here; the target runs them".into()
+            }
             Phase::RollingBack => "died while restoring the containers here".into(),
         };
         return r;
@@ -403,8 +409,7 @@ pub async fn repair(j: &Journal, mode: Mode, ui: &Arc<Ui>) -> RunReport {
                     return r;
                 }
             };
-            match crate::send::settle_over_ssh(&ssh, &j.remote_dir, &r.containers.clone(), ui)
-                .await
+            match crate::send::settle_over_ssh(&ssh, &j.remote_dir, &r.containers.clone(), ui).await
             {
                 Ok(o) if o.restored => {
                     r.actions
@@ -430,15 +435,12 @@ pub async fn repair(j: &Journal, mode: Mode, ui: &Arc<Ui>) -> RunReport {
     }
     // 3. Leftovers: the run folders on both hosts (the target's holds process memory),
     //    once the service runs on one host.
-    if r.result != Verdict::Failed && j.phase != Phase::OkSent && j.phase != Phase::Committing
-    {
+    if r.result != Verdict::Failed && j.phase != Phase::OkSent && j.phase != Phase::Committing {
         remove_remote_dir(j, &mut r).await;
     }
     if r.result != Verdict::Failed && j.local_dir.exists() {
         match std::fs::remove_dir_all(&j.local_dir) {
-            Ok(()) => r
-                .actions
-                .push(format!("removed {}", j.local_dir.display())),
+            Ok(()) => r.actions.push(format!("removed {}", j.local_dir.display())),
             Err(e) => r
                 .actions
                 .push(format!("removing {} failed: {e}", j.local_dir.display())),
@@ -554,7 +556,10 @@ async fn remove_here(podman: &Podman, j: &Journal, states: &[Local], r: &mut Run
         } else {
             Verdict::Repaired
         };
-        r.detail = format!("the migration happened: the target {} runs every container", r.target);
+        r.detail = format!(
+            "the migration happened: the target {} runs every container",
+            r.target
+        );
     } else {
         r.result = Verdict::Failed;
         r.detail = format!(
@@ -570,11 +575,7 @@ async fn remove_remote_dir(j: &Journal, r: &mut RunReport) {
     match Ssh::connect(&Destination::from(&j.target), SSH_TIMEOUT).await {
         Ok(ssh) => {
             let res = ssh
-                .run(
-                    "rm",
-                    &["-rf".into(), j.remote_dir.clone()],
-                    REMOTE_TIMEOUT,
-                )
+                .run("rm", &["-rf".into(), j.remote_dir.clone()], REMOTE_TIMEOUT)
                 .await;
             match res {
                 Ok(_) => r.actions.push(format!(
@@ -693,7 +694,10 @@ mod tests {
             sender: "gone".into(),
             watchdog: "done:repaired".into(),
             found: vec!["db=exited".into(), "web=running".into()],
-            actions: vec!["thawed web".into(), "restored db, from its kept checkpoint".into()],
+            actions: vec![
+                "thawed web".into(),
+                "restored db, from its kept checkpoint".into(),
+            ],
             result: Verdict::Repaired,
             runs_on: "source".into(),
             detail: "x, \"quoted\"".into(),
@@ -738,11 +742,7 @@ mod tests {
             containers: vec![],
             watchdog: None,
         };
-        let t = undetermined(
-            &j,
-            &[],
-            "SSH to root@10.0.0.2 failed",
-        );
+        let t = undetermined(&j, &[], "SSH to root@10.0.0.2 failed");
         assert!(t.contains("Nothing was restored"), "{t}");
         assert!(t.contains("root@10.0.0.2: unknown"), "{t}");
     }
@@ -775,6 +775,9 @@ mod tests {
         assert!(note.contains("read away 3000000 bytes"), "{note}");
         assert!(child.wait().unwrap().success());
         // Nobody exports any more: nothing to wait for.
-        assert_eq!(drain_exports(std::slice::from_ref(&fifo), Duration::from_secs(1)), None);
+        assert_eq!(
+            drain_exports(std::slice::from_ref(&fifo), Duration::from_secs(1)),
+            None
+        );
     }
 }

@@ -107,7 +107,9 @@ impl Guard {
         self.child = Some((child, stdin));
         let ready = tokio::task::spawn_blocking(move || {
             let mut line = String::new();
-            std::io::BufReader::new(stdout).read_line(&mut line).map(|_| line)
+            std::io::BufReader::new(stdout)
+                .read_line(&mut line)
+                .map(|_| line)
         });
         let line = match tokio::time::timeout(READY_TIMEOUT, ready).await {
             Ok(Ok(Ok(l))) => l,

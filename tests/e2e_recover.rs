@@ -81,7 +81,10 @@ impl Sender {
 
     /// The run id from the sender's "run ID: journal …" line.
     fn run_id(&mut self) -> String {
-        let l = self.wait_for("journal /var/lib/migrate/source-runs/", Duration::from_secs(60));
+        let l = self.wait_for(
+            "journal /var/lib/migrate/source-runs/",
+            Duration::from_secs(60),
+        );
         let after = l.split("run ").nth(1).expect("run id");
         after.split(':').next().unwrap().to_string()
     }
@@ -130,7 +133,11 @@ fn pair_back_on_a(since: Instant, limit: Duration) -> Duration {
 fn watchdog_logs() -> String {
     on(
         "a",
-        &["sh", "-c", "tail -n 30 /var/lib/migrate/source-runs/*.watchdog.log"],
+        &[
+            "sh",
+            "-c",
+            "tail -n 30 /var/lib/migrate/source-runs/*.watchdog.log",
+        ],
     )
     .stdout
 }
@@ -155,7 +162,10 @@ fn listed_when_done(run_id: &str) -> serde_json::Value {
                 .unwrap_or_else(|| panic!("no record for {run_id}\n{}", out.describe())),
         )
         .unwrap();
-        if rec["watchdog"].as_str().is_some_and(|w| w.starts_with("done:")) {
+        if rec["watchdog"]
+            .as_str()
+            .is_some_and(|w| w.starts_with("done:"))
+        {
             return rec;
         }
         assert!(Instant::now() < end, "the watchdog never finished: {rec}");
@@ -226,11 +236,14 @@ fn sender_killed_while_frozen_brings_the_service_back_on_the_source() {
     fresh_workload("a", 100);
     let _rx = Receiver::start("b", &[]);
     let before = counter("a");
-    let db_pid = on("a", &["podman", "inspect", "--format", "{{.State.Pid}}", "db"])
-        .ok()
-        .stdout
-        .trim()
-        .to_string();
+    let db_pid = on(
+        "a",
+        &["podman", "inspect", "--format", "{{.State.Pid}}", "db"],
+    )
+    .ok()
+    .stdout
+    .trim()
+    .to_string();
     let hold = hold_criu();
     let mut sender = Sender::start(&[]);
     let run_id = sender.run_id();
@@ -238,16 +251,27 @@ fn sender_killed_while_frozen_brings_the_service_back_on_the_source() {
     // runc has started CRIU (held, it has frozen nothing): `send` has frozen db.
     let end = Instant::now() + Duration::from_secs(30);
     while freezer_state(&db_pid) != "frozen" {
-        assert!(Instant::now() < end, "db was never frozen:\n{}", sender.log.join("\n"));
+        assert!(
+            Instant::now() < end,
+            "db was never frozen:\n{}",
+            sender.log.join("\n")
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
     let died = sender.kill9();
     // Restores after this run CRIU without the hold.
     on("a", &["rm", "-f", "/tmp/criu.hold"]).ok();
     let took = pair_back_on_a(died, BOUND);
-    eprintln!("the pair ran again on a {:.2}s after the sender died", took.as_secs_f64());
+    eprintln!(
+        "the pair ran again on a {:.2}s after the sender died",
+        took.as_secs_f64()
+    );
     drop(hold);
-    assert!(all_containers("b").is_empty(), "left on b: {:?}", all_containers("b"));
+    assert!(
+        all_containers("b").is_empty(),
+        "left on b: {:?}",
+        all_containers("b")
+    );
     assert_pair_alive("a", 100, before);
     recover_reports(&run_id, "checkpointing", &["thawed", "restored db"]);
 }
@@ -264,11 +288,21 @@ fn sender_killed_after_the_dump_brings_the_service_back_on_the_source() {
     ]);
     let run_id = sender.run_id();
     // Every dump is over (the containers' processes are gone), archives still streaming.
-    sender.wait_for("shipping archives and changed data", Duration::from_secs(180));
+    sender.wait_for(
+        "shipping archives and changed data",
+        Duration::from_secs(180),
+    );
     let died = sender.kill9();
     let took = pair_back_on_a(died, BOUND);
-    eprintln!("the pair ran again on a {:.2}s after the sender died", took.as_secs_f64());
-    assert!(all_containers("b").is_empty(), "left on b: {:?}", all_containers("b"));
+    eprintln!(
+        "the pair ran again on a {:.2}s after the sender died",
+        took.as_secs_f64()
+    );
+    assert!(
+        all_containers("b").is_empty(),
+        "left on b: {:?}",
+        all_containers("b")
+    );
     assert_pair_alive("a", 100, before);
     recover_reports(&run_id, "checkpointing", &["restored db", "restored web"]);
     on("a", &["rm", "-f", "/srv/app/www/big.bin"]).ok();
@@ -294,7 +328,11 @@ fn sender_killed_before_the_freeze_leaves_the_service_untouched() {
     assert_eq!(rec["phase"], "prepared", "{rec}");
     let after: Vec<String> = ["db", "web"].iter().map(|c| identity("a", c)).collect();
     assert_eq!(ids, after, "the containers were touched");
-    assert!(all_containers("b").is_empty(), "left on b: {:?}", all_containers("b"));
+    assert!(
+        all_containers("b").is_empty(),
+        "left on b: {:?}",
+        all_containers("b")
+    );
     assert_pair_alive("a", 100, before);
     recover_reports(&run_id, "prepared", &[]);
 }
