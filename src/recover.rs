@@ -412,16 +412,16 @@ pub async fn repair(j: &Journal, mode: Mode, ui: &Arc<Ui>) -> RunReport {
             match crate::send::settle_over_ssh(&ssh, &j.remote_dir, &r.containers.clone(), ui).await
             {
                 Ok(o) if o.restored => {
-                    r.actions
-                        .push(format!("the target {} runs every container", r.target));
                     remove_here(&podman, j, &states, &mut r).await;
                 }
                 Ok(o) => {
-                    r.actions.push(format!(
-                        "the target does not run them ({})",
-                        o.error.unwrap_or_default()
-                    ));
                     restore_here(&podman, j, &states, &mut r, ui).await;
+                    r.detail = format!(
+                        "the target {} does not run them ({}); {}",
+                        r.target,
+                        o.error.unwrap_or_default(),
+                        r.detail
+                    );
                 }
                 Err(e) => {
                     r.result = Verdict::Undetermined;

@@ -336,3 +336,35 @@ fn sender_killed_before_the_freeze_leaves_the_service_untouched() {
     assert_pair_alive("a", 100, before);
     recover_reports(&run_id, "prepared", &[]);
 }
+
+#[test]
+fn sender_killed_after_ok_leaves_the_service_on_the_target_only() {
+    fresh_workload("a", 100);
+    let rx = Receiver::start("b", &[]);
+    let before = counter("a");
+    let mut sender = Sender::start(&[]);
+    let run_id = sender.run_id();
+    // "OK" is out: the target restores; only its state may decide now.
+    sender.wait_for("OK sent; target restoring", Duration::from_secs(180));
+    sender.kill9();
+    let (code, _) = rx.wait(Duration::from_secs(120));
+    assert_eq!(code, Some(0), "the receiver did not restore");
+    let rec = listed_when_done(&run_id);
+    eprintln!("--- the watchdog's log\n{}", watchdog_logs());
+    assert_eq!(rec["phase"], "ok_sent", "{rec}");
+    assert_eq!(rec["watchdog"], "done:repaired", "{rec}");
+    // The watchdog asked the target, found both running there and retired them here.
+    assert!(
+        all_containers("a").is_empty(),
+        "split brain: a={:?} b={:?}",
+        all_containers("a"),
+        running("b")
+    );
+    assert_pair_alive("b", 100, before);
+    let out = recover(&["--run", &run_id]).ok();
+    eprintln!("--- recover\n{}", out.describe());
+    let rec: serde_json::Value = serde_json::from_str(out.stdout.trim()).unwrap();
+    assert_eq!(rec["result"], "clean", "{}", out.describe());
+    assert_eq!(rec["runs_on"], "target", "{}", out.describe());
+    assert!(out.stderr.contains("removed db here"), "{}", out.describe());
+}
