@@ -34,6 +34,30 @@ pub enum Command {
     Check(CheckArgs),
     /// Read a service like a client would, every interval, and report every outage.
     Probe(crate::probe::ProbeArgs),
+    /// Show and repair what a `send` that died left on this (source) host.
+    ///
+    /// Every `send` keeps a run journal in WORKDIR/source-runs/RUN_ID.json from before the
+    /// freeze until it ends: its phase, its containers, their cgroups and the target. A
+    /// sender that ends (migrated, rolled back or refused) removes it. A sender that is
+    /// killed leaves it, and the watchdog it started (a `migrate watchdog` in a session of
+    /// its own) repairs the run at once: it thaws the containers, lets a checkpoint podman
+    /// is still writing finish, and restores them here from their kept checkpoints, or,
+    /// after "OK" was sent, asks the target over SSH first.
+    ///
+    /// `recover` lists every journal left (one record per run on stdout, CSV or JSON; what
+    /// it does on stderr) and repairs what is still wrong, by the rule of `send`: the
+    /// service ends up running on exactly one host. Before "OK" the target never restores,
+    /// so the containers come back here (thawed, or `podman container restore --keep`).
+    /// After "OK" the target's state decides: all running there → the containers here are
+    /// removed; otherwise the partial ones there are removed and the containers come back
+    /// here. When the target cannot be reached, nothing is restored: the record says what
+    /// runs where, and the exit status is 3. Runs whose sender or watchdog still runs are
+    /// reported as `in_progress` and not touched. A settled run's journal is removed once
+    /// reported.
+    ///
+    /// Exit status: 0 nothing needs a human; 1 a repair failed (see `detail`); 2 the
+    /// journals cannot be read; 3 a target's state is unknown, nothing was restored.
+    Recover(crate::recover::RecoverArgs),
     /// Print a shell completion script to stdout.
     Completions {
         /// The shell to complete for.
@@ -44,6 +68,9 @@ pub enum Command {
     /// Internal: the target end of an archive upload (started by `migrate send`).
     #[command(hide = true)]
     Sink(crate::sink::SinkArgs),
+    /// Internal: guards a `send` in progress and repairs its run if the sender dies.
+    #[command(hide = true)]
+    Watchdog(crate::watchdog::WatchdogArgs),
 }
 
 /// How records are printed on stdout (`send` and `receive`).

@@ -7,12 +7,14 @@ mod digest;
 mod engine;
 mod exec;
 mod hooks;
+mod journal;
 mod plan;
 mod preflight;
 mod probe;
 mod progress;
 mod protocol;
 mod receive;
+mod recover;
 mod rundir;
 mod secret;
 mod send;
@@ -20,6 +22,7 @@ mod sink;
 mod sync;
 mod timing;
 mod transport;
+mod watchdog;
 mod wire;
 mod zeropages;
 
@@ -101,6 +104,8 @@ async fn dispatch(cli: Cli) -> u8 {
             0
         }
         Command::Sink(args) => sink::run(args),
+        Command::Recover(args) => recover::run(args).await,
+        Command::Watchdog(args) => watchdog::run(args).await,
         Command::Man => {
             match clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout()) {
                 Ok(()) => 0,

@@ -15,6 +15,7 @@ use crate::engine::freezer::{Freezer, FrozenCgroup};
 use crate::engine::podman::{self, Compression, ContainerInfo, CriuOptions, Podman, PodmanError};
 use crate::exec::shell_quote;
 use crate::hooks::{self, When};
+use crate::journal::Phase;
 use crate::plan::SendPlan;
 use crate::preflight::{self, Control, Want, Welcome};
 use crate::progress::Ui;
@@ -122,7 +123,10 @@ pub async fn run(
         role: "sender",
         ..Default::default()
     };
-    let result = migrate(plan, ui, signals, &mut rec).await;
+    let mut guard = crate::watchdog::Guard::new(plan);
+    let result = migrate(plan, ui, signals, &mut rec, &mut guard).await;
+    // A run that ended undecided (exit 3) keeps its journal for `migrate recover`.
+    guard.end(matches!(&result, Err(f) if f.exit == Exit::Failed));
     rec.source_total_s = Some(total.secs());
     rec.outcome = Some(match &result {
         Ok(()) => Outcome::Ok,
@@ -139,6 +143,7 @@ async fn migrate(
     ui: &Arc<Ui>,
     signals: &mut Signals,
     rec: &mut Record,
+    guard: &mut crate::watchdog::Guard,
 ) -> Result<(), SendFailure> {
     let prepared = tokio::select! {
         p = preflight(plan, ui, rec) => p?,
@@ -153,6 +158,16 @@ async fn migrate(
         offset_us,
     } = prepared;
     rec.clock_offset_us = Some(offset_us);
+    // The journal and the watchdog that repairs the run if this process dies.
+    let entries = items.iter().map(journal_entry).collect();
+    match guard.start(plan, entries, &local_dir, &remote_dir).await {
+        Ok(said) => ui.info(&said),
+        Err(e) => {
+            abort(&mut control, "cannot start the watchdog", false).await;
+            ssh.close().await;
+            return Err(refuse(e.context("nothing was frozen")));
+        }
+    }
     // rsync compresses only where the archives are compressed too: on slow links.
     let compress_sync = items
         .iter()
@@ -258,6 +273,11 @@ async fn migrate(
         )));
     }
 
+    if let Err(e) = guard.phase(Phase::Checkpointing) {
+        abort(&mut control, "cannot write the run journal", false).await;
+        ssh.close().await;
+        return Err(refuse(e.context("nothing was frozen")));
+    }
     let podman = Podman;
     let rb = Rollback {
         podman: &podman,
@@ -423,6 +443,12 @@ async fn migrate(
     if first_error.is_none() && signals.fired() {
         first_error = Some(anyhow!("interrupted while frozen"));
     }
+    // Before "OK" leaves: from here a watchdog must ask the target, never restore blindly.
+    if first_error.is_none()
+        && let Err(e) = guard.phase(Phase::OkSent)
+    {
+        first_error = Some(e);
+    }
     if let Some(e) = first_error {
         abort(&mut control, "failed while frozen", true).await;
         podman_exits(std::mem::take(&mut exits), rec, ui).await;
@@ -495,6 +521,11 @@ async fn migrate(
             }
         }
     };
+    if outcome.restored
+        && let Err(e) = guard.phase(Phase::Committing)
+    {
+        ui.warn(&format!("{e:#}"));
+    }
     rec.restore_s = Some(outcome.restore_s);
     rec.criu_restore_s = outcome.criu_restore_s;
     rec.verify_s = Some(outcome.verify_s);
@@ -503,6 +534,9 @@ async fn migrate(
             .error
             .unwrap_or_else(|| "the target did not restore".into());
         podman_exits(std::mem::take(&mut exits), rec, ui).await;
+        if let Err(e) = guard.phase(Phase::RollingBack) {
+            ui.warn(&format!("{e:#}"));
+        }
         return Err(rb.run(&checkpointed, anyhow!(why)).await);
     }
     let up_target = outcome.up_us.unwrap_or_else(|| now_us() + offset_us);
@@ -1358,7 +1392,7 @@ pub fn decide_settle(states: &BTreeMap<String, String>, names: &[String]) -> Set
 
 /// After losing the control connection: waits for the receiver to finish or die, stops
 /// any restore still in flight, looks at the containers on the target and decides.
-async fn settle_over_ssh(
+pub(crate) async fn settle_over_ssh(
     ssh: &Ssh,
     remote_dir: &str,
     names: &[String],
@@ -1487,6 +1521,17 @@ fn self_excluding_pattern(path: &str) -> String {
     match chars.next() {
         Some(c) => format!("[{c}]{}", chars.as_str()),
         None => String::new(),
+    }
+}
+
+/// What the run journal keeps of one container.
+fn journal_entry(it: &Item) -> crate::journal::Entry {
+    crate::journal::Entry {
+        name: it.info.name.clone(),
+        freezer: it.freezer.clone(),
+        fifo: it.fifo.clone(),
+        file_locks: it.opts.file_locks,
+        tcp_established: it.opts.tcp_established,
     }
 }
 

@@ -32,8 +32,10 @@ pub enum FreezerError {
     Timeout(PathBuf, Duration),
 }
 
-/// Which freezer interface the container's cgroup has.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Which freezer interface the container's cgroup has (kept in the run journal, so a
+/// watchdog can thaw it after the sender died).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Freezer {
     /// cgroup v1: `freezer.state` takes FROZEN / THAWED and reads FREEZING on the way.
     V1 { dir: PathBuf },
@@ -92,6 +94,15 @@ impl Freezer {
                 return Err(FreezerError::Timeout(self.state_file(), timeout));
             }
             std::thread::sleep(POLL);
+        }
+    }
+
+    /// True when the cgroup is asked to be frozen (or frozen): `FROZEN`/`FREEZING` in v1,
+    /// `1` in v2. A cgroup that is gone is not frozen.
+    pub fn is_frozen(&self) -> bool {
+        match read(&self.state_file()) {
+            Ok(t) => matches!(t.trim(), "FROZEN" | "FREEZING" | "1"),
+            Err(_) => false,
         }
     }
 
