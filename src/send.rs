@@ -1706,6 +1706,9 @@ mod tests {
             pid: 1,
             mounts: vec![],
             joins: joins.iter().map(|s| s.to_string()).collect(),
+            shares: vec![],
+            dependencies: vec![],
+            pod: String::new(),
         }
     }
 

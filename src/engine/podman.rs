@@ -105,6 +105,10 @@ struct RawHostConfig {
     ipc_mode: String,
     #[serde(rename = "UTSMode", default)]
     uts_mode: String,
+    #[serde(rename = "UsernsMode", default)]
+    userns_mode: String,
+    #[serde(rename = "CgroupnsMode", default)]
+    cgroupns_mode: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -123,6 +127,12 @@ struct RawInspect {
     state: RawState,
     #[serde(rename = "Mounts", default)]
     mounts: Vec<Mount>,
+    #[serde(rename = "Pod", default)]
+    pod: String,
+    /// Every container this one needs (namespaces it joins, `--requires`): podman's own
+    /// list, the one its checkpoint export refuses on.
+    #[serde(rename = "Dependencies", default)]
+    dependencies: Option<Vec<String>>,
 }
 
 /// What we need to know about a container.
@@ -139,6 +149,14 @@ pub struct ContainerInfo {
     /// Containers (name or ID) whose namespaces this one joins (`--network container:X`):
     /// they must be restored first.
     pub joins: Vec<String>,
+    /// Which namespace this one shares with which container (ID or name), as
+    /// `("network", "8854c42…")`.
+    pub shares: Vec<(&'static str, String)>,
+    /// The IDs of the containers podman says this one depends on (namespaces, `--requires`,
+    /// a pod's infra container).
+    pub dependencies: Vec<String>,
+    /// The ID of the pod this container belongs to, if any.
+    pub pod: String,
 }
 
 /// Parses `podman container inspect` JSON.
@@ -157,18 +175,33 @@ pub fn parse_inspect(json: &str) -> Result<Vec<ContainerInfo>, PodmanError> {
             pid: r.state.pid,
             mounts: r.mounts,
             joins: {
-                let h = &r.host_config;
-                let mut j: Vec<String> = [&h.network_mode, &h.pid_mode, &h.ipc_mode, &h.uts_mode]
-                    .iter()
-                    .filter_map(|m| m.strip_prefix("container:"))
-                    .map(str::to_string)
-                    .collect();
+                let mut j: Vec<String> =
+                    shares(&r.host_config).into_iter().map(|(_, c)| c).collect();
                 j.sort();
                 j.dedup();
                 j
             },
+            shares: shares(&r.host_config),
+            dependencies: r.dependencies.unwrap_or_default(),
+            pod: r.pod,
         })
         .collect())
+}
+
+/// The namespaces a container shares with another container (`--network container:X`,
+/// `--pid container:X`, …), by the name podman's command line gives them.
+fn shares(h: &RawHostConfig) -> Vec<(&'static str, String)> {
+    [
+        ("network", &h.network_mode),
+        ("pid", &h.pid_mode),
+        ("ipc", &h.ipc_mode),
+        ("uts", &h.uts_mode),
+        ("user", &h.userns_mode),
+        ("cgroup", &h.cgroupns_mode),
+    ]
+    .into_iter()
+    .filter_map(|(kind, m)| Some((kind, m.strip_prefix("container:")?.to_string())))
+    .collect()
 }
 
 /// Options that both checkpoint and restore must agree on.
@@ -396,6 +429,27 @@ impl Podman {
             }
         }
         Ok(found)
+    }
+
+    /// Every container on this host, in any state.
+    /// Every container on this host, in any state. A container removed between the
+    /// listing and the inspection makes it list again.
+    pub async fn all(&self) -> Result<Vec<ContainerInfo>, PodmanError> {
+        let mut attempt = 1;
+        loop {
+            let ids = self
+                .run(args(["ps", "--all", "--no-trunc", "--format", "{{.ID}}"]))
+                .await?;
+            let ids: Vec<String> = ids.split_whitespace().map(str::to_string).collect();
+            if ids.is_empty() {
+                return Ok(Vec::new());
+            }
+            match exec::run("podman", &inspect_args(&ids), PODMAN_TIMEOUT).await {
+                Ok(out) => return parse_inspect(&out.stdout),
+                Err(e) if attempt < 3 && is_no_such_container(e.stderr()) => attempt += 1,
+                Err(e) => return Err(e.into()),
+            }
+        }
     }
 
     /// True when a container of that name exists.
@@ -641,6 +695,32 @@ mod tests {
         assert!(c.running);
         assert_eq!(c.mounts[0].source, "/srv/app/mysql");
         assert_eq!(c.joins, vec!["abc123"]);
+        assert_eq!(c.shares, vec![("network", "abc123".to_string())]);
+        assert!(c.dependencies.is_empty() && c.pod.is_empty());
+    }
+
+    #[test]
+    fn parses_dependencies_and_pods() {
+        // As podman 4.3.1 prints them for `podman run --network container:base --pid
+        // container:base` (trimmed), and for a container with none (`null`).
+        let json = r#"[{"Id":"49a2f879","Name":"app","Image":"i","State":{"Status":"running","Running":true,"Pid":7},
+            "Pod":"","Dependencies":["8854c4216652f8202d76eca89e92d4aa6686adfd78970afc7ddc7ee7bbbc3b81"],
+            "HostConfig":{"NetworkMode":"container:8854c4216652f8202d76eca89e92d4aa6686adfd78970afc7ddc7ee7bbbc3b81","PidMode":"container:8854c4216652f8202d76eca89e92d4aa6686adfd78970afc7ddc7ee7bbbc3b81","IpcMode":"shareable","UTSMode":"private","UsernsMode":"","CgroupnsMode":"host"}},
+            {"Id":"77","Name":"member","Image":"i","State":{"Status":"running","Running":true,"Pid":8},
+            "Pod":"f00d","Dependencies":["1nfra"],"HostConfig":{}},
+            {"Id":"88","Name":"alone","Image":"i","State":{"Status":"running","Running":true,"Pid":9},
+            "Pod":"","Dependencies":null,"HostConfig":{}}]"#;
+        let v = parse_inspect(json).unwrap();
+        let base = "8854c4216652f8202d76eca89e92d4aa6686adfd78970afc7ddc7ee7bbbc3b81".to_string();
+        assert_eq!(
+            v[0].shares,
+            vec![("network", base.clone()), ("pid", base.clone())]
+        );
+        assert_eq!(v[0].joins, vec![base.clone()]);
+        assert_eq!(v[0].dependencies, vec![base]);
+        assert_eq!(v[1].pod, "f00d");
+        assert_eq!(v[1].dependencies, vec!["1nfra"]);
+        assert!(v[2].dependencies.is_empty() && v[2].shares.is_empty());
     }
 
     #[test]
