@@ -27,6 +27,15 @@ pub enum PodmanError {
     },
     #[error("cannot read `podman inspect` output: {0}")]
     Parse(String),
+    /// podman wrote the whole archive, then failed: the dump is done, the archive may be
+    /// whole, but podman's own verdict is a failure, so it is not used.
+    #[error("podman failed after writing the whole archive of {name} ({bytes} bytes): {source}")]
+    FailedAfterExport {
+        name: String,
+        bytes: u64,
+        #[source]
+        source: Box<PodmanError>,
+    },
     #[error("streaming the checkpoint of {name}: {source}")]
     Stream {
         name: String,
@@ -332,8 +341,10 @@ pub struct Streamed {
     pub first_byte: Option<Instant>,
     /// When the whole archive had been handed to the sink.
     pub complete: Instant,
-    /// podman's exit, after it has cleaned up the container: its `--print-stats`.
-    pub exit: tokio::task::JoinHandle<Result<Stats, PodmanError>>,
+    /// When podman exited (successfully), after it had cleaned up the container.
+    pub exited: Instant,
+    /// podman's own timing (`--print-stats`).
+    pub stats: Stats,
     /// When podman started the runtime's checkpoint and the container was frozen; `None`
     /// when that was not watched (no cgroup freezer) or not seen.
     pub runtime_start: Option<RuntimeStart>,
@@ -367,12 +378,6 @@ fn keep_tail(tail: &mut Vec<u8>, chunk: &[u8]) {
     tail.extend_from_slice(&chunk[chunk.len().saturating_sub(2 * TAR_BLOCK)..]);
     let extra = tail.len().saturating_sub(2 * TAR_BLOCK);
     tail.drain(..extra);
-}
-
-fn ready_exit(
-    r: Result<Stats, PodmanError>,
-) -> tokio::task::JoinHandle<Result<Stats, PodmanError>> {
-    tokio::spawn(async move { r })
 }
 
 /// Hashes the archive on a thread of its own, off the path between the FIFO and the
@@ -468,9 +473,11 @@ impl Podman {
     /// from the target's copy. `dumped` fires with the first byte: CRIU's dump is over and the
     /// container's processes are gone, so its data folders can no longer change.
     ///
-    /// Returns once the archive is complete, which is before podman has cleaned up the
-    /// container's network and storage; [`Streamed::exit`] resolves when podman exits.
-    /// A podman that fails before the archive is complete is an error here.
+    /// Returns once podman has exited. The archive is complete when both its stream ended
+    /// (end of file on the FIFO and, for a plain tar, tar's closing blocks) and podman
+    /// exited successfully: a podman that fails at any point, even after writing the
+    /// whole archive (while it cleans up the container's network and storage), is an
+    /// error here ([`PodmanError::FailedAfterExport`] when the archive was whole).
     pub async fn checkpoint_streaming<W: AsyncWrite + Unpin>(
         &self,
         name: &str,
@@ -575,30 +582,43 @@ impl Podman {
         sink.shutdown().await.map_err(io)?;
         let complete = Instant::now();
         let digest = hasher.finish().await.map_err(io)?;
-        if let Some(Err(e)) = finished {
-            return Err(e);
-        }
-        // An archive cut short (podman failing half-way) lacks tar's two closing zero
-        // blocks: then podman's own verdict decides.
-        let whole = compress == Compression::None
-            && total >= (2 * TAR_BLOCK) as u64
-            && tail.iter().all(|&b| b == 0);
+        // The stream's own end: a plain tar ends with two zero blocks.
+        let closed = compress != Compression::None
+            || (total >= (2 * TAR_BLOCK) as u64 && tail.iter().all(|&b| b == 0));
+        // podman's verdict: it may still be cleaning up the container (network, storage).
         let exit = match finished {
-            Some(r) => ready_exit(r),
-            None if whole => exit,
-            None => {
-                let r = exit
-                    .await
-                    .unwrap_or_else(|e| Err(io(std::io::Error::other(e))));
-                ready_exit(Ok(r?))
-            }
+            Some(r) => r,
+            None => exit
+                .await
+                .unwrap_or_else(|e| Err(io(std::io::Error::other(e)))),
         };
+        let exited = Instant::now();
+        let stats = match exit {
+            Ok(stats) => stats,
+            Err(e) if closed && total > 0 => {
+                return Err(PodmanError::FailedAfterExport {
+                    name: name.to_string(),
+                    bytes: total,
+                    source: Box::new(e),
+                });
+            }
+            Err(e) => return Err(e),
+        };
+        if !closed {
+            return Err(PodmanError::Stream {
+                name: name.to_string(),
+                source: std::io::Error::other(format!(
+                    "podman succeeded, but the archive it wrote ({total} bytes) does not end with tar's closing blocks"
+                )),
+            });
+        }
         Ok(Streamed {
             size: total,
             digest,
             first_byte,
             complete,
-            exit,
+            exited,
+            stats,
             runtime_start: None,
         })
     }
