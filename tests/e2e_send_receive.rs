@@ -366,9 +366,9 @@ fn checkpoint_failing_on_the_source_leaves_the_service_running() {
     assert_pair_alive("a", 100, before);
 }
 
-/// Puts a wrapper over runc on a host: `when` is a shell condition on runc's arguments
-/// (`$*`); where it holds, `action` runs instead of (`before`) or after (`after`) the real
-/// runc, and the wrapper exits 1.
+/// Puts a wrapper over runc on a host: where `when` (a `case` pattern on runc's arguments)
+/// matches, it fails (exit 1) instead of running the real runc or, with `real_first`,
+/// after running it. podman's probe (`runc checkpoint --help`) is left alone.
 struct BrokenRunc;
 
 impl BrokenRunc {
@@ -382,6 +382,7 @@ impl BrokenRunc {
             "cp /usr/sbin/runc /tmp/runc.real && cat > /tmp/runc.fake <<'FAKE'
 #!/bin/sh
 case \" $* \" in
+  *' --help '*) ;;
   {when}) {body} ;;
 esac
 exec /tmp/runc.real \"$@\"
