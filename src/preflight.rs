@@ -390,6 +390,121 @@ async fn source_containers(want: &Want<'_>, r: &mut Report) {
             )),
         }
     }
+    // podman finds out that it cannot export a container that depends on another only
+    // after CRIU has dumped (and so stopped) it: that is checked here, before anything.
+    match podman.all().await {
+        Ok(all) => r.findings.extend(dependency_findings(&r.infos, &all)),
+        Err(e) => r.push(Finding::new(
+            Level::Fail,
+            "source",
+            format!("cannot list the containers here to check what shares their namespaces: {e}"),
+        )),
+    }
+}
+
+/// Containers that cannot be moved by a checkpoint archive because of another container,
+/// found before anything is frozen. podman (4.3 to this day) checks this only after
+/// CRIU's dump, which has stopped the container by then:
+/// - one that joins another's namespaces (`--network/--pid/--ipc/--uts container:X`) or
+///   requires another (`--requires`): podman refuses to export it ("cannot export
+///   checkpoints of containers with dependencies"), even when X is moved along;
+/// - one in a pod: podman restores it only into a pod (`restore --import --pod`), which
+///   runc cannot do;
+/// - one whose namespaces a container that stays here shares: that one would be left
+///   with the namespaces of a container gone to the target, and podman would not remove
+///   the moved one here.
+///
+/// `moved`: the containers to move; `all`: every container on this host.
+pub fn dependency_findings(moved: &[ContainerInfo], all: &[ContainerInfo]) -> Vec<Finding> {
+    let is = |c: &ContainerInfo, r: &str| {
+        c.name == r || c.id == r || (r.len() >= 12 && c.id.starts_with(r))
+    };
+    let name_of = |r: &str| {
+        all.iter()
+            .chain(moved)
+            .find(|c| is(c, r))
+            .map_or_else(|| short(r).to_string(), |c| c.name.clone())
+    };
+    let mut out = Vec::new();
+    for c in moved {
+        if !c.pod.is_empty() {
+            out.push(
+                Finding::new(
+                    Level::Fail,
+                    "source",
+                    format!(
+                        "{} is in pod {} and shares the namespaces of its infra container: podman restores a pod's container only into a pod (`podman container restore --import --pod`), which runc cannot do, and migrate does not move pods",
+                        c.name,
+                        short(&c.pod)
+                    ),
+                )
+                .fix(format!(
+                    "run {} outside a pod (its own namespaces, published ports) to move it with migrate",
+                    c.name
+                )),
+            );
+            continue;
+        }
+        for dep in &c.dependencies {
+            let dep_name = name_of(dep);
+            let kinds: Vec<&str> = c
+                .shares
+                .iter()
+                .filter(|(_, r)| {
+                    all.iter().chain(moved).any(|o| is(o, r) && is(o, dep)) || r == dep
+                })
+                .map(|(k, _)| *k)
+                .collect();
+            let how = if kinds.is_empty() {
+                format!("requires {dep_name} (--requires)")
+            } else {
+                format!("shares the {} namespace of {dep_name}", kinds.join(", "))
+            };
+            let along = if moved.iter().any(|m| is(m, dep)) {
+                ""
+            } else {
+                ", which is not being moved"
+            };
+            out.push(
+                Finding::new(
+                    Level::Fail,
+                    "source",
+                    format!(
+                        "{name} {how}{along}: podman refuses to export the checkpoint of a container that depends on another (\"cannot export checkpoints of containers with dependencies\"), even when both move, and says so only after CRIU's dump has stopped {name}",
+                        name = c.name
+                    ),
+                )
+                .fix(format!(
+                    "moving them together does not help: start {name} with namespaces of its own (for example publish its ports instead of --network container:{dep_name}) to move it, or move {dep_name} without it only once nothing joins {dep_name}'s namespaces",
+                    name = c.name
+                )),
+            );
+        }
+    }
+    for o in all {
+        if moved.iter().any(|m| m.id == o.id) {
+            continue;
+        }
+        for m in moved {
+            if o.dependencies.iter().any(|d| is(m, d)) {
+                out.push(
+                    Finding::new(
+                        Level::Fail,
+                        "source",
+                        format!(
+                            "{} depends on {} (it shares its namespaces or requires it) and stays here: it would be left with the namespaces of a container gone to the target, and podman would not remove {} here",
+                            o.name, m.name, m.name
+                        ),
+                    )
+                    .fix(format!(
+                        "stop and remove {} first (or leave {} where it is); podman cannot move {} itself by checkpoint",
+                        o.name, m.name, o.name
+                    )),
+                );
+            }
+        }
+    }
+    out
 }
 
 fn short(id: &str) -> &str {
@@ -1155,7 +1270,94 @@ mod tests {
                 },
             ],
             joins: vec![],
+            shares: vec![],
+            dependencies: vec![],
+            pod: String::new(),
         }
+    }
+
+    fn ctr(name: &str, id: &str, deps: &[&str], shares: &[(&'static str, &str)]) -> ContainerInfo {
+        ContainerInfo {
+            name: name.into(),
+            id: id.into(),
+            dependencies: deps.iter().map(|d| d.to_string()).collect(),
+            shares: shares.iter().map(|(k, r)| (*k, r.to_string())).collect(),
+            mounts: vec![],
+            ..info()
+        }
+    }
+
+    const BASE: &str = "8854c4216652f8202d76eca89e92d4aa6686adfd78970afc7ddc7ee7bbbc3b81";
+    const APP: &str = "49a2f87907eacabc5a81f9a106a9d61ee74a9b96044e4c4385d802cfcb4189fa";
+
+    #[test]
+    fn a_container_sharing_namespaces_is_refused_naming_both() {
+        let base = ctr("base", BASE, &[], &[]);
+        let app = ctr("app", APP, &[BASE], &[("network", BASE), ("pid", BASE)]);
+        let all = [base.clone(), app.clone()];
+        // Moved without base.
+        let f = dependency_findings(std::slice::from_ref(&app), &all);
+        assert_eq!(f.len(), 1, "{f:#?}");
+        assert_eq!(f[0].level, Level::Fail);
+        let line = f[0].one_line();
+        assert!(
+            line.contains(
+                "app shares the network, pid namespace of base, which is not being moved"
+            ),
+            "{line}"
+        );
+        assert!(
+            line.contains("cannot export checkpoints of containers with dependencies"),
+            "{line}"
+        );
+        assert!(line.contains("--network container:base"), "{line}");
+        // Moved together: podman still refuses app's export.
+        let f = dependency_findings(&all, &all);
+        assert_eq!(f.len(), 1, "{f:#?}");
+        assert!(
+            f[0].text
+                .contains("app shares the network, pid namespace of base:"),
+            "{}",
+            f[0].text
+        );
+        assert!(f[0].text.contains("even when both move"), "{}", f[0].text);
+        // base moved without app, which stays with base's namespaces.
+        let f = dependency_findings(std::slice::from_ref(&base), &all);
+        assert_eq!(f.len(), 1, "{f:#?}");
+        assert!(
+            f[0].text.starts_with("app depends on base"),
+            "{}",
+            f[0].text
+        );
+        // Nobody depends on anybody: nothing to say.
+        let alone = ctr("alone", "aaaa", &[], &[]);
+        assert!(
+            dependency_findings(std::slice::from_ref(&alone), &[alone.clone(), base]).is_empty()
+        );
+    }
+
+    #[test]
+    fn requires_and_pods_are_refused_too() {
+        let base = ctr("base", BASE, &[], &[]);
+        let app = ctr("app", APP, &[BASE], &[]);
+        let f = dependency_findings(std::slice::from_ref(&app), &[base, app.clone()]);
+        assert!(
+            f[0].text.starts_with("app requires base (--requires)"),
+            "{}",
+            f[0].text
+        );
+        let member = ContainerInfo {
+            pod: "f00dfeedcafe0123".into(),
+            ..ctr("member", "77", &["1nfra"], &[("network", "1nfra")])
+        };
+        let f = dependency_findings(std::slice::from_ref(&member), std::slice::from_ref(&member));
+        assert_eq!(f.len(), 1, "{f:#?}");
+        assert!(
+            f[0].text.contains("member is in pod f00dfeedcafe"),
+            "{}",
+            f[0].text
+        );
+        assert!(f[0].fix.as_deref().unwrap().contains("outside a pod"));
     }
 
     #[test]

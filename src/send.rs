@@ -12,7 +12,7 @@ use anyhow::{Context, anyhow};
 use crate::Signals;
 use crate::cli::CompressChoice;
 use crate::engine::freezer::{Freezer, FrozenCgroup};
-use crate::engine::podman::{self, Compression, ContainerInfo, CriuOptions, Podman, PodmanError};
+use crate::engine::podman::{self, Compression, ContainerInfo, CriuOptions, Podman};
 use crate::exec::shell_quote;
 use crate::hooks::{self, When};
 use crate::journal::Phase;
@@ -284,6 +284,7 @@ async fn migrate(
         items: &items,
         ui,
         ssh: &ssh,
+        dest: &plan.target.dest,
         remote_dir: &remote_dir,
         hooks: &plan.hooks,
         env: &hook_env,
@@ -368,7 +369,9 @@ async fn migrate(
     let rebase = |secs: f64| (secs - shift_s).max(0.0);
     rec.dump_s = dump_at.get().map(rebase);
     let mut checkpointed = Vec::new();
-    let mut exits = Vec::new();
+    // When podman's exit was the last thing before "OK" could be said: what waiting for
+    // its verdict cost (the archives on the target and the post-sync done before it).
+    let mut podman_exited_s = 0.0f64;
     let mut entries = Vec::new();
     let mut wire_bytes = 0u64;
     let mut postsync_bytes = 0u64;
@@ -397,12 +400,15 @@ async fn migrate(
         match f.checkpoint {
             Ok(st) => {
                 ui.info(&format!(
-                    "checkpointed {}: {froze}dump over {:.3}s after DOWN, archive complete at {:.3}s",
+                    "checkpointed {}: {froze}dump over {:.3}s after DOWN, archive complete at {:.3}s, podman done at {:.3}s",
                     it.info.name,
                     st.first_byte.map(|t| since_down.at(t)).unwrap_or_default(),
                     since_down.at(st.complete),
+                    since_down.at(st.exited),
                 ));
-                exits.push((it.info.name.clone(), st.exit));
+                podman_exited_s = podman_exited_s.max(since_down.at(st.exited));
+                rec.podman_checkpoint_s = max_opt(rec.podman_checkpoint_s, st.stats.podman_s);
+                rec.criu_frozen_s = max_opt(rec.criu_frozen_s, st.stats.criu_s);
                 checkpointed.push(it.clone());
             }
             Err(e) => {
@@ -451,9 +457,18 @@ async fn migrate(
     }
     if let Some(e) = first_error {
         abort(&mut control, "failed while frozen", true).await;
-        podman_exits(std::mem::take(&mut exits), rec, ui).await;
         return Err(rb.run(&checkpointed, e).await);
     }
+    // "OK" waits for every podman's exit status (an archive is complete only when podman
+    // says so); how much of the downtime that wait was:
+    let ready_s = rec
+        .transfer_s
+        .unwrap_or_default()
+        .max(rec.dump_s.unwrap_or_default() + rec.postsync_s.unwrap_or_default());
+    let waited_s = (podman_exited_s - ready_s).max(0.0);
+    ui.info(&format!(
+        "every podman exited successfully {podman_exited_s:.3}s after DOWN; waiting for them held OK back {waited_s:.3}s"
+    ));
     let archives: u64 = entries.iter().map(|e| e.size).sum();
     ui.info(&format!(
         "shipped {} of archives ({} on the wire), complete {:.3}s after DOWN; post-sync sent {} in {:.3}s",
@@ -533,7 +548,6 @@ async fn migrate(
         let why = outcome
             .error
             .unwrap_or_else(|| "the target did not restore".into());
-        podman_exits(std::mem::take(&mut exits), rec, ui).await;
         if let Err(e) = guard.phase(Phase::RollingBack) {
             ui.warn(&format!("{e:#}"));
         }
@@ -565,7 +579,6 @@ async fn migrate(
         }
     }
     // Commit: the target runs the service; retire it here.
-    podman_exits(std::mem::take(&mut exits), rec, ui).await;
     for it in &items {
         if let Err(e) = podman.remove(&it.info.name).await {
             ui.warn(&format!(
@@ -587,43 +600,10 @@ async fn migrate(
     Ok(())
 }
 
-/// Waits for the podman processes that were still cleaning up when their archives were
-/// complete, and records their own timing. Their dumps and archives are done; a failure
-/// this late is worth a warning, not a rollback.
-async fn podman_exits(
-    exits: Vec<(
-        String,
-        tokio::task::JoinHandle<Result<podman::Stats, PodmanError>>,
-    )>,
-    rec: &mut Record,
-    ui: &Ui,
-) {
-    let until = tokio::time::Instant::now() + PODMAN_CLEANUP_TIMEOUT;
-    for (name, exit) in exits {
-        let Ok(exit) = tokio::time::timeout_at(until, exit).await else {
-            ui.warn(&format!(
-                "{name}: podman is still cleaning up after {}s; going on without its figures",
-                PODMAN_CLEANUP_TIMEOUT.as_secs()
-            ));
-            continue;
-        };
-        match exit {
-            Ok(Ok(stats)) => {
-                rec.podman_checkpoint_s = max_opt(rec.podman_checkpoint_s, stats.podman_s);
-                rec.criu_frozen_s = max_opt(rec.criu_frozen_s, stats.criu_s);
-            }
-            Ok(Err(e)) => ui.warn(&format!(
-                "{name}: podman failed after its archive was complete: {e}"
-            )),
-            Err(e) => ui.warn(&format!("{name}: waiting for podman: {e}")),
-        }
-    }
-}
-
 /// What freezing one container produced.
 struct Frozen {
     checkpoint: anyhow::Result<podman::Streamed>,
-    /// Seconds from DOWN until the archive was complete (podman may still be cleaning up).
+    /// Seconds from DOWN until the archive was complete (podman exited a little later).
     checkpoint_s: f64,
     shipped: Result<(u64, String), crate::transport::ssh::SshError>,
     /// Seconds from DOWN until the archive was complete on the target.
@@ -707,7 +687,11 @@ async fn freeze_and_stream(
                     Err(e) => Err(e.to_string()),
                 });
             }
-            let secs = since_down.secs();
+            // Until the archive was complete here (podman exits a little later).
+            let secs = match &r {
+                Ok(st) => since_down.at(st.complete),
+                Err(_) => since_down.secs(),
+            };
             // A client caught half-way through connecting makes CRIU refuse the dump; the
             // container keeps running, and a moment later the handshake is over.
             let retry = match &r {
@@ -848,10 +832,6 @@ async fn open_upload<'a>(
         None => ssh.open_upload(path).await,
     }
 }
-
-/// How long podman may take to clean up after its archive was complete (normally well
-/// under a second) before `send` goes on without it.
-const PODMAN_CLEANUP_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Attempts at removing a partial container on the target after losing the receiver.
 const REMOVE_ATTEMPTS: u32 = 10;
@@ -1541,6 +1521,7 @@ struct Rollback<'a> {
     items: &'a [Item],
     ui: &'a Arc<Ui>,
     ssh: &'a Ssh,
+    dest: &'a crate::transport::ssh::Destination,
     remote_dir: &'a str,
     hooks: &'a [hooks::Hook],
     env: &'a [(String, String)],
@@ -1556,6 +1537,7 @@ impl Rollback<'_> {
             items,
             ui,
             ssh,
+            dest,
             remote_dir,
             hooks: hook_list,
             env,
@@ -1565,32 +1547,88 @@ impl Rollback<'_> {
         let mut problems = Vec::new();
         for it in checkpointed {
             let name = &it.info.name;
-            if podman.restore_in_place(name, it.opts).await.is_ok() {
+            let in_place = podman.restore_in_place(name, it.opts).await;
+            let Err(in_place) = in_place else {
                 ui.info(&format!("{name} restored here from its kept checkpoint"));
                 continue;
-            }
+            };
+            ui.warn(&format!(
+                "{name}: restoring it from its kept checkpoint failed: {in_place}; fetching its archive back from the target"
+            ));
             // Failing that: the archive back from the target (complete there once it was
             // shipped), imported here.
             let remote = remote_join(remote_dir, &it.archive_name);
+            let way = WayBack {
+                name,
+                opts: it.opts,
+                local: &it.local_archive,
+                dest,
+                remote: &remote,
+            };
             let again = async {
                 ssh.download(&remote, &it.local_archive, SHIP_TIMEOUT)
                     .await
-                    .map_err(|e| anyhow!(e).context("fetching the archive back from the target"))?;
-                podman.remove(name).await?;
-                podman.restore_import(&it.local_archive, it.opts).await?;
-                anyhow::Ok(())
+                    .map_err(|e| {
+                        (
+                            Stuck::Fetching,
+                            anyhow!(e).context("fetching the archive back from the target"),
+                        )
+                    })?;
+                podman
+                    .remove(name)
+                    .await
+                    .map_err(|e| (Stuck::Removing, anyhow!(e)))?;
+                podman
+                    .restore_import(&it.local_archive, it.opts)
+                    .await
+                    .map_err(|e| (Stuck::Importing, anyhow!(e)))?;
+                Ok::<_, (Stuck, anyhow::Error)>(())
             };
             match again.await {
                 Ok(()) => ui.info(&format!(
                     "{name} restored here from its archive, fetched back from the target"
                 )),
+                Err((stuck, e)) => {
+                    problems.push(format!("{name}: {e:#} ({})", rollback_advice(stuck, &way)))
+                }
+            }
+        }
+        // A container whose checkpoint failed normally runs on: podman or CRIU refused
+        // before the dump (CRIU resumes what it froze; `send`'s own freeze was undone),
+        // and it is the very same container and processes. podman can also fail after
+        // CRIU's dump has stopped it (podman 4.3 refuses to export a container with
+        // dependencies only then, the container Exited 137): then the checkpoint podman
+        // kept brings it back, as the same container.
+        for it in items.iter() {
+            if checkpointed.iter().any(|c| c.info.name == it.info.name) {
+                continue;
+            }
+            let name = &it.info.name;
+            if let Some(f) = &it.freezer {
+                // Thawed already when its checkpoint failed; a cgroup that is gone is
+                // nothing to thaw.
+                let _ = f.thaw();
+            }
+            match podman.inspect(std::slice::from_ref(name)).await {
+                Ok(v) if v.first().is_some_and(|c| c.running) => continue,
+                Ok(_) => {}
+                Err(e) => {
+                    problems.push(format!("{name}: cannot tell whether it runs: {e}"));
+                    continue;
+                }
+            }
+            match podman.restore_in_place(name, it.opts).await {
+                Ok(()) => ui.info(&format!(
+                    "{name}: its checkpoint failed after CRIU's dump had stopped it; restored here from the checkpoint podman kept"
+                )),
                 Err(e) => problems.push(format!(
-                    "{name}: {e:#} (its checkpoint is kept here: `podman container restore --keep {name}` once the cause is fixed)"
+                    "{name}: stopped by a checkpoint that failed, and restoring it from the checkpoint podman kept failed: {e} (once the cause is fixed: `{}`; failing that `podman start {}` starts it afresh, its memory state lost)",
+                    crate::exec::display_command("podman", &podman::restore_in_place_args(name, it.opts)),
+                    crate::exec::shell_quote(name)
                 )),
             }
         }
-        // Containers whose checkpoint failed normally keep running (CRIU resumes them);
-        // make sure every one of them runs.
+        // Whatever was restored, every container must run now.
         for it in items.iter() {
             let name = &it.info.name;
             let running = podman
@@ -1636,9 +1674,133 @@ impl Rollback<'_> {
     }
 }
 
+/// The step at which bringing a container back from its archive failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stuck {
+    /// The archive could not be fetched back: the container and podman's kept checkpoint
+    /// are still here, the archive is on the target.
+    Fetching,
+    /// The archive was fetched back, but the container could not be removed to import it.
+    Removing,
+    /// The container was removed here, and importing the fetched archive failed.
+    Importing,
+}
+
+/// Where a container's way back is, for [`rollback_advice`].
+struct WayBack<'a> {
+    name: &'a str,
+    opts: CriuOptions,
+    /// Where the archive fetched back from the target is (or would be) here.
+    local: &'a std::path::Path,
+    dest: &'a crate::transport::ssh::Destination,
+    /// The archive on the target.
+    remote: &'a str,
+}
+
+/// What the operator can run to bring a container back by hand after a failed rollback:
+/// only commands that can still work at the point where it failed.
+fn rollback_advice(stuck: Stuck, w: &WayBack<'_>) -> String {
+    use crate::exec::{display_command, shell_quote};
+    let in_place = display_command("podman", &podman::restore_in_place_args(w.name, w.opts));
+    let import_args: Vec<String> = podman::restore_import_args(w.local, w.opts)
+        .into_iter()
+        .filter(|a| a != "--print-stats")
+        .collect();
+    let import = display_command("podman", &import_args);
+    let remove = format!("podman rm --force {}", shell_quote(w.name));
+    let mut ssh = vec!["ssh".to_string()];
+    if let Some(p) = w.dest.port {
+        ssh.extend(["-p".to_string(), p.to_string()]);
+    }
+    if let Some(i) = &w.dest.identity {
+        ssh.extend(["-i".to_string(), i.display().to_string()]);
+    }
+    ssh.extend([w.dest.ssh_target(), "cat".into(), w.remote.to_string()]);
+    let fetch = format!(
+        "{} > {}",
+        display_command(&ssh[0], &ssh[1..]),
+        shell_quote(&w.local.display().to_string())
+    );
+    let on_target = format!("{}:{}", w.dest.ssh_target(), w.remote);
+    match stuck {
+        Stuck::Fetching => format!(
+            "podman still keeps its checkpoint here: `{in_place}` once the cause is fixed; failing that, its archive is kept on the target ({on_target}): `{fetch} && {remove} && {import}`"
+        ),
+        Stuck::Removing => format!(
+            "its archive was fetched back to {}: `{remove} && {import}`, or from the checkpoint podman keeps here: `{in_place}`",
+            w.local.display()
+        ),
+        Stuck::Importing => format!(
+            "{} was removed here to import its archive, so its kept checkpoint is gone with it; the archive fetched back is {}: `{import}` once the cause is fixed (a copy stays on the target: {on_target})",
+            w.name,
+            w.local.display()
+        ),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn way<'a>(
+        local: &'a std::path::Path,
+        dest: &'a crate::transport::ssh::Destination,
+    ) -> WayBack<'a> {
+        WayBack {
+            name: "db",
+            opts: CriuOptions {
+                file_locks: true,
+                tcp_established: false,
+            },
+            local,
+            dest,
+            remote: "/var/lib/migrate/runs/r1/db.tar",
+        }
+    }
+
+    #[test]
+    fn rollback_advice_names_what_still_works() {
+        let dest = crate::transport::ssh::Destination {
+            user: Some("root".into()),
+            host: "10.77.0.12".into(),
+            port: Some(2222),
+            identity: None,
+        };
+        let local = std::path::Path::new("/var/lib/migrate/runs/r1/db.tar");
+        let w = way(local, &dest);
+        // Removed here, import failed: the kept checkpoint went with the container.
+        let a = rollback_advice(Stuck::Importing, &w);
+        assert!(!a.contains("restore --keep"), "{a}");
+        assert!(
+            a.contains(
+                "`podman container restore --import /var/lib/migrate/runs/r1/db.tar --file-locks`"
+            ),
+            "{a}"
+        );
+        assert!(
+            a.contains("root@10.77.0.12:/var/lib/migrate/runs/r1/db.tar"),
+            "{a}"
+        );
+        // Not fetched: the container and its checkpoint are still here, the archive is
+        // on the target, fetched by the very command shown.
+        let a = rollback_advice(Stuck::Fetching, &w);
+        assert!(
+            a.contains("`podman container restore --keep --file-locks db`"),
+            "{a}"
+        );
+        assert!(
+            a.contains("ssh -p 2222 root@10.77.0.12 cat /var/lib/migrate/runs/r1/db.tar > /var/lib/migrate/runs/r1/db.tar && podman rm --force db && podman container restore --import"),
+            "{a}"
+        );
+        // Fetched, not removed: both ways work.
+        let a = rollback_advice(Stuck::Removing, &w);
+        assert!(a.contains("podman rm --force db && podman container restore --import /var/lib/migrate/runs/r1/db.tar --file-locks"), "{a}");
+        assert!(a.contains("restore --keep --file-locks db"), "{a}");
+        // Names that need quoting are quoted.
+        let odd = std::path::Path::new("/tmp/my runs/db.tar");
+        let a = rollback_advice(Stuck::Importing, &way(odd, &dest));
+        assert!(a.contains("--import '/tmp/my runs/db.tar'"), "{a}");
+    }
 
     #[test]
     fn criu_refusals_are_read_from_criu_not_from_the_command_line() {
@@ -1747,6 +1909,9 @@ mod tests {
             pid: 1,
             mounts: vec![],
             joins: joins.iter().map(|s| s.to_string()).collect(),
+            shares: vec![],
+            dependencies: vec![],
+            pod: String::new(),
         }
     }
 

@@ -367,6 +367,173 @@ fn checkpoint_failing_on_the_source_leaves_the_service_running() {
     assert_pair_alive("a", 100, before);
 }
 
+/// Puts a wrapper over runc on a host: where `when` (a `case` pattern on runc's arguments)
+/// matches, it fails (exit 1) instead of running the real runc or, with `real_first`,
+/// after running it. podman's probe (`runc checkpoint --help`) is left alone.
+struct BrokenRunc;
+
+impl BrokenRunc {
+    fn install(host: &'static str, when: &str, real_first: bool) -> OnHost {
+        let body = if real_first {
+            "/tmp/runc.real \"$@\"; echo 'injected runc failure after the real one' >&2; exit 1"
+        } else {
+            "echo 'injected runc failure' >&2; exit 1"
+        };
+        let script = format!(
+            "cp /usr/sbin/runc /tmp/runc.real && cat > /tmp/runc.fake <<'FAKE'
+#!/bin/sh
+case \" $* \" in
+  *' --help '*) ;;
+  {when}) {body} ;;
+esac
+exec /tmp/runc.real \"$@\"
+FAKE
+chmod +x /tmp/runc.fake && mount --bind /tmp/runc.fake /usr/sbin/runc"
+        );
+        OnHost::apply(host, &script, "umount /usr/sbin/runc")
+    }
+}
+
+/// The process podman runs as the container's PID 1 (host PID).
+fn pid_of(host: &str, name: &str) -> String {
+    on(
+        host,
+        &["podman", "inspect", "--format", "{{.State.Pid}}", name],
+    )
+    .ok()
+    .stdout
+    .trim()
+    .to_string()
+}
+
+#[test]
+fn checkpoint_refused_at_its_start_leaves_the_same_processes_running() {
+    fresh_workload("a", 100);
+    let ids = identities();
+    let pids: Vec<String> = ["db", "web"].iter().map(|n| pid_of("a", n)).collect();
+    // runc refuses the checkpoint as it starts: send has just frozen the cgroup (it
+    // freezes the moment podman starts the runtime's checkpoint), CRIU never ran.
+    let broken = BrokenRunc::install("a", "*' checkpoint '*", false);
+    let rx = Receiver::start("b", &[]);
+    let before = counter("a");
+    let out = send("a", &["--to", &to("b"), "--data", "/srv/app", "db", "web"]).expect_code(1);
+    drop(broken);
+    assert_eq!(out.record()["outcome"], "rolled_back", "{}", out.describe());
+    assert!(
+        out.stderr.contains("injected runc failure"),
+        "{}",
+        out.describe()
+    );
+    drop(rx);
+    assert!(all_containers("b").is_empty(), "left on b");
+    // Thawed, not restored: the same containers with the same processes.
+    assert_untouched(&ids);
+    let after: Vec<String> = ["db", "web"].iter().map(|n| pid_of("a", n)).collect();
+    assert_eq!(after, pids, "PID 1 of db, web changed");
+    assert_pair_alive("a", 100, before);
+}
+
+#[test]
+fn podman_failing_after_the_dump_brings_the_same_containers_back() {
+    fresh_workload("a", 100);
+    let ids: Vec<String> = ["db", "web"]
+        .iter()
+        .map(|n| {
+            on("a", &["podman", "inspect", "--format", "{{.Id}}", n])
+                .ok()
+                .stdout
+                .trim()
+                .to_string()
+        })
+        .collect();
+    // runc dumps (CRIU stops the processes), then reports a failure: podman fails with
+    // the containers Exited, as when it refuses to export a container with dependencies.
+    let broken = BrokenRunc::install("a", "*' checkpoint '*", true);
+    let rx = Receiver::start("b", &[]);
+    let before = counter("a");
+    let out = send("a", &["--to", &to("b"), "--data", "/srv/app", "db", "web"]).expect_code(1);
+    drop(broken);
+    assert_eq!(out.record()["outcome"], "rolled_back", "{}", out.describe());
+    assert!(
+        out.stderr
+            .contains("restored here from the checkpoint podman kept"),
+        "{}",
+        out.describe()
+    );
+    drop(rx);
+    assert!(all_containers("b").is_empty(), "left on b");
+    for (n, id) in ["db", "web"].iter().zip(&ids) {
+        let now = on("a", &["podman", "inspect", "--format", "{{.Id}}", n]).ok();
+        assert_eq!(now.stdout.trim(), id, "{n} is another container now");
+    }
+    // Restored from its dump: the state carried on.
+    assert_pair_alive("a", 100, before);
+}
+
+#[test]
+fn a_container_sharing_namespaces_is_refused_before_the_freeze() {
+    require_lab();
+    kill_receivers();
+    let img = "localhost/migrate-busybox:latest";
+    let _cleanup = OnHost::apply(
+        "a",
+        &format!(
+            "podman rm -f -t 0 nsapp nsbase >/dev/null 2>&1; \
+             podman run -d --name nsbase {img} sleep 100000 >/dev/null && \
+             podman run -d --name nsapp --network container:nsbase {img} sleep 100000 >/dev/null"
+        ),
+        "podman rm -f -t 0 nsapp; podman rm -f -t 0 nsbase",
+    );
+    let id = |n: &str| identity("a", n);
+    let before = (id("nsbase"), id("nsapp"), pid_of("a", "nsapp"));
+    let _rx = Receiver::start("b", &[]);
+    for (moved, says) in [
+        (
+            &["nsapp"][..],
+            "nsapp shares the network namespace of nsbase, which is not being moved",
+        ),
+        (
+            &["nsbase", "nsapp"][..],
+            "nsapp shares the network namespace of nsbase:",
+        ),
+        (&["nsbase"][..], "nsapp depends on nsbase"),
+    ] {
+        let mut a = vec!["--to", "root@10.77.0.12"];
+        a.extend_from_slice(moved);
+        let out = send("a", &a).expect_code(2);
+        assert_eq!(out.record()["outcome"], "refused", "{}", out.describe());
+        assert!(out.stderr.contains(says), "{}", out.describe());
+        if moved.contains(&"nsapp") {
+            assert!(
+                out.stderr
+                    .contains("cannot export checkpoints of containers with dependencies"),
+                "{}",
+                out.describe()
+            );
+        }
+        assert!(!out.stderr.contains("DOWN"), "{}", out.describe());
+        assert_eq!(
+            (id("nsbase"), id("nsapp"), pid_of("a", "nsapp")),
+            before,
+            "touched by {moved:?}"
+        );
+    }
+    // `migrate check` reports it too.
+    let b = bin();
+    let out = on("a", &[&b, "check", "--to", "root@10.77.0.12", "nsapp"]).expect_code(2);
+    assert!(
+        out.stderr
+            .contains("nsapp shares the network namespace of nsbase")
+            || out
+                .stdout
+                .contains("nsapp shares the network namespace of nsbase"),
+        "{}",
+        out.describe()
+    );
+    let listing = on("b", &["podman", "ps", "-a", "--format", "{{.Names}}"]).ok();
+    assert!(!listing.stdout.contains("nsapp"), "{}", listing.describe());
+}
+
 #[test]
 fn restore_failing_on_the_target_rolls_back_to_the_source() {
     fresh_workload("a", 100);

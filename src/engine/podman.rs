@@ -27,6 +27,15 @@ pub enum PodmanError {
     },
     #[error("cannot read `podman inspect` output: {0}")]
     Parse(String),
+    /// podman wrote the whole archive, then failed: the dump is done, the archive may be
+    /// whole, but podman's own verdict is a failure, so it is not used.
+    #[error("podman failed after writing the whole archive of {name} ({bytes} bytes): {source}")]
+    FailedAfterExport {
+        name: String,
+        bytes: u64,
+        #[source]
+        source: Box<PodmanError>,
+    },
     #[error("streaming the checkpoint of {name}: {source}")]
     Stream {
         name: String,
@@ -105,6 +114,10 @@ struct RawHostConfig {
     ipc_mode: String,
     #[serde(rename = "UTSMode", default)]
     uts_mode: String,
+    #[serde(rename = "UsernsMode", default)]
+    userns_mode: String,
+    #[serde(rename = "CgroupnsMode", default)]
+    cgroupns_mode: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -123,6 +136,12 @@ struct RawInspect {
     state: RawState,
     #[serde(rename = "Mounts", default)]
     mounts: Vec<Mount>,
+    #[serde(rename = "Pod", default)]
+    pod: String,
+    /// Every container this one needs (namespaces it joins, `--requires`): podman's own
+    /// list, the one its checkpoint export refuses on.
+    #[serde(rename = "Dependencies", default)]
+    dependencies: Option<Vec<String>>,
 }
 
 /// What we need to know about a container.
@@ -139,6 +158,14 @@ pub struct ContainerInfo {
     /// Containers (name or ID) whose namespaces this one joins (`--network container:X`):
     /// they must be restored first.
     pub joins: Vec<String>,
+    /// Which namespace this one shares with which container (ID or name), as
+    /// `("network", "8854c42…")`.
+    pub shares: Vec<(&'static str, String)>,
+    /// The IDs of the containers podman says this one depends on (namespaces, `--requires`,
+    /// a pod's infra container).
+    pub dependencies: Vec<String>,
+    /// The ID of the pod this container belongs to, if any.
+    pub pod: String,
 }
 
 /// Parses `podman container inspect` JSON.
@@ -157,18 +184,33 @@ pub fn parse_inspect(json: &str) -> Result<Vec<ContainerInfo>, PodmanError> {
             pid: r.state.pid,
             mounts: r.mounts,
             joins: {
-                let h = &r.host_config;
-                let mut j: Vec<String> = [&h.network_mode, &h.pid_mode, &h.ipc_mode, &h.uts_mode]
-                    .iter()
-                    .filter_map(|m| m.strip_prefix("container:"))
-                    .map(str::to_string)
-                    .collect();
+                let mut j: Vec<String> =
+                    shares(&r.host_config).into_iter().map(|(_, c)| c).collect();
                 j.sort();
                 j.dedup();
                 j
             },
+            shares: shares(&r.host_config),
+            dependencies: r.dependencies.unwrap_or_default(),
+            pod: r.pod,
         })
         .collect())
+}
+
+/// The namespaces a container shares with another container (`--network container:X`,
+/// `--pid container:X`, …), by the name podman's command line gives them.
+fn shares(h: &RawHostConfig) -> Vec<(&'static str, String)> {
+    [
+        ("network", &h.network_mode),
+        ("pid", &h.pid_mode),
+        ("ipc", &h.ipc_mode),
+        ("uts", &h.uts_mode),
+        ("user", &h.userns_mode),
+        ("cgroup", &h.cgroupns_mode),
+    ]
+    .into_iter()
+    .filter_map(|(kind, m)| Some((kind, m.strip_prefix("container:")?.to_string())))
+    .collect()
 }
 
 /// Options that both checkpoint and restore must agree on.
@@ -299,8 +341,10 @@ pub struct Streamed {
     pub first_byte: Option<Instant>,
     /// When the whole archive had been handed to the sink.
     pub complete: Instant,
-    /// podman's exit, after it has cleaned up the container: its `--print-stats`.
-    pub exit: tokio::task::JoinHandle<Result<Stats, PodmanError>>,
+    /// When podman exited (successfully), after it had cleaned up the container.
+    pub exited: Instant,
+    /// podman's own timing (`--print-stats`).
+    pub stats: Stats,
     /// When podman started the runtime's checkpoint and the container was frozen; `None`
     /// when that was not watched (no cgroup freezer) or not seen.
     pub runtime_start: Option<RuntimeStart>,
@@ -334,12 +378,6 @@ fn keep_tail(tail: &mut Vec<u8>, chunk: &[u8]) {
     tail.extend_from_slice(&chunk[chunk.len().saturating_sub(2 * TAR_BLOCK)..]);
     let extra = tail.len().saturating_sub(2 * TAR_BLOCK);
     tail.drain(..extra);
-}
-
-fn ready_exit(
-    r: Result<Stats, PodmanError>,
-) -> tokio::task::JoinHandle<Result<Stats, PodmanError>> {
-    tokio::spawn(async move { r })
 }
 
 /// Hashes the archive on a thread of its own, off the path between the FIFO and the
@@ -398,6 +436,27 @@ impl Podman {
         Ok(found)
     }
 
+    /// Every container on this host, in any state.
+    /// Every container on this host, in any state. A container removed between the
+    /// listing and the inspection makes it list again.
+    pub async fn all(&self) -> Result<Vec<ContainerInfo>, PodmanError> {
+        let mut attempt = 1;
+        loop {
+            let ids = self
+                .run(args(["ps", "--all", "--no-trunc", "--format", "{{.ID}}"]))
+                .await?;
+            let ids: Vec<String> = ids.split_whitespace().map(str::to_string).collect();
+            if ids.is_empty() {
+                return Ok(Vec::new());
+            }
+            match exec::run("podman", &inspect_args(&ids), PODMAN_TIMEOUT).await {
+                Ok(out) => return parse_inspect(&out.stdout),
+                Err(e) if attempt < 3 && is_no_such_container(e.stderr()) => attempt += 1,
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
     /// True when a container of that name exists.
     pub async fn exists(&self, name: &str) -> Result<bool, PodmanError> {
         match self.inspect(&[name.to_string()]).await {
@@ -414,9 +473,11 @@ impl Podman {
     /// from the target's copy. `dumped` fires with the first byte: CRIU's dump is over and the
     /// container's processes are gone, so its data folders can no longer change.
     ///
-    /// Returns once the archive is complete, which is before podman has cleaned up the
-    /// container's network and storage; [`Streamed::exit`] resolves when podman exits.
-    /// A podman that fails before the archive is complete is an error here.
+    /// Returns once podman has exited. The archive is complete when both its stream ended
+    /// (end of file on the FIFO and, for a plain tar, tar's closing blocks) and podman
+    /// exited successfully: a podman that fails at any point, even after writing the
+    /// whole archive (while it cleans up the container's network and storage), is an
+    /// error here ([`PodmanError::FailedAfterExport`] when the archive was whole).
     pub async fn checkpoint_streaming<W: AsyncWrite + Unpin>(
         &self,
         name: &str,
@@ -521,30 +582,43 @@ impl Podman {
         sink.shutdown().await.map_err(io)?;
         let complete = Instant::now();
         let digest = hasher.finish().await.map_err(io)?;
-        if let Some(Err(e)) = finished {
-            return Err(e);
-        }
-        // An archive cut short (podman failing half-way) lacks tar's two closing zero
-        // blocks: then podman's own verdict decides.
-        let whole = compress == Compression::None
-            && total >= (2 * TAR_BLOCK) as u64
-            && tail.iter().all(|&b| b == 0);
+        // The stream's own end: a plain tar ends with two zero blocks.
+        let closed = compress != Compression::None
+            || (total >= (2 * TAR_BLOCK) as u64 && tail.iter().all(|&b| b == 0));
+        // podman's verdict: it may still be cleaning up the container (network, storage).
         let exit = match finished {
-            Some(r) => ready_exit(r),
-            None if whole => exit,
-            None => {
-                let r = exit
-                    .await
-                    .unwrap_or_else(|e| Err(io(std::io::Error::other(e))));
-                ready_exit(Ok(r?))
-            }
+            Some(r) => r,
+            None => exit
+                .await
+                .unwrap_or_else(|e| Err(io(std::io::Error::other(e)))),
         };
+        let exited = Instant::now();
+        let stats = match exit {
+            Ok(stats) => stats,
+            Err(e) if closed && total > 0 => {
+                return Err(PodmanError::FailedAfterExport {
+                    name: name.to_string(),
+                    bytes: total,
+                    source: Box::new(e),
+                });
+            }
+            Err(e) => return Err(e),
+        };
+        if !closed {
+            return Err(PodmanError::Stream {
+                name: name.to_string(),
+                source: std::io::Error::other(format!(
+                    "podman succeeded, but the archive it wrote ({total} bytes) does not end with tar's closing blocks"
+                )),
+            });
+        }
         Ok(Streamed {
             size: total,
             digest,
             first_byte,
             complete,
-            exit,
+            exited,
+            stats,
             runtime_start: None,
         })
     }
@@ -641,6 +715,32 @@ mod tests {
         assert!(c.running);
         assert_eq!(c.mounts[0].source, "/srv/app/mysql");
         assert_eq!(c.joins, vec!["abc123"]);
+        assert_eq!(c.shares, vec![("network", "abc123".to_string())]);
+        assert!(c.dependencies.is_empty() && c.pod.is_empty());
+    }
+
+    #[test]
+    fn parses_dependencies_and_pods() {
+        // As podman 4.3.1 prints them for `podman run --network container:base --pid
+        // container:base` (trimmed), and for a container with none (`null`).
+        let json = r#"[{"Id":"49a2f879","Name":"app","Image":"i","State":{"Status":"running","Running":true,"Pid":7},
+            "Pod":"","Dependencies":["8854c4216652f8202d76eca89e92d4aa6686adfd78970afc7ddc7ee7bbbc3b81"],
+            "HostConfig":{"NetworkMode":"container:8854c4216652f8202d76eca89e92d4aa6686adfd78970afc7ddc7ee7bbbc3b81","PidMode":"container:8854c4216652f8202d76eca89e92d4aa6686adfd78970afc7ddc7ee7bbbc3b81","IpcMode":"shareable","UTSMode":"private","UsernsMode":"","CgroupnsMode":"host"}},
+            {"Id":"77","Name":"member","Image":"i","State":{"Status":"running","Running":true,"Pid":8},
+            "Pod":"f00d","Dependencies":["1nfra"],"HostConfig":{}},
+            {"Id":"88","Name":"alone","Image":"i","State":{"Status":"running","Running":true,"Pid":9},
+            "Pod":"","Dependencies":null,"HostConfig":{}}]"#;
+        let v = parse_inspect(json).unwrap();
+        let base = "8854c4216652f8202d76eca89e92d4aa6686adfd78970afc7ddc7ee7bbbc3b81".to_string();
+        assert_eq!(
+            v[0].shares,
+            vec![("network", base.clone()), ("pid", base.clone())]
+        );
+        assert_eq!(v[0].joins, vec![base.clone()]);
+        assert_eq!(v[0].dependencies, vec![base]);
+        assert_eq!(v[1].pod, "f00d");
+        assert_eq!(v[1].dependencies, vec!["1nfra"]);
+        assert!(v[2].dependencies.is_empty() && v[2].shares.is_empty());
     }
 
     #[test]
