@@ -136,12 +136,13 @@ pub async fn stack_local() -> Facts {
 /// would start, 2 when not.
 pub async fn run(args: crate::cli::CheckArgs) -> u8 {
     use crate::preflight::{self, Level, Want};
-    use std::io::IsTerminal;
+    use crate::progress::say;
+    use std::io::{IsTerminal, Write};
 
     let plan = match crate::plan::TargetPlan::resolve(&args.target, &args.containers) {
         Ok(p) => p,
         Err(e) => {
-            eprintln!("migrate check: error: {e}");
+            say!("migrate check: error: {e}");
             return 2;
         }
     };
@@ -179,6 +180,8 @@ pub async fn run(args: crate::cli::CheckArgs) -> u8 {
     }
     ui.finish();
     let fancy = std::io::stdout().is_terminal();
+    // A reader gone (`check | head`) ends the listing, not the command.
+    let mut out = std::io::stdout().lock();
     let mut failed = false;
     for f in &report.findings {
         let mark = match (f.level, fancy) {
@@ -192,19 +195,20 @@ pub async fn run(args: crate::cli::CheckArgs) -> u8 {
             (Level::Fail, false) => "FAIL",
         };
         failed |= f.level == Level::Fail;
-        println!("{mark} {}: {}", f.side, f.text);
+        let _ = writeln!(out, "{mark} {}: {}", f.side, f.text);
         if let Some(fix) = &f.fix {
-            println!("    → {fix}");
+            let _ = writeln!(out, "    → {fix}");
         }
     }
     if failed {
-        println!(
+        let _ = writeln!(
+            out,
             "a migration would be refused: fix the lines marked {}",
             if fancy { "✖" } else { "FAIL" }
         );
         2
     } else {
-        println!("a migration would start");
+        let _ = writeln!(out, "a migration would start");
         0
     }
 }

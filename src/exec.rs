@@ -126,6 +126,8 @@ pub struct Running {
 }
 
 /// Starts `program args…` with stdout and stderr captured; [`Running::finish`] waits.
+/// The program leads a process group of its own: a Ctrl-C at the terminal (sent to
+/// `migrate`'s group) does not reach it; `migrate` decides when it stops.
 pub fn spawn(program: &str, args: &[String]) -> Result<Running, ExecError> {
     let cmd = display_command(program, args);
     let child = Command::new(program)
@@ -133,6 +135,7 @@ pub fn spawn(program: &str, args: &[String]) -> Result<Running, ExecError> {
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
+        .process_group(0)
         .kill_on_drop(true)
         .spawn()
         .map_err(|source| ExecError::Spawn {

@@ -18,6 +18,7 @@ mod recover;
 mod rundir;
 mod secret;
 mod send;
+mod signals;
 mod sink;
 mod sync;
 mod timing;
@@ -26,20 +27,22 @@ mod watchdog;
 mod wire;
 mod zeropages;
 
+use std::io::Write;
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{CommandFactory, Parser};
 
 use crate::cli::{Cli, Command};
-use crate::progress::Ui;
+use crate::progress::{Ui, say};
+pub use crate::signals::Signals;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("migrate: cannot start: {e}");
+            say!("migrate: cannot start: {e}");
             return ExitCode::from(3);
         }
     };
@@ -54,7 +57,7 @@ async fn dispatch(cli: Cli) -> u8 {
                 Ok(code) => code,
                 Err(e) => {
                     ui.finish();
-                    eprintln!("migrate receive: error: {e:#}");
+                    say!("migrate receive: error: {e:#}");
                     2
                 }
             }
@@ -64,17 +67,17 @@ async fn dispatch(cli: Cli) -> u8 {
             let plan = match plan::SendPlan::resolve(&args) {
                 Ok(p) => p,
                 Err(e) => {
-                    eprintln!("migrate send: error: {e}");
+                    say!("migrate send: error: {e}");
                     return send::Exit::Refused as u8;
                 }
             };
             if plan.dry_run {
                 return send::dry_run(&plan, &ui).await;
             }
-            let mut signals = match Signals::new() {
+            let mut signals = match Signals::reporting_to(ui.clone()) {
                 Ok(s) => s,
                 Err(e) => {
-                    eprintln!("migrate send: error: {e:#}");
+                    say!("migrate send: error: {e:#}");
                     return send::Exit::Refused as u8;
                 }
             };
@@ -82,12 +85,12 @@ async fn dispatch(cli: Cli) -> u8 {
             ui.finish();
             let mut stdout = std::io::stdout().lock();
             if let Err(e) = record.write(&mut stdout, plan.format, plan.no_header) {
-                eprintln!("migrate send: cannot write the record: {e}");
+                say!("migrate send: cannot write the record: {e}");
             }
             match result {
                 Ok(()) => send::Exit::Migrated as u8,
                 Err(f) => {
-                    eprintln!("migrate send: error: {:#}", f.error);
+                    say!("migrate send: error: {:#}", f.error);
                     f.exit as u8
                 }
             }
@@ -95,13 +98,16 @@ async fn dispatch(cli: Cli) -> u8 {
         Command::Check(args) => check::run(args).await,
         Command::Probe(args) => probe::run(args).await,
         Command::Completions { shell } => {
-            clap_complete::generate(
-                shell,
-                &mut Cli::command(),
-                "migrate",
-                &mut std::io::stdout(),
-            );
-            0
+            // clap_complete panics when its writer fails: it writes into memory.
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "migrate", &mut script);
+            match std::io::stdout().write_all(&script) {
+                Ok(()) => 0,
+                Err(e) => {
+                    say!("migrate completions: {e}");
+                    3
+                }
+            }
         }
         Command::Sink(args) => sink::run(args),
         Command::Recover(args) => recover::run(args).await,
@@ -110,7 +116,7 @@ async fn dispatch(cli: Cli) -> u8 {
             match clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout()) {
                 Ok(()) => 0,
                 Err(e) => {
-                    eprintln!("migrate man: {e}");
+                    say!("migrate man: {e}");
                     3
                 }
             }
@@ -129,40 +135,4 @@ pub fn hostname() -> String {
                 .map(|h| h.trim().to_string())
         })
         .unwrap_or_else(|| "localhost".into())
-}
-
-/// SIGINT and SIGTERM, seen as one "stop" event.
-pub struct Signals {
-    rx: tokio::sync::watch::Receiver<u64>,
-}
-
-impl Signals {
-    pub fn new() -> anyhow::Result<Signals> {
-        use tokio::signal::unix::{SignalKind, signal};
-        let mut int = signal(SignalKind::interrupt())?;
-        let mut term = signal(SignalKind::terminate())?;
-        let (tx, rx) = tokio::sync::watch::channel(0u64);
-        tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    _ = int.recv() => {}
-                    _ = term.recv() => {}
-                }
-                tx.send_modify(|n| *n += 1);
-            }
-        });
-        Ok(Signals { rx })
-    }
-
-    /// True once any signal has arrived.
-    pub fn fired(&self) -> bool {
-        *self.rx.borrow() > 0
-    }
-
-    /// Waits for the next signal.
-    pub async fn changed(&mut self) {
-        if self.rx.changed().await.is_err() {
-            std::future::pending::<()>().await;
-        }
-    }
 }

@@ -9,6 +9,7 @@ use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use crate::progress::say;
 use crate::timing::{format_ts, now_us};
 
 /// Options of `migrate probe`.
@@ -360,7 +361,7 @@ async fn probe_rounds(
         while let Some(r) = done.remove(&(rounds.len() as u64)) {
             let up = r.rtt_us.is_some();
             if up != was_up {
-                eprintln!(
+                say!(
                     "{} {}",
                     format_ts(r.at_us),
                     if up { "up again" } else { "down" }
@@ -426,7 +427,7 @@ async fn probe_rounds(
 /// Runs the probe; returns the exit code (0 when it ran, 2 on bad arguments).
 pub async fn run(args: ProbeArgs) -> u8 {
     if args.count.is_none() && args.duration.is_none() {
-        eprintln!(
+        say!(
             "migrate probe: error: give --count N or --duration TIME, so the probe stops by itself"
         );
         return 2;
@@ -436,7 +437,7 @@ pub async fn run(args: ProbeArgs) -> u8 {
         match parse_target(t) {
             Ok(x) => targets.push(x),
             Err(e) => {
-                eprintln!("migrate probe: error: {e}");
+                say!("migrate probe: error: {e}");
                 return 2;
             }
         }
@@ -444,7 +445,7 @@ pub async fn run(args: ProbeArgs) -> u8 {
     let mut signals = match crate::Signals::new() {
         Ok(s) => s,
         Err(e) => {
-            eprintln!("migrate probe: error: {e}");
+            say!("migrate probe: error: {e}");
             return 2;
         }
     };
@@ -477,7 +478,7 @@ pub async fn run(args: ProbeArgs) -> u8 {
         ProbeFormat::Csv => write_csv(&mut out, &summary),
     };
     if let Err(e) = res {
-        eprintln!("migrate probe: cannot write the summary: {e}");
+        say!("migrate probe: cannot write the summary: {e}");
         return 3;
     }
     0

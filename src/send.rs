@@ -18,7 +18,7 @@ use crate::hooks::{self, When};
 use crate::journal::Phase;
 use crate::plan::SendPlan;
 use crate::preflight::{self, Control, Want, Welcome};
-use crate::progress::Ui;
+use crate::progress::{Ui, say};
 use crate::protocol::{
     ClockSample, ContainerEntry, Manifest, TargetOutcome, ToReceiver, ToSender, estimate_offset,
 };
@@ -456,6 +456,7 @@ async fn migrate(
         first_error = Some(e);
     }
     if let Some(e) = first_error {
+        ui.phase("rolling back: waiting for podman to end its checkpoints");
         abort(&mut control, "failed while frozen", true).await;
         return Err(rb.run(&checkpointed, e).await);
     }
@@ -513,7 +514,10 @@ async fn migrate(
     let answer = loop {
         tokio::select! {
             a = &mut answer => break a,
-            _ = signals.changed() => ui.warn("signal ignored: the target is restoring; stopping now could lose the service"),
+            // Later signals are answered by `Signals` itself, with the phase in progress.
+            _ = signals.changed() => if signals.count() == 1 {
+                ui.warn("signal ignored: the target is restoring; stopping now could lose the service");
+            },
         }
     };
     rec.control_s = Some(control_sw.secs());
@@ -1075,7 +1079,7 @@ pub async fn dry_run(plan: &SendPlan, ui: &Arc<Ui>) -> u8 {
     let mut report = preflight::run(&want, ui).await;
     ui.finish();
     if let Some(f) = report.first_failure() {
-        eprintln!("migrate send: error: {}", f.one_line());
+        say!("migrate send: error: {}", f.one_line());
         if let Some(ssh) = report.ssh.take() {
             ssh.close().await;
         }
@@ -1182,7 +1186,11 @@ pub async fn dry_run(plan: &SendPlan, ui: &Arc<Ui>) -> u8 {
         est.1,
         est.2
     ));
-    println!("{}", lines.join("\n"));
+    // The plan is the result: a reader gone is not worth a panic, nor a different exit.
+    let _ = std::io::Write::write_all(
+        &mut std::io::stdout(),
+        format!("{}\n", lines.join("\n")).as_bytes(),
+    );
     if let Some(mut w) = report.receiver.take() {
         abort(&mut w.control, "dry run", false).await;
     }
@@ -1547,6 +1555,7 @@ impl Rollback<'_> {
         let mut problems = Vec::new();
         for it in checkpointed {
             let name = &it.info.name;
+            ui.phase(&format!("rolling back: restoring {name} on this host"));
             let in_place = podman.restore_in_place(name, it.opts).await;
             let Err(in_place) = in_place else {
                 ui.info(&format!("{name} restored here from its kept checkpoint"));
@@ -1557,6 +1566,9 @@ impl Rollback<'_> {
             ));
             // Failing that: the archive back from the target (complete there once it was
             // shipped), imported here.
+            ui.phase(&format!(
+                "rolling back: fetching {name}'s archive back from the target to restore it here"
+            ));
             let remote = remote_join(remote_dir, &it.archive_name);
             let way = WayBack {
                 name,
@@ -1629,6 +1641,7 @@ impl Rollback<'_> {
             }
         }
         // Whatever was restored, every container must run now.
+        ui.phase("rolling back: checking that every container runs here");
         for it in items.iter() {
             let name = &it.info.name;
             let running = podman
@@ -1643,6 +1656,7 @@ impl Rollback<'_> {
         if problems.is_empty() {
             // The archives on the target are not needed any more (they hold process
             // memory); after a failed rollback they stay, as a way back.
+            ui.phase("rolled back: removing the archives on the target, rollback hooks");
             let _ = ssh
                 .run(
                     "rm",

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 
+use crate::progress::say;
 use crate::zeropages::ZeroPages;
 
 /// Options of `migrate sink` (internal: started by `migrate send` on the target).
@@ -38,10 +39,9 @@ pub fn digest_path(archive: &Path) -> PathBuf {
 
 pub fn run(args: SinkArgs) -> u8 {
     if args.check {
-        println!("sink=ok");
         // What this sink can do, for a sender of another version to see.
-        println!("sink_zero_pages=ok");
-        return 0;
+        let said = writeln!(std::io::stdout(), "sink=ok\nsink_zero_pages=ok");
+        return if said.is_ok() { 0 } else { 1 };
     }
     let path = args.path.expect("clap requires PATH");
     let stdin = std::io::stdin().lock();
@@ -55,7 +55,7 @@ pub fn run(args: SinkArgs) -> u8 {
     match res {
         Ok(_) => 0,
         Err(e) => {
-            eprintln!("migrate sink: error: {e:#}");
+            say!("migrate sink: error: {e:#}");
             1
         }
     }

@@ -1,10 +1,17 @@
 //! One SSH master connection per migration (the `openssh` crate, `BatchMode`, host keys
 //! checked strictly), shared by remote commands, archive uploads and rsync.
+//!
+//! Signals: the master is started by the crate as `ssh -f`, which detaches into a session
+//! of its own (`daemon(3)`) once authenticated, so a Ctrl-C at the terminal never reaches
+//! it. The ssh clients of single commands are started here (see `Ssh::command`), each
+//! leading a process group of its own.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
-use openssh::{KnownHosts, Session, SessionBuilder, Stdio};
+use std::process::Stdio;
+
+use openssh::{KnownHosts, Session, SessionBuilder};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 
 use crate::exec::{StatusText, display_command, shell_quote, tail_lines};
@@ -124,7 +131,6 @@ pub struct Ssh {
 #[derive(Debug, Clone, Default)]
 pub struct RemoteOutput {
     pub stdout: String,
-    pub stderr: String,
 }
 
 impl Ssh {
@@ -226,16 +232,12 @@ impl Ssh {
         };
         let work = async {
             let mut child = self
-                .session
-                .command("cat")
-                .arg(remote_path)
-                .stdin(Stdio::null())
+                .command("cat", &[remote_path.to_string()])
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped())
                 .spawn()
-                .await
-                .map_err(|e| self.transport(e))?;
-            let mut out = child.stdout().take().expect("stdout is piped");
+                .map_err(|e| self.spawn_failed(&cmd, e))?;
+            let mut out = child.stdout.take().expect("stdout is piped");
             let part = local.with_extension("part");
             // Created new, never through a symlink, readable by root only.
             let _ = std::fs::remove_file(&part);
@@ -248,15 +250,8 @@ impl Ssh {
             let status = child
                 .wait_with_output()
                 .await
-                .map_err(|e| self.transport(e))?;
-            if !status.status.success() {
-                return Err(SshError::Remote {
-                    dest: self.label.clone(),
-                    cmd: cmd.clone(),
-                    status: status.status.into(),
-                    stderr: tail_lines(&String::from_utf8_lossy(&status.stderr), 12),
-                });
-            }
+                .map_err(|e| self.spawn_failed(&cmd, e))?;
+            self.check_status(&cmd, &status)?;
             tokio::fs::rename(&part, local).await.map_err(io_err)?;
             Ok(n)
         };
@@ -278,11 +273,10 @@ impl Ssh {
         timeout: Duration,
     ) -> Result<RemoteOutput, SshError> {
         let cmd = display_command(program, args);
-        let mut command = self.session.command(program);
-        command.args(args).stdin(Stdio::null());
+        let mut command = self.command(program, args);
         let out = match tokio::time::timeout(timeout, command.output()).await {
             Ok(Ok(o)) => o,
-            Ok(Err(e)) => return Err(self.transport(e)),
+            Ok(Err(e)) => return Err(self.spawn_failed(&cmd, e)),
             Err(_) => {
                 return Err(SshError::Timeout {
                     dest: self.label.clone(),
@@ -291,20 +285,10 @@ impl Ssh {
                 });
             }
         };
-        let output = RemoteOutput {
+        self.check_status(&cmd, &out)?;
+        Ok(RemoteOutput {
             stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        };
-        if out.status.success() {
-            Ok(output)
-        } else {
-            Err(SshError::Remote {
-                dest: self.label.clone(),
-                cmd,
-                status: out.status.into(),
-                stderr: tail_lines(&output.stderr, 12),
-            })
-        }
+        })
     }
 
     /// Runs a POSIX shell script on the target.
@@ -334,19 +318,15 @@ impl Ssh {
         let cmd = format!("sh -c {}", shell_quote(script));
         // A line on stdout says the script is starting; nothing else reads stdout.
         let mut child = self
-            .session
-            .command("sh")
-            .arg("-c")
-            .arg(format!("echo {READY}; {script}"))
+            .command("sh", &["-c".into(), format!("echo {READY}; {script}")])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .await
-            .map_err(|e| self.transport(e))?;
-        let stdin = child.stdin().take().expect("stdin is piped");
+            .map_err(|e| self.spawn_failed(&cmd, e))?;
+        let stdin = child.stdin.take().expect("stdin is piped");
         let ready = tokio::time::timeout(STREAM_START_TIMEOUT, async {
-            let out = child.stdout().as_mut().expect("stdout is piped");
+            let out = child.stdout.as_mut().expect("stdout is piped");
             // Whatever an rc file printed first is skipped (up to 64 KiB of it).
             crate::exec::read_until_line(out, READY, &mut Vec::new(), 64 << 10).await
         })
@@ -359,7 +339,8 @@ impl Ssh {
                 let out = child
                     .wait_with_output()
                     .await
-                    .map_err(|e| self.transport(e))?;
+                    .map_err(|e| self.spawn_failed(&cmd, e))?;
+                self.check_status(&cmd, &out)?;
                 return Err(SshError::Remote {
                     dest: self.label.clone(),
                     cmd,
@@ -422,6 +403,7 @@ impl Ssh {
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
+            .process_group(0)
             .kill_on_drop(true)
             .spawn()
             .with_context(|| format!("could not run `{local_cmd}`"))?;
@@ -451,11 +433,63 @@ impl Ssh {
         let _ = self.session.close().await;
     }
 
-    fn transport(&self, e: openssh::Error) -> SshError {
+    /// `program args…` on the target over the master connection: an ssh client as the
+    /// `openssh` crate starts one (`ssh -S SOCKET -T -p 9 none -- COMMAND`; port 9 so that
+    /// it never opens a connection of its own when the master is gone), but leading a
+    /// process group of its own, which the crate cannot do. A Ctrl-C at the terminal then
+    /// reaches `migrate` alone, and no upload or remote step is cut short by it. stdin is
+    /// empty unless the caller pipes it; stdout and stderr are as the caller sets them.
+    /// The client is killed when dropped unfinished (the remote command is not).
+    fn command(&self, program: &str, args: &[String]) -> tokio::process::Command {
+        let mut remote = shell_quote(program);
+        for a in args {
+            remote.push(' ');
+            remote.push_str(&shell_quote(a));
+        }
+        let mut c = tokio::process::Command::new("ssh");
+        c.arg("-S")
+            .arg(self.session.control_socket())
+            .args(["-o", "BatchMode=yes", "-T", "-p", "9", "none", "--"])
+            .arg(remote)
+            .stdin(Stdio::null())
+            .process_group(0)
+            .kill_on_drop(true);
+        c
+    }
+
+    fn spawn_failed(&self, cmd: &str, e: std::io::Error) -> SshError {
         SshError::Transport {
             dest: self.label.clone(),
-            detail: error_text(&e),
+            detail: format!("running `{cmd}`: {e}"),
         }
+    }
+
+    /// A remote command's end as an error unless it succeeded. Status 255 is ssh's own:
+    /// the connection, not the command, failed.
+    fn check_status(&self, cmd: &str, out: &std::process::Output) -> Result<(), SshError> {
+        if out.status.success() {
+            return Ok(());
+        }
+        let stderr = tail_lines(&String::from_utf8_lossy(&out.stderr), 12);
+        if out.status.code() == Some(255) {
+            return Err(SshError::Transport {
+                dest: self.label.clone(),
+                detail: format!(
+                    "the connection failed while running `{cmd}` (ssh exited with status 255){}",
+                    if stderr.is_empty() {
+                        String::new()
+                    } else {
+                        format!(": {stderr}")
+                    }
+                ),
+            });
+        }
+        Err(SshError::Remote {
+            dest: self.label.clone(),
+            cmd: cmd.to_string(),
+            status: out.status.into(),
+            stderr,
+        })
     }
 }
 
@@ -502,6 +536,7 @@ async fn session_config(
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
+            .process_group(0)
             .status()
             .await
             .is_ok_and(|s| s.success());
@@ -524,8 +559,8 @@ fn cpu_has_aes() -> bool {
 /// A remote command waiting for its stdin.
 pub struct RemoteStream<'a> {
     ssh: &'a Ssh,
-    child: openssh::Child<&'a Session>,
-    stdin: openssh::ChildStdin,
+    child: tokio::process::Child,
+    stdin: tokio::process::ChildStdin,
     cmd: String,
 }
 
@@ -563,21 +598,14 @@ impl RemoteStream<'_> {
             let out = child
                 .wait_with_output()
                 .await
-                .map_err(|e| ssh.transport(e))?;
+                .map_err(|e| ssh.spawn_failed(&cmd, e))?;
             if let Err(e) = copy {
                 return Err(SshError::Transport {
                     dest: ssh.label.clone(),
                     detail: format!("streaming into `{cmd}`: {e}"),
                 });
             }
-            if !out.status.success() {
-                return Err(SshError::Remote {
-                    dest: ssh.label.clone(),
-                    cmd: cmd.clone(),
-                    status: out.status.into(),
-                    stderr: tail_lines(&String::from_utf8_lossy(&out.stderr), 12),
-                });
-            }
+            ssh.check_status(&cmd, &out)?;
             Ok(total)
         };
         match tokio::time::timeout(timeout, work).await {
