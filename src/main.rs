@@ -15,6 +15,7 @@ mod protocol;
 mod receive;
 mod secret;
 mod send;
+mod settle;
 mod sink;
 mod sync;
 mod timing;

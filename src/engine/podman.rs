@@ -569,6 +569,13 @@ impl Podman {
             .await
             .map(drop)
     }
+
+    /// Kills a container's processes at once (SIGKILL), for a removal that failed.
+    pub async fn kill(&self, name: &str) -> Result<(), PodmanError> {
+        self.run(args(["kill", "--signal", "KILL", name]))
+            .await
+            .map(drop)
+    }
 }
 
 /// podman's wording for a missing container, across 4.x versions.
