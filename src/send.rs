@@ -512,17 +512,29 @@ async fn migrate(
         Settled::Restored(o) | Settled::Clean(o) => o,
         Settled::NotClean(nc, why) => {
             podman_exits(std::mem::take(&mut exits), rec, ui).await;
+            let restore_here: Vec<String> = restore_order
+                .iter()
+                .filter_map(|n| checkpointed.iter().find(|it| &it.info.name == n))
+                .map(|it| {
+                    crate::exec::display_command(
+                        "podman",
+                        &podman::restore_in_place_args(&it.info.name, it.opts),
+                    )
+                })
+                .collect();
             let report = settle::not_clean_report(
                 &nc,
                 ssh.label(),
                 &crate::hostname(),
                 &restore_order,
+                &restore_here,
                 &remote_dir,
             );
             let why = why.unwrap_or_else(|| "the target did not restore".into());
+            // One message that ends with what to do.
             return Err(SendFailure {
                 exit: Exit::Failed,
-                error: anyhow!(why).context(report),
+                error: anyhow!("migration failed ({why}); {report}"),
             });
         }
     };

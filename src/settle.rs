@@ -493,29 +493,26 @@ pub fn self_excluding_pattern(path: &str) -> String {
 }
 
 /// Where everything is and what to do, for the operator of a migration whose target
-/// could not be made clean. `restore_order`: the containers, dependencies first.
+/// could not be made clean. `restore_order`: the containers, dependencies first;
+/// `restore_here`: the commands that restore them on the source, in that order.
 pub fn not_clean_report(
     nc: &NotClean,
     target: &str,
     source: &str,
     restore_order: &[String],
+    restore_here: &[String],
     remote_dir: &str,
 ) -> String {
     let mut s = format!(
         "the target {target} could not be made clean, so nothing was restored on this host ({source}): that could run the service twice."
     );
     for l in &nc.containers {
-        s.push_str(&format!(
-            " On {target}: {} is {}{} ({}).",
-            l.name,
-            l.state,
-            if l.state == "running" {
-                ""
-            } else {
-                " and may still run"
-            },
-            l.error
-        ));
+        let what = match l.state.as_str() {
+            "running" => "runs".to_string(),
+            "unknown" => "may exist and run (its state cannot be read)".to_string(),
+            other => format!("exists ({other}), not removed"),
+        };
+        s.push_str(&format!(" On {target}: {} {what} ({}).", l.name, l.error));
     }
     for p in &nc.processes {
         s.push_str(&format!(
@@ -535,9 +532,9 @@ pub fn not_clean_report(
         " On {source}: {} stopped, checkpoints kept; the archives stay on {target} in {remote_dir}.",
         restore_order.join(", ")
     ));
-    let restore_here = restore_order
+    let restore_here = restore_here
         .iter()
-        .map(|n| format!("`podman container restore --keep {n}`"))
+        .map(|c| format!("`{c}`"))
         .collect::<Vec<_>>()
         .join(", then ");
     let rm_there = format!("`podman rm --force {}`", restore_order.join(" "));
@@ -921,15 +918,19 @@ mod tests {
             processes: vec!["77 podman container restore --import /r/web.tar".into()],
         };
         let names = vec!["db".to_string(), "web".to_string()];
-        let r = not_clean_report(&nc, "root@b", "lab-a", &names, "/r");
+        let cmds = vec![
+            "podman container restore --keep --file-locks db".to_string(),
+            "podman container restore --keep web".to_string(),
+        ];
+        let r = not_clean_report(&nc, "root@b", "lab-a", &names, &cmds, "/r");
         for want in [
             "nothing was restored on this host (lab-a)",
-            "On root@b: db is running (podman rm: injected)",
+            "On root@b: db runs (podman rm: injected)",
             "process 77 podman container restore --import /r/web.tar is still alive after SIGKILL",
             "On root@b: no web.",
             "On lab-a: db, web stopped, checkpoints kept",
             "`podman rm --force db web`",
-            "`podman container restore --keep db`, then `podman container restore --keep web`",
+            "then here `podman container restore --keep --file-locks db`, then `podman container restore --keep web`.",
         ] {
             assert!(r.contains(want), "{want:?} not in {r}");
         }
