@@ -385,8 +385,16 @@ async fn migrate(
                 checkpointed.push(it.clone());
             }
             Err(e) => {
-                first_error
-                    .get_or_insert(e.context(format!("checkpoint of {} failed", it.info.name)));
+                // An upload that broke first (a full disk there, say) is the cause; the
+                // checkpoint's stream broke because of it.
+                let e = match &f.shipped {
+                    Err(ship) => anyhow!("{ship}").context(format!(
+                        "shipping the archive of {} failed (so did its checkpoint's stream: {e:#})",
+                        it.info.name
+                    )),
+                    Ok(_) => e.context(format!("checkpoint of {} failed", it.info.name)),
+                };
+                first_error.get_or_insert(e);
                 continue;
             }
         }
@@ -1425,17 +1433,31 @@ impl Rollback<'_> {
             }
         }
         // Containers whose checkpoint failed normally keep running (CRIU resumes them);
-        // make sure every one of them runs.
+        // make sure every one of them runs. One whose dump was over when its archive's
+        // stream broke (a full disk on the target) is gone: its kept checkpoint brings it
+        // back.
         for it in items.iter() {
             let name = &it.info.name;
-            let running = podman
-                .inspect(std::slice::from_ref(name))
-                .await
-                .map(|v| v.first().is_some_and(|c| c.running))
-                .unwrap_or(false);
-            if !running && !problems.iter().any(|p| p.starts_with(&format!("{name}:"))) {
-                problems.push(format!("{name}: not running after the rollback"));
+            let running = || async {
+                podman
+                    .inspect(std::slice::from_ref(name))
+                    .await
+                    .map(|v| v.first().is_some_and(|c| c.running))
+                    .unwrap_or(false)
+            };
+            if running().await || problems.iter().any(|p| p.starts_with(&format!("{name}:"))) {
+                continue;
             }
+            if !checkpointed.iter().any(|c| &c.info.name == name)
+                && podman.restore_in_place(name, it.opts).await.is_ok()
+                && running().await
+            {
+                ui.info(&format!(
+                    "{name} restored here from its kept checkpoint (its dump was over when its checkpoint failed)"
+                ));
+                continue;
+            }
+            problems.push(format!("{name}: not running after the rollback"));
         }
         if problems.is_empty() {
             // The archives on the target are not needed any more (they hold process

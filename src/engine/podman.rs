@@ -336,6 +336,22 @@ fn keep_tail(tail: &mut Vec<u8>, chunk: &[u8]) {
     tail.drain(..extra);
 }
 
+/// Reads the FIFO to its end and waits for podman, within [`PODMAN_TIMEOUT`].
+async fn drain(
+    rx: &mut pipe::Receiver,
+    buf: &mut [u8],
+    exit: &mut tokio::task::JoinHandle<Result<Stats, PodmanError>>,
+    exited: bool,
+) {
+    let _ = tokio::time::timeout(PODMAN_TIMEOUT, async {
+        while matches!(rx.read(buf).await, Ok(n) if n > 0) {}
+        if !exited {
+            let _ = exit.await;
+        }
+    })
+    .await;
+}
+
 fn ready_exit(
     r: Result<Stats, PodmanError>,
 ) -> tokio::task::JoinHandle<Result<Stats, PodmanError>> {
@@ -515,7 +531,13 @@ impl Podman {
             if hasher.tx.send(chunk.clone()).await.is_err() {
                 break;
             }
-            sink.write_all(&chunk).await.map_err(io)?;
+            if let Err(e) = sink.write_all(&chunk).await {
+                // The upload broke (a full disk on the target, say) while podman still
+                // writes: let it finish into nothing, so that it ends and keeps its
+                // checkpoint whole for the rollback, rather than meet a FIFO nobody reads.
+                drain(&mut rx, &mut buf, &mut exit, finished.is_some()).await;
+                return Err(io(e));
+            }
             total += n as u64;
         }
         sink.shutdown().await.map_err(io)?;

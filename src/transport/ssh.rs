@@ -559,18 +559,19 @@ impl RemoteStream<'_> {
                 .wait_with_output()
                 .await
                 .map_err(|e| ssh.transport(e))?;
-            if let Err(e) = copy {
-                return Err(SshError::Transport {
-                    dest: ssh.label.clone(),
-                    detail: format!("streaming into `{cmd}`: {e}"),
-                });
-            }
+            // A command that failed says why the stream broke (e.g. a full disk there).
             if !out.status.success() {
                 return Err(SshError::Remote {
                     dest: ssh.label.clone(),
                     cmd: cmd.clone(),
                     status: out.status.into(),
                     stderr: tail_lines(&String::from_utf8_lossy(&out.stderr), 12),
+                });
+            }
+            if let Err(e) = copy {
+                return Err(SshError::Transport {
+                    dest: ssh.label.clone(),
+                    detail: format!("streaming into `{cmd}`: {e}"),
                 });
             }
             Ok(total)
