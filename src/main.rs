@@ -18,6 +18,7 @@ mod recover;
 mod rundir;
 mod secret;
 mod send;
+mod settle;
 mod signals;
 mod sink;
 mod sync;

@@ -112,7 +112,7 @@ pub enum ToSender {
 }
 
 /// What the target did with a `Ready`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TargetOutcome {
     /// True when every container runs on the target.
@@ -131,6 +131,23 @@ pub struct TargetOutcome {
     pub container_restore_s: Vec<(String, f64)>,
     /// Longest time CRIU itself spent restoring one container (podman's statistics).
     pub criu_restore_s: Option<f64>,
+    /// Containers of this migration that may still exist, or run, on the target: its
+    /// cleanup after a failed restore did not remove them. The source must not restore
+    /// them too. Absent from the frame when empty, so older peers read it as before.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub left_on_target: Vec<LeftOnTarget>,
+}
+
+/// A container of the migration that the target could not remove after a failed restore.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LeftOnTarget {
+    pub name: String,
+    /// podman's status of it ("running", "exited", …), or "unknown" when it could not be
+    /// read.
+    pub state: String,
+    /// Why it is still there: the last failure of removing or inspecting it.
+    pub error: String,
 }
 
 /// What the sender shipped, so the receiver can check it before restoring.

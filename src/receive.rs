@@ -13,11 +13,11 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Mutex, mpsc};
 
 use crate::cli::ReceiveArgs;
-use crate::engine::podman::{CriuOptions, Podman};
+use crate::engine::podman::{CriuOptions, Podman, PodmanError};
 use crate::progress::Ui;
 use crate::protocol::{
-    Auth, Channel, Direction, Manifest, PROTOCOL_VERSION, ProtocolError, TargetOutcome, ToReceiver,
-    ToSender, restore_waves, valid_run_id,
+    Auth, Channel, Direction, LeftOnTarget, Manifest, PROTOCOL_VERSION, ProtocolError,
+    TargetOutcome, ToReceiver, ToSender, restore_waves, valid_run_id,
 };
 use crate::rundir::{self, PID_FILE, RESULT_FILE, SECRET_FILE, run_dir};
 use crate::sink::{Received, Sizes};
@@ -28,6 +28,9 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long an authenticated sender may stay silent (pre-sync of big folders); a sender
 /// whose host vanished is noticed sooner by TCP keepalive.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(12 * 3600);
+
+/// Attempts at removing a container of a failed restore (the last one after SIGKILL).
+const REMOVE_ATTEMPTS: u32 = 3;
 
 struct Ctx {
     workdir: PathBuf,
@@ -305,18 +308,20 @@ async fn handle(sock: TcpStream, peer: SocketAddr, ctx: &Ctx) -> Option<Done> {
             ToReceiver::Ready { manifest } => {
                 ctx.ui.info("OK received: verifying and restoring");
                 let outcome = restore(&manifest, &run_id, &dir, got_us, ctx).await;
-                if let Err(e) = write_result(&dir, &outcome) {
-                    ctx.ui.warn(&format!(
-                        "cannot write {}: {e}",
-                        dir.join(RESULT_FILE).display()
-                    ));
-                }
+                let written = write_result(&dir, &outcome);
                 let restored = outcome.restored;
                 if restored {
                     remove_archives(&dir);
                 } else {
                     // Kept for the sender's rollback (it removes the run folder when done).
                     remove_secret(&dir);
+                }
+                // A full disk: removing the archives may have made room for it.
+                if let Err(e) = written.or_else(|_| write_result(&dir, &outcome)) {
+                    ctx.ui.warn(&format!(
+                        "cannot write {}: {e}",
+                        dir.join(RESULT_FILE).display()
+                    ));
                 }
                 if let Err(e) = ch.send(&ToSender::Outcome(outcome.clone())).await {
                     ctx.ui.warn(&format!("could not tell the sender the outcome ({e}); it will read {RESULT_FILE} over SSH"));
@@ -368,6 +373,7 @@ async fn handle(sock: TcpStream, peer: SocketAddr, ctx: &Ctx) -> Option<Done> {
         restore_s: 0.0,
         container_restore_s: Vec::new(),
         criu_restore_s: None,
+        left_on_target: Vec::new(),
     };
     let _ = write_result(&dir, &outcome);
     remove_archives(&dir);
@@ -398,6 +404,7 @@ async fn restore(
         restore_s: 0.0,
         container_restore_s: Vec::new(),
         criu_restore_s: None,
+        left_on_target: Vec::new(),
     };
     let verify = Stopwatch::start();
     let podman = Podman;
@@ -464,19 +471,31 @@ async fn restore(
                 .join("; ");
             ctx.ui.warn(&msg);
             // Whatever podman left of the failed ones, and all that came up: nothing
-            // half-restored stays here.
+            // half-restored stays here. What cannot be removed is reported as such: the
+            // source must not restore it too.
             for name in failures
                 .iter()
                 .map(|(n, _)| *n)
                 .chain(restored.iter().rev().copied())
             {
-                if podman.exists(name).await.unwrap_or(true)
-                    && let Err(e) = podman.remove(name).await
-                {
-                    ctx.ui.warn(&format!(
-                        "could not remove {name} after the failed restore: {e}"
-                    ));
+                if let Some(left) = remove_restored(&podman, name, &ctx.ui).await {
+                    out.left_on_target.push(left);
                 }
+            }
+            let mut msg = msg;
+            if !out.left_on_target.is_empty() {
+                let left = out
+                    .left_on_target
+                    .iter()
+                    .map(|l| format!("{} ({}: {})", l.name, l.state, l.error))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                let text = format!(
+                    "NOT removed on {} after the failed restore, so it may still exist or run there: {left}",
+                    ctx.hostname
+                );
+                ctx.ui.warn(&text);
+                msg = format!("{msg}; {text}");
             }
             out.error = Some(msg);
             out.restore_s = restore.secs();
@@ -488,6 +507,62 @@ async fn restore(
     out.restored = true;
     ctx.ui.info(&format!("UP: {} running", restored.join(", ")));
     out
+}
+
+/// Removes a container this migration restored (or that podman half-created for it):
+/// `rm --force`, once more after a moment (a stopped restore's mounts can stay busy),
+/// then SIGKILL and `rm --force` again. Returns what is left of it when it is still
+/// there, or when that cannot be told.
+async fn remove_restored(podman: &Podman, name: &str, ui: &Ui) -> Option<LeftOnTarget> {
+    let mut last = match podman.exists(name).await {
+        Ok(false) => return None,
+        Ok(true) => String::new(),
+        // Unknown: try to remove it anyway, then look again.
+        Err(e) => format!("podman inspect: {e}"),
+    };
+    for attempt in 1..=REMOVE_ATTEMPTS {
+        if attempt == REMOVE_ATTEMPTS
+            && let Err(e) = podman.kill(name).await
+        {
+            ui.warn(&format!("killing {name} after the failed restore: {e}"));
+        }
+        match podman.remove(name).await {
+            Ok(()) => break,
+            Err(e) => {
+                ui.warn(&format!(
+                    "removing {name} after the failed restore (attempt {attempt} of {REMOVE_ATTEMPTS}): {e}"
+                ));
+                last = e.to_string();
+                if attempt < REMOVE_ATTEMPTS {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+    }
+    match podman.inspect(&[name.to_string()]).await {
+        Err(PodmanError::NoSuchContainer(_)) => None,
+        Ok(found) => Some(LeftOnTarget {
+            name: name.to_string(),
+            state: found
+                .first()
+                .map(|c| c.status.clone())
+                .unwrap_or_else(|| "unknown".into()),
+            error: if last.is_empty() {
+                "podman rm reported success, yet it is still there".into()
+            } else {
+                last
+            },
+        }),
+        Err(e) => Some(LeftOnTarget {
+            name: name.to_string(),
+            state: "unknown".into(),
+            error: if last.is_empty() {
+                format!("podman inspect: {e}")
+            } else {
+                format!("{last}; podman inspect: {e}")
+            },
+        }),
+    }
 }
 
 async fn verify_archives(
@@ -556,6 +631,7 @@ async fn verify_archives(
 
 /// Writes `result.json` so a sender that lost the control connection can read it over SSH.
 fn write_result(dir: &Path, outcome: &TargetOutcome) -> std::io::Result<()> {
+    // write_private removes its partial file on failure (a full disk).
     rundir::write_private(dir, RESULT_FILE, &serde_json::to_vec(outcome)?)
 }
 

@@ -409,12 +409,16 @@ pub async fn repair(j: &Journal, mode: Mode, ui: &Arc<Ui>) -> RunReport {
                     return r;
                 }
             };
-            match crate::send::settle_over_ssh(&ssh, &j.remote_dir, &r.containers.clone(), ui).await
+            // A receiver still restoring gets the time a sender would give it; then the
+            // target's state decides.
+            let deadline = tokio::time::Instant::now() + crate::send::RESTORE_TIMEOUT;
+            match crate::settle::over_ssh(&ssh, &j.remote_dir, &r.containers.clone(), deadline, ui)
+                .await
             {
-                Ok(o) if o.restored => {
+                Ok(crate::settle::Settled::Restored(_)) => {
                     remove_here(&podman, j, &states, &mut r).await;
                 }
-                Ok(o) => {
+                Ok(crate::settle::Settled::Clean(o)) => {
                     restore_here(&podman, j, &states, &mut r, ui).await;
                     r.detail = format!(
                         "the target {} does not run them ({}); {}",
@@ -422,6 +426,14 @@ pub async fn repair(j: &Journal, mode: Mode, ui: &Arc<Ui>) -> RunReport {
                         o.error.unwrap_or_default(),
                         r.detail
                     );
+                }
+                Ok(crate::settle::Settled::NotClean(nc, _)) => {
+                    // Some of it may run there and cannot be removed: restoring here
+                    // could run the service twice.
+                    r.result = Verdict::Undetermined;
+                    r.detail = undetermined(j, &states, &format!("{nc:?}"));
+                    ssh.close().await;
+                    return r;
                 }
                 Err(e) => {
                     r.result = Verdict::Undetermined;

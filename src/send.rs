@@ -1,7 +1,6 @@
 //! The source side: preflight, pre-sync, freeze, ship, post-sync, "OK", then commit or
 //! roll back. The rule everywhere: the service ends up running on exactly one host.
 
-use std::collections::BTreeMap;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -13,16 +12,16 @@ use crate::Signals;
 use crate::cli::CompressChoice;
 use crate::engine::freezer::{Freezer, FrozenCgroup};
 use crate::engine::podman::{self, Compression, ContainerInfo, CriuOptions, Podman};
-use crate::exec::shell_quote;
 use crate::hooks::{self, When};
 use crate::journal::Phase;
 use crate::plan::SendPlan;
 use crate::preflight::{self, Control, Want, Welcome};
 use crate::progress::{Ui, say};
 use crate::protocol::{
-    ClockSample, ContainerEntry, Manifest, TargetOutcome, ToReceiver, ToSender, estimate_offset,
+    ClockSample, ContainerEntry, Manifest, ToReceiver, ToSender, estimate_offset,
 };
-use crate::rundir::{PID_FILE, RESULT_FILE};
+use crate::rundir::PID_FILE;
+use crate::settle::{self, Settled};
 use crate::sync::rsync;
 use crate::timing::{Outcome, Record, Stopwatch, now_us};
 use crate::transport::ssh::{Ssh, remote_join};
@@ -68,7 +67,7 @@ const SHIP_TIMEOUT: Duration = Duration::from_secs(3600);
 /// goes ahead without it.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(300);
 /// How long the target may take to restore once "OK" is sent.
-const RESTORE_TIMEOUT: Duration = Duration::from_secs(900);
+pub(crate) const RESTORE_TIMEOUT: Duration = Duration::from_secs(900);
 const CLOCK_ROUNDS: usize = 8;
 /// Bytes sent to measure the link rate when `--compress auto` must choose.
 const PROBE_BYTES: usize = 8 << 20;
@@ -412,8 +411,16 @@ async fn migrate(
                 checkpointed.push(it.clone());
             }
             Err(e) => {
-                first_error
-                    .get_or_insert(e.context(format!("checkpoint of {} failed", it.info.name)));
+                // An upload that broke first (a full disk there, say) is the cause; the
+                // checkpoint's stream broke because of it.
+                let e = match &f.shipped {
+                    Err(ship) => anyhow!("{ship}").context(format!(
+                        "shipping the archive of {} failed (so did its checkpoint's stream: {e:#})",
+                        it.info.name
+                    )),
+                    Ok(_) => e.context(format!("checkpoint of {} failed", it.info.name)),
+                };
+                first_error.get_or_insert(e);
                 continue;
             }
         }
@@ -498,8 +505,11 @@ async fn migrate(
         down_us: down,
         clock_offset_us: offset_us,
     };
+    // Dependencies first: the order to restore by hand, should it come to that.
+    let restore_order: Vec<String> = manifest.containers.iter().map(|c| c.name.clone()).collect();
     ui.phase("OK sent; target restoring");
     let control_sw = Stopwatch::start();
+    let restore_deadline = tokio::time::Instant::now() + RESTORE_TIMEOUT;
     let sent = control.send(&ToReceiver::Ready { manifest }).await;
     let answer = async {
         sent?;
@@ -521,23 +531,63 @@ async fn migrate(
         }
     };
     rec.control_s = Some(control_sw.secs());
-    let outcome = match answer {
-        Ok(Ok(o)) => o,
+    let settled = match answer {
+        Ok(Ok(o)) if !o.restored && !o.left_on_target.is_empty() => {
+            // The receiver could not remove what it had restored: once more over SSH,
+            // then look. Nothing is restored here while any of it may be there.
+            let names: Vec<String> = o.left_on_target.iter().map(|l| l.name.clone()).collect();
+            ui.warn(&format!(
+                "the target could not remove {} after its failed restore; trying over SSH",
+                names.join(", ")
+            ));
+            match settle::clean(&ssh, &names, ui).await {
+                Ok(()) => Settled::Clean(o),
+                Err(nc) => Settled::NotClean(nc, o.error),
+            }
+        }
+        Ok(Ok(o)) => Settled::Restored(o),
         Ok(Err(e)) => {
             ui.warn(&format!(
                 "control connection lost after OK ({e:#}); asking the target over SSH"
             ));
-            match settle_over_ssh(&ssh, &remote_dir, &plan.target.containers, ui).await {
-                Ok(o) => o,
-                Err(e) => return Err(stranded(e)),
-            }
+            settle::over_ssh(&ssh, &remote_dir, &restore_order, restore_deadline, ui)
+                .await
+                .map_err(|e| stranded(anyhow!(e).context("asking the target over SSH")))?
         }
         Err(_) => {
             ui.warn("no answer from the target in time; asking it over SSH");
-            match settle_over_ssh(&ssh, &remote_dir, &plan.target.containers, ui).await {
-                Ok(o) => o,
-                Err(e) => return Err(stranded(e)),
-            }
+            settle::over_ssh(&ssh, &remote_dir, &restore_order, restore_deadline, ui)
+                .await
+                .map_err(|e| stranded(anyhow!(e).context("asking the target over SSH")))?
+        }
+    };
+    let outcome = match settled {
+        Settled::Restored(o) | Settled::Clean(o) => o,
+        Settled::NotClean(nc, why) => {
+            let restore_here: Vec<String> = restore_order
+                .iter()
+                .filter_map(|n| checkpointed.iter().find(|it| &it.info.name == n))
+                .map(|it| {
+                    crate::exec::display_command(
+                        "podman",
+                        &podman::restore_in_place_args(&it.info.name, it.opts),
+                    )
+                })
+                .collect();
+            let report = settle::not_clean_report(
+                &nc,
+                ssh.label(),
+                &crate::hostname(),
+                &restore_order,
+                &restore_here,
+                &remote_dir,
+            );
+            let why = why.unwrap_or_else(|| "the target did not restore".into());
+            // One message that ends with what to do.
+            return Err(SendFailure {
+                exit: Exit::Failed,
+                error: anyhow!("migration failed ({why}); {report}"),
+            });
         }
     };
     if outcome.restored
@@ -836,9 +886,6 @@ async fn open_upload<'a>(
         None => ssh.open_upload(path).await,
     }
 }
-
-/// Attempts at removing a partial container on the target after losing the receiver.
-const REMOVE_ATTEMPTS: u32 = 10;
 
 /// Checkpoint attempts when CRIU meets a half-open TCP connection.
 const CHECKPOINT_ATTEMPTS: u32 = 3;
@@ -1349,169 +1396,6 @@ pub fn link_rate(small: usize, t_small: f64, big: usize, t_big: f64) -> f64 {
     (big - small) as f64 / dt
 }
 
-/// What to do when the control connection was lost after "OK", from what the target
-/// shows over SSH.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Settle {
-    /// Every container runs on the target: the migration happened.
-    Commit,
-    /// Not all run there: remove these on the target, then roll back here.
-    RollBack { remove_on_target: Vec<String> },
-}
-
-/// The container states on the target decide, never the receiver's word alone: the
-/// service must run on exactly one host.
-pub fn decide_settle(states: &BTreeMap<String, String>, names: &[String]) -> Settle {
-    if names
-        .iter()
-        .all(|n| states.get(n).map(String::as_str) == Some("true"))
-    {
-        Settle::Commit
-    } else {
-        Settle::RollBack {
-            remove_on_target: names
-                .iter()
-                .filter(|n| states.get(*n).is_some_and(|s| s != "absent"))
-                .cloned()
-                .collect(),
-        }
-    }
-}
-
-/// After losing the control connection: waits for the receiver to finish or die, stops
-/// any restore still in flight, looks at the containers on the target and decides.
-pub(crate) async fn settle_over_ssh(
-    ssh: &Ssh,
-    remote_dir: &str,
-    names: &[String],
-    ui: &Arc<Ui>,
-) -> anyhow::Result<TargetOutcome> {
-    let result = remote_join(remote_dir, RESULT_FILE);
-    let pid = remote_join(remote_dir, PID_FILE);
-    let probe = format!(
-        "if [ -f {r} ]; then echo result; cat {r}; \
-         elif [ -f {p} ] && [ \"$(sed -n 's/^State:[[:space:]]*\\(.\\).*/\\1/p' /proc/$(cat {p})/status 2>/dev/null)\" != Z ] \
-              && [ -d /proc/$(cat {p}) ]; then echo busy; else echo gone; fi",
-        r = shell_quote(&result),
-        p = shell_quote(&pid)
-    );
-    let deadline = tokio::time::Instant::now() + RESTORE_TIMEOUT;
-    let mut reported: Option<TargetOutcome> = None;
-    loop {
-        let out = ssh
-            .sh(&probe, REMOTE_TIMEOUT)
-            .await
-            .context("asking the target over SSH")?;
-        let mut lines = out.stdout.lines();
-        match lines.next() {
-            Some("result") => {
-                reported = serde_json::from_str(&lines.collect::<Vec<_>>().join("\n")).ok();
-                break;
-            }
-            Some("busy") if tokio::time::Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-            _ => break,
-        }
-    }
-    // A receiver that died may have left restores running (its podman children live on).
-    // They are let finish (a podman stopped half-way can leave a conmon holding the
-    // container's ports with no container podman knows of); only one still running after
-    // a minute is stopped. Then the containers are looked at.
-    let pattern = shell_quote(&self_excluding_pattern(remote_dir));
-    let _ = ssh
-        .sh(
-            &format!(
-                "w() {{ i=0; while pgrep -f -- {pattern} >/dev/null && [ $i -lt $1 ]; do sleep 0.1; i=$((i+1)); done; }}; \
-                 w 600; pkill -f -- {pattern}; w 100; true"
-            ),
-            REMOTE_TIMEOUT,
-        )
-        .await;
-    let mut script = String::new();
-    for n in names {
-        script.push_str(&format!(
-            "echo {n}=$(podman container inspect --format '{{{{.State.Running}}}}' {n} 2>/dev/null || echo absent)\n",
-            n = shell_quote(n)
-        ));
-    }
-    let out = ssh
-        .sh(&script, REMOTE_TIMEOUT)
-        .await
-        .context("inspecting the containers on the target")?;
-    let states: BTreeMap<String, String> = out
-        .stdout
-        .lines()
-        .filter_map(|l| l.split_once('='))
-        .map(|(k, v)| (k.to_string(), v.trim().to_string()))
-        .collect();
-    match decide_settle(&states, names) {
-        Settle::Commit => {
-            ui.info("the target runs every container: the migration happened");
-            Ok(reported.filter(|o| o.restored).unwrap_or(TargetOutcome {
-                restored: true,
-                error: None,
-                ready_us: 0,
-                up_us: None,
-                verify_s: 0.0,
-                restore_s: 0.0,
-                container_restore_s: Vec::new(),
-                criu_restore_s: None,
-            }))
-        }
-        Settle::RollBack { remove_on_target } => {
-            for n in &remove_on_target {
-                ui.warn(&format!("removing the partial {n} on the target"));
-                // The runtime and CRIU of a restore whose podman was stopped may still
-                // hold the container's mounts for a moment ("device or resource busy").
-                let mut attempt = 1;
-                loop {
-                    let r = ssh
-                        .run(
-                            "podman",
-                            &["rm".into(), "--force".into(), n.clone()],
-                            REMOTE_TIMEOUT,
-                        )
-                        .await;
-                    match r {
-                        Ok(_) => break,
-                        Err(e) if attempt < REMOVE_ATTEMPTS => {
-                            ui.warn(&format!("removing {n} on the target: {e}; trying again"));
-                            attempt += 1;
-                            tokio::time::sleep(Duration::from_secs(1)).await;
-                        }
-                        Err(e) => {
-                            return Err(anyhow!(e).context(format!("removing {n} on the target")));
-                        }
-                    }
-                }
-            }
-            Ok(TargetOutcome {
-                restored: false,
-                error: Some(reported.and_then(|o| o.error).unwrap_or_else(|| {
-                    "the receiver went away before every container ran on the target".into()
-                })),
-                ready_us: 0,
-                up_us: None,
-                verify_s: 0.0,
-                restore_s: 0.0,
-                container_restore_s: Vec::new(),
-                criu_restore_s: None,
-            })
-        }
-    }
-}
-
-/// A `pkill -f` pattern for `path` that does not match the command line carrying it
-/// (`/x/y` becomes `[/]x/y`), so the remote shell does not kill itself.
-fn self_excluding_pattern(path: &str) -> String {
-    let mut chars = path.chars();
-    match chars.next() {
-        Some(c) => format!("[{c}]{}", chars.as_str()),
-        None => String::new(),
-    }
-}
-
 /// What the run journal keeps of one container.
 fn journal_entry(it: &Item) -> crate::journal::Entry {
     crate::journal::Entry {
@@ -1640,18 +1524,32 @@ impl Rollback<'_> {
                 )),
             }
         }
-        // Whatever was restored, every container must run now.
+        // Whatever was restored, every container must run now. One whose dump was over
+        // when its archive's stream broke (a full disk on the target) is gone: its kept
+        // checkpoint brings it back.
         ui.phase("rolling back: checking that every container runs here");
         for it in items.iter() {
             let name = &it.info.name;
-            let running = podman
-                .inspect(std::slice::from_ref(name))
-                .await
-                .map(|v| v.first().is_some_and(|c| c.running))
-                .unwrap_or(false);
-            if !running && !problems.iter().any(|p| p.starts_with(&format!("{name}:"))) {
-                problems.push(format!("{name}: not running after the rollback"));
+            let running = || async {
+                podman
+                    .inspect(std::slice::from_ref(name))
+                    .await
+                    .map(|v| v.first().is_some_and(|c| c.running))
+                    .unwrap_or(false)
+            };
+            if running().await || problems.iter().any(|p| p.starts_with(&format!("{name}:"))) {
+                continue;
             }
+            if !checkpointed.iter().any(|c| &c.info.name == name)
+                && podman.restore_in_place(name, it.opts).await.is_ok()
+                && running().await
+            {
+                ui.info(&format!(
+                    "{name} restored here from its kept checkpoint (its dump was over when its checkpoint failed)"
+                ));
+                continue;
+            }
+            problems.push(format!("{name}: not running after the rollback"));
         }
         if problems.is_empty() {
             // The archives on the target are not needed any more (they hold process
@@ -1839,55 +1737,6 @@ mod tests {
             Some(Trouble::InFlight)
         );
         assert_eq!(trouble(&format!("{cmd}(00.1) Error: something else")), None);
-    }
-
-    fn states(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
-
-    fn names() -> Vec<String> {
-        vec!["db".into(), "web".into()]
-    }
-
-    #[test]
-    fn settle_commits_only_when_all_run_on_the_target() {
-        assert_eq!(
-            decide_settle(&states(&[("db", "true"), ("web", "true")]), &names()),
-            Settle::Commit
-        );
-    }
-
-    #[test]
-    fn settle_rolls_back_and_removes_partial_restores() {
-        assert_eq!(
-            decide_settle(&states(&[("db", "true"), ("web", "absent")]), &names()),
-            Settle::RollBack {
-                remove_on_target: vec!["db".into()]
-            }
-        );
-        assert_eq!(
-            decide_settle(&states(&[("db", "false"), ("web", "true")]), &names()),
-            Settle::RollBack {
-                remove_on_target: vec!["db".into(), "web".into()]
-            }
-        );
-        assert_eq!(
-            decide_settle(&states(&[]), &names()),
-            Settle::RollBack {
-                remove_on_target: vec![]
-            }
-        );
-    }
-
-    #[test]
-    fn pkill_pattern_skips_its_own_shell() {
-        assert_eq!(
-            self_excluding_pattern("/var/lib/migrate/runs/x"),
-            "[/]var/lib/migrate/runs/x"
-        );
     }
 
     #[test]

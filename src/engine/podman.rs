@@ -380,6 +380,22 @@ fn keep_tail(tail: &mut Vec<u8>, chunk: &[u8]) {
     tail.drain(..extra);
 }
 
+/// Reads the FIFO to its end and waits for podman, within [`PODMAN_TIMEOUT`].
+async fn drain(
+    rx: &mut pipe::Receiver,
+    buf: &mut [u8],
+    exit: &mut tokio::task::JoinHandle<Result<Stats, PodmanError>>,
+    exited: bool,
+) {
+    let _ = tokio::time::timeout(PODMAN_TIMEOUT, async {
+        while matches!(rx.read(buf).await, Ok(n) if n > 0) {}
+        if !exited {
+            let _ = exit.await;
+        }
+    })
+    .await;
+}
+
 /// Hashes the archive on a thread of its own, off the path between the FIFO and the
 /// upload.
 struct Hasher {
@@ -576,7 +592,13 @@ impl Podman {
             if hasher.tx.send(chunk.clone()).await.is_err() {
                 break;
             }
-            sink.write_all(&chunk).await.map_err(io)?;
+            if let Err(e) = sink.write_all(&chunk).await {
+                // The upload broke (a full disk on the target, say) while podman still
+                // writes: let it finish into nothing, so that it ends and keeps its
+                // checkpoint whole for the rollback, rather than meet a FIFO nobody reads.
+                drain(&mut rx, &mut buf, &mut exit, finished.is_some()).await;
+                return Err(io(e));
+            }
             total += n as u64;
         }
         sink.shutdown().await.map_err(io)?;
@@ -640,6 +662,13 @@ impl Podman {
     /// Removes a container, stopping it first if needed.
     pub async fn remove(&self, name: &str) -> Result<(), PodmanError> {
         self.run(args(["rm", "--force", "--time", "5", name]))
+            .await
+            .map(drop)
+    }
+
+    /// Kills a container's processes at once (SIGKILL), for a removal that failed.
+    pub async fn kill(&self, name: &str) -> Result<(), PodmanError> {
+        self.run(args(["kill", "--signal", "KILL", name]))
             .await
             .map(drop)
     }

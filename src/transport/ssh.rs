@@ -599,13 +599,14 @@ impl RemoteStream<'_> {
                 .wait_with_output()
                 .await
                 .map_err(|e| ssh.spawn_failed(&cmd, e))?;
+            // A command that failed says why the stream broke (e.g. a full disk there).
+            ssh.check_status(&cmd, &out)?;
             if let Err(e) = copy {
                 return Err(SshError::Transport {
                     dest: ssh.label.clone(),
                     detail: format!("streaming into `{cmd}`: {e}"),
                 });
             }
-            ssh.check_status(&cmd, &out)?;
             Ok(total)
         };
         match tokio::time::timeout(timeout, work).await {
