@@ -1488,6 +1488,22 @@ mod tests {
         assert!(names.iter().all(|n| !n.starts_with("pwned")), "{names:?}");
     }
 
+    /// What `send` wants checked, for a target at `dest` with a receiver on `port`.
+    fn send_want(dest: &Destination, port: u16) -> Want<'_> {
+        Want {
+            dest,
+            control_port: port,
+            target_workdir: "/var/lib/migrate",
+            containers: &[],
+            data: &[],
+            ship_images: false,
+            run_id: "r1",
+            label: "",
+            create_run_dir: true,
+            spawn: None,
+        }
+    }
+
     /// A listener on 127.0.0.1 that answers hello with a welcome whose proof was made
     /// with `key`, then keeps every byte it gets until the connection ends.
     async fn fake_receiver(key: Vec<u8>) -> (u16, tokio::task::JoinHandle<(String, Vec<u8>)>) {
@@ -1532,18 +1548,7 @@ mod tests {
         let secret = b"the-secret-placed-over-ssh-32byte".to_vec();
         for (key, accepted) in [(b"a-guess".to_vec(), false), (secret.clone(), true)] {
             let (port, task) = fake_receiver(key).await;
-            let want = Want {
-                dest: &dest,
-                control_port: port,
-                target_workdir: "/var/lib/migrate",
-                containers: &[],
-                data: &[],
-                ship_images: false,
-                run_id: "r1",
-                label: "",
-                create_run_dir: true,
-                spawn: None,
-            };
+            let want = send_want(&dest, port);
             let got = connect_receiver(&want, Some(secret.clone())).await;
             match got {
                 Ok(mut w) => {
@@ -1577,18 +1582,7 @@ mod tests {
             port: None,
             identity: None,
         };
-        let want = Want {
-            dest: &dest,
-            control_port: 12345,
-            target_workdir: "/var/lib/migrate",
-            containers: &[],
-            data: &[],
-            ship_images: false,
-            run_id: "r1",
-            label: "",
-            create_run_dir: true,
-            spawn: None,
-        };
+        let want = send_want(&dest, 12345);
         let ours = "me=0\nsockets=1\nproc=42\t0\treceive\t/usr/bin/migrate\n";
         let l = Listener::parse(ours);
         assert!(l.verdict(&want).is_ok());

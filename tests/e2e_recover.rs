@@ -282,10 +282,7 @@ fn sender_killed_after_the_dump_brings_the_service_back_on_the_source() {
     let _rx = Receiver::start("b", &[]);
     let before = counter("a");
     // 300 MB written after the pre-sync make the post-sync (after the dump) take a while.
-    let mut sender = Sender::start(&[
-        "--hook",
-        "pre-freeze=head -c 300000000 /dev/urandom > /srv/app/www/big.bin",
-    ]);
+    let mut sender = Sender::start(&["--hook", SLOW_POSTSYNC_HOOK]);
     let run_id = sender.run_id();
     // Every dump is over (the containers' processes are gone), archives still streaming.
     sender.wait_for(

@@ -784,25 +784,7 @@ fn sigterm_while_frozen_rolls_back_to_the_source() {
     let _rx = Receiver::start("b", &[]);
     let before = counter("a");
     // 300 MB written after the pre-sync make the post-sync (while frozen) take a while.
-    let mut sender = std::process::Command::new(repo().join("scripts/lab"))
-        .args([
-            "exec",
-            "a",
-            &bin(),
-            "send",
-            "--to",
-            "root@10.77.0.12",
-            "--data",
-            "/srv/app",
-            "--hook",
-            "pre-freeze=head -c 300000000 /dev/urandom > /srv/app/www/big.bin",
-            "db",
-            "web",
-        ])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut sender = start_slow_send(false);
     let pid = sender.id();
     let err = BufReader::new(sender.stderr.take().unwrap());
     let mut log = Vec::new();

@@ -4,38 +4,9 @@
 mod common;
 
 use std::io::{BufRead, BufReader, Read};
-use std::os::unix::process::CommandExt;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 
 use common::*;
-
-/// `migrate send` of the thesis pair from a to b, with a pre-freeze hook that writes
-/// 300 MB after the pre-sync, so the post-sync (while frozen) takes a while. With
-/// `own_group` the sender leads a process group of its own, as a shell job does.
-fn start_sender(own_group: bool) -> Child {
-    let mut cmd = Command::new(repo().join("scripts/lab"));
-    cmd.args([
-        "exec",
-        "a",
-        &bin(),
-        "send",
-        "--to",
-        "root@10.77.0.12",
-        "--data",
-        "/srv/app",
-        "--hook",
-        "pre-freeze=head -c 300000000 /dev/urandom > /srv/app/www/big.bin",
-        "db",
-        "web",
-    ])
-    .stdin(Stdio::null())
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped());
-    if own_group {
-        cmd.process_group(0);
-    }
-    cmd.spawn().unwrap()
-}
 
 /// The sender's stderr, line by line, each shown to `on_line` as it comes.
 fn follow(sender: &mut Child, mut on_line: impl FnMut(&str)) -> Vec<String> {
@@ -83,7 +54,7 @@ fn stderr_closed_mid_migration_neither_panics_nor_loses_the_service() {
     fresh_workload("a", 100);
     let _rx = Receiver::start("b", &[]);
     let before = counter("a");
-    let mut sender = start_sender(false);
+    let mut sender = start_slow_send(false);
     // Read up to the freeze, then close the read end: every later line hits EPIPE.
     let err = sender.stderr.take().unwrap();
     let mut lines = BufReader::new(err).lines();
@@ -137,7 +108,7 @@ fn sighup_while_frozen_rolls_back_to_the_source() {
     fresh_workload("a", 100);
     let _rx = Receiver::start("b", &[]);
     let before = counter("a");
-    let mut sender = start_sender(false);
+    let mut sender = start_slow_send(false);
     let pid = sender.id();
     let mut signalled = false;
     let log = follow(&mut sender, |line| {
@@ -163,7 +134,7 @@ fn ctrl_c_to_the_process_group_while_frozen_rolls_back_and_a_second_waits_for_it
     fresh_workload("a", 100);
     let _rx = Receiver::start("b", &[]);
     let before = counter("a");
-    let mut sender = start_sender(true);
+    let mut sender = start_slow_send(true);
     let pgid = sender.id();
     let mut first = false;
     let mut second = false;

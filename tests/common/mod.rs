@@ -215,6 +215,40 @@ pub fn send(host: &str, args: &[&str]) -> Out {
     on(host, &cmd)
 }
 
+/// A pre-freeze hook that writes 300 MB into the thesis pair's data folder after the
+/// pre-sync, so the post-sync (while frozen, after the dumps) takes a while.
+pub const SLOW_POSTSYNC_HOOK: &str =
+    "pre-freeze=head -c 300000000 /dev/urandom > /srv/app/www/big.bin";
+
+/// `migrate send` of the thesis pair from a to b with [`SLOW_POSTSYNC_HOOK`], stderr and
+/// stdout piped; with `own_group` the sender leads a process group of its own, as a
+/// shell job does.
+pub fn start_slow_send(own_group: bool) -> Child {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = Command::new(repo().join("scripts/lab"));
+    cmd.args([
+        "exec",
+        "a",
+        &bin(),
+        "send",
+        "--to",
+        "root@10.77.0.12",
+        "--data",
+        "/srv/app",
+        "--hook",
+        SLOW_POSTSYNC_HOOK,
+        "db",
+        "web",
+    ])
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    if own_group {
+        cmd.process_group(0);
+    }
+    cmd.spawn().expect("start the sender")
+}
+
 /// Stops receivers the tests of this suite started (on a or b, control port 12345).
 pub fn kill_receivers() {
     let pattern = format!("{} receive --listen 10.77.0.1[12]:12345", bin());
