@@ -788,7 +788,7 @@ async fn freeze_and_stream(
                     "; one of its processes was stuck in the kernel (state D, e.g. waiting for the disk) and could not be frozen: try again when the host is less busy"
                 }
                 Some(Trouble::InFlight) => {
-                    "; clients kept connecting during the freeze: drain them first (e.g. a pre-freeze hook that takes the host out of the balancer) or set tcp-skip-in-flight in /etc/criu/runc.conf"
+                    "; clients kept connecting during the freeze: drain them first (e.g. a pre-freeze hook that takes the host out of the balancer) or add the line `skip-in-flight` (CRIU's option; it then applies to every checkpoint on this host) to /etc/criu/runc.conf"
                 }
                 None => "",
             };
@@ -896,7 +896,7 @@ const CHECKPOINT_ATTEMPTS: u32 = 3;
 enum Trouble {
     /// An established connection and no --tcp-established.
     Established,
-    /// A connection still in its handshake (CRIU's --tcp-skip-in-flight, which podman 4.3
+    /// A connection still in its handshake (CRIU's `--skip-in-flight`, which podman 4.3
     /// does not offer).
     InFlight,
     /// A process CRIU could not seize (uninterruptible sleep through its timeout).
