@@ -225,7 +225,10 @@ pub const SLOW_POSTSYNC_HOOK: &str =
 /// shell job does.
 pub fn start_slow_send(own_group: bool) -> Child {
     use std::os::unix::process::CommandExt;
-    let mut cmd = Command::new(repo().join("scripts/lab"));
+    // SIGHUP as on a terminal, even when the test runs under nohup (which would make the
+    // sender keep ignoring it, as it should there).
+    let mut cmd = Command::new("env");
+    cmd.arg("--default-signal=HUP").arg(repo().join("scripts/lab"));
     cmd.args([
         "exec",
         "a",
