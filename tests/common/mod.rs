@@ -228,7 +228,8 @@ pub fn start_slow_send(own_group: bool) -> Child {
     // SIGHUP as on a terminal, even when the test runs under nohup (which would make the
     // sender keep ignoring it, as it should there).
     let mut cmd = Command::new("env");
-    cmd.arg("--default-signal=HUP").arg(repo().join("scripts/lab"));
+    cmd.arg("--default-signal=HUP")
+        .arg(repo().join("scripts/lab"));
     cmd.args([
         "exec",
         "a",
