@@ -411,14 +411,19 @@ async fn migrate(
                 checkpointed.push(it.clone());
             }
             Err(e) => {
-                // An upload that broke first (a full disk there, say) is the cause; the
-                // checkpoint's stream broke because of it.
+                // When the checkpoint failed only in handing its stream on, the upload
+                // broke first (a full disk there, say) and is the cause; when podman or
+                // CRIU failed, the upload broke because of that.
+                let stream_only = matches!(
+                    e.downcast_ref::<podman::PodmanError>(),
+                    Some(podman::PodmanError::Stream { .. })
+                );
                 let e = match &f.shipped {
-                    Err(ship) => anyhow!("{ship}").context(format!(
+                    Err(ship) if stream_only => anyhow!("{ship}").context(format!(
                         "shipping the archive of {} failed (so did its checkpoint's stream: {e:#})",
                         it.info.name
                     )),
-                    Ok(_) => e.context(format!("checkpoint of {} failed", it.info.name)),
+                    _ => e.context(format!("checkpoint of {} failed", it.info.name)),
                 };
                 first_error.get_or_insert(e);
                 continue;
