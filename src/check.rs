@@ -20,6 +20,8 @@ if command -v criu >/dev/null 2>&1; then
   if [ -s /run/criu.kdat ]; then echo criu_kdat=cached
   elif [ "$(stat -f -c %T /run 2>/dev/null)" = tmpfs ]; then echo criu_kdat=tmpfs
   else echo criu_kdat=uncached; fi
+  # A host-wide CRIU file for runc, read last: it overrides migrate's per-command options.
+  if [ -e /etc/criu/runc.conf ]; then echo runc_conf=present; fi
   for f in mem_dirty_track uffd-noncoop; do
     if criu check --feature "$f" >/dev/null 2>&1; then echo "feature_$f=yes"; else echo "feature_$f=no"; fi
   done
@@ -41,6 +43,8 @@ pub struct Facts {
     pub zstd: bool,
     /// `uncached` when CRIU cannot keep its kernel probe (`/run` is not a tmpfs).
     pub criu_kdat: Option<String>,
+    /// `/etc/criu/runc.conf` exists: CRIU reads it last, over migrate's options.
+    pub runc_conf: bool,
     /// Optional CRIU features (`criu check --feature X`): "yes" or "no".
     pub features: std::collections::BTreeMap<String, String>,
 }
@@ -61,6 +65,7 @@ impl Facts {
                 "criu_kdat" => f.criu_kdat = v,
                 "crun_criu" => f.crun_criu = v.as_deref() == Some("yes"),
                 "zstd" => f.zstd = v.as_deref() == Some("yes"),
+                "runc_conf" => f.runc_conf = v.as_deref() == Some("present"),
                 _ => {
                     if let (Some(feature), Some(v)) = (k.strip_prefix("feature_"), v) {
                         f.features.insert(feature.to_string(), v);

@@ -118,6 +118,38 @@ pub struct ReceiveArgs {
     pub idle_timeout: Option<u64>,
 }
 
+/// `send --tcp`: what happens to the containers' TCP connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TcpPolicy {
+    /// Skip handshakes, restore established connections closed (clients reconnect).
+    Close,
+    /// Carry established connections over; skip handshakes.
+    Established,
+    /// Fail on any connection CRIU cannot take as it is (the behaviour of podman alone).
+    Refuse,
+}
+
+impl TcpPolicy {
+    /// The CRIU options of this policy, for both the dump and the restore.
+    pub fn criu(self, file_locks: bool) -> crate::engine::podman::CriuOptions {
+        crate::engine::podman::CriuOptions {
+            file_locks,
+            tcp_established: self == TcpPolicy::Established,
+            tcp_close: self == TcpPolicy::Close,
+            skip_in_flight: self != TcpPolicy::Refuse,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TcpPolicy::Close => "close",
+            TcpPolicy::Established => "established",
+            TcpPolicy::Refuse => "refuse",
+        }
+    }
+}
+
 /// Archive compression: `auto` picks from the measured link rate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum CompressChoice {
@@ -177,6 +209,22 @@ pub struct TargetArgs {
     /// save | podman load over SSH); without it, a missing image is refused.
     #[arg(long)]
     pub ship_image: bool,
+
+    /// What happens to the containers' TCP connections. `close` (default): connections
+    /// still in their handshake are left out (the client retries its SYN) and established
+    /// ones are dumped and restored closed, so their clients see a reset and reconnect at
+    /// once to wherever the service now is (right with published ports).
+    /// `established`: established connections are carried over (only where the
+    /// container's address moves with it); handshakes are left out. `refuse`: any
+    /// connection that CRIU cannot take as it is fails the checkpoint, and `check`/`send`
+    /// refuse established connections before the freeze. Set per migration: no CRIU
+    /// configuration file is written.
+    #[arg(long, value_enum, default_value_t = TcpPolicy::Close, value_name = "POLICY")]
+    pub tcp: TcpPolicy,
+
+    /// The same as `--tcp established`.
+    #[arg(long, hide = true, conflicts_with = "tcp")]
+    pub tcp_established: bool,
 }
 
 /// Options of `migrate check`.
@@ -214,10 +262,6 @@ pub struct SendArgs {
     /// once (containers that join another's namespaces always wait for it).
     #[arg(long)]
     pub sequential_restore: bool,
-
-    /// Checkpoint and restore established TCP connections.
-    #[arg(long)]
-    pub tcp_established: bool,
 
     /// Checkpoint archive compression.
     #[arg(long, value_enum, default_value_t = CompressChoice::Auto)]

@@ -95,6 +95,9 @@ pub struct Entry {
     pub fifo: PathBuf,
     pub file_locks: bool,
     pub tcp_established: bool,
+    /// The dump was made with CRIU's tcp-close: its restore needs it too.
+    #[serde(default)]
+    pub tcp_close: bool,
 }
 
 impl Entry {
@@ -102,6 +105,8 @@ impl Entry {
         CriuOptions {
             file_locks: self.file_locks,
             tcp_established: self.tcp_established,
+            tcp_close: self.tcp_close,
+            skip_in_flight: false,
         }
     }
 }
@@ -327,6 +332,7 @@ mod tests {
                     dir: "/sys/fs/cgroup/x".into(),
                 }),
                 fifo: "/var/lib/migrate/runs/x/db.fifo".into(),
+                tcp_close: true,
                 file_locks: true,
                 tcp_established: false,
             }],

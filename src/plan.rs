@@ -28,7 +28,6 @@ pub struct SendPlan {
     /// Where to, what to move, what must hold there.
     pub target: TargetPlan,
     pub workdir: PathBuf,
-    pub tcp_established: bool,
     pub compress: CompressChoice,
     pub format: Format,
     pub no_header: bool,
@@ -204,6 +203,8 @@ pub struct TargetPlan {
     pub data: Vec<PathBuf>,
     pub containers: Vec<String>,
     pub ship_images: bool,
+    /// What happens to the containers' TCP connections.
+    pub tcp: crate::cli::TcpPolicy,
     pub spawn_receiver: bool,
     pub install_receiver: bool,
 }
@@ -258,6 +259,11 @@ impl TargetPlan {
             data,
             containers: containers.to_vec(),
             ship_images: a.ship_image,
+            tcp: if a.tcp_established {
+                crate::cli::TcpPolicy::Established
+            } else {
+                a.tcp
+            },
             spawn_receiver: a.spawn_receiver || a.install_receiver,
             install_receiver: a.install_receiver,
         })
@@ -285,7 +291,7 @@ impl SendPlan {
             run_id: new_run_id(),
             target: t,
             workdir: a.workdir.clone(),
-            tcp_established: a.tcp_established,
+
             compress: a.compress,
             format: a.output.format,
             no_header: a.output.no_header,

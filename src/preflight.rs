@@ -73,6 +73,8 @@ pub struct Want<'a> {
     pub containers: &'a [String],
     pub data: &'a [PathBuf],
     pub ship_images: bool,
+    /// What happens to the containers' TCP connections.
+    pub tcp: crate::cli::TcpPolicy,
     pub run_id: &'a str,
     pub label: &'a str,
     /// `send` only: the run folder to create on the target (under the receiver's workdir).
@@ -97,6 +99,7 @@ impl<'a> Want<'a> {
             containers: &target.containers,
             data: &target.data,
             ship_images: target.ship_images,
+            tcp: target.tcp,
             run_id,
             label,
             create_run_dir: act,
@@ -372,6 +375,14 @@ async fn source_containers(want: &Want<'_>, r: &mut Report) {
                             format!("{} holds file locks: it is checkpointed and restored with --file-locks", c.name),
                         ));
                     }
+                    match crate::engine::tcp::Connections::of_pid(c.pid) {
+                        Ok(n) => r.push(connection_finding(&c.name, n, want.tcp)),
+                        Err(e) => r.push(Finding::new(
+                            Level::Warn,
+                            "source",
+                            format!("cannot read {}'s TCP connections: {e}", c.name),
+                        )),
+                    }
                 }
                 r.infos.push(c);
             }
@@ -400,6 +411,45 @@ async fn source_containers(want: &Want<'_>, r: &mut Report) {
             format!("cannot list the containers here to check what shares their namespaces: {e}"),
         )),
     }
+}
+
+/// What the connection policy will do with a container's TCP connections now; with
+/// `--tcp refuse`, established connections fail before the freeze (CRIU would refuse
+/// them at the dump).
+pub fn connection_finding(
+    name: &str,
+    n: crate::engine::tcp::Connections,
+    tcp: crate::cli::TcpPolicy,
+) -> Finding {
+    use crate::cli::TcpPolicy;
+    let now = format!(
+        "{name} has {} listening, {} established, {} in handshake TCP connections",
+        n.listening, n.established, n.handshake
+    );
+    let what = match tcp {
+        TcpPolicy::Close => {
+            "established ones are restored closed on the target (their clients see a reset and reconnect), handshakes are left out (the client retries)"
+        }
+        TcpPolicy::Established => {
+            "established ones are carried over (the container's address must move with it), handshakes are left out"
+        }
+        TcpPolicy::Refuse if n.established > 0 => {
+            return Finding::new(
+                Level::Fail,
+                "source",
+                format!("{now}: with --tcp refuse CRIU would refuse the established ones"),
+            )
+            .fix("use --tcp close (the default: clients reconnect) or --tcp established");
+        }
+        TcpPolicy::Refuse => {
+            "one still in its handshake at the freeze fails the checkpoint (it is retried)"
+        }
+    };
+    Finding::new(
+        Level::Info,
+        "source",
+        format!("{now}; --tcp {}: {what}", tcp.as_str()),
+    )
 }
 
 /// Containers that cannot be moved by a checkpoint archive because of another container,
@@ -532,6 +582,16 @@ pub fn stack_findings(f: &Facts, side: &'static str, out: &mut Vec<Finding>) {
                 f.criu.as_deref().unwrap_or("?")
             ),
         )),
+    }
+    if f.runc_conf {
+        out.push(
+            Finding::new(
+                Level::Warn,
+                side,
+                "/etc/criu/runc.conf exists: CRIU reads it last, so its options override what --tcp asks for on every checkpoint and restore here",
+            )
+            .fix("remove it (migrate gives CRIU its options per command), or make sure it sets nothing --tcp sets"),
+        );
     }
     if f.criu_kdat.as_deref() == Some("uncached") {
         out.push(
@@ -1497,6 +1557,7 @@ mod tests {
             containers: &[],
             data: &[],
             ship_images: false,
+            tcp: crate::cli::TcpPolicy::Close,
             run_id: "r1",
             label: "",
             create_run_dir: true,

@@ -178,6 +178,9 @@ pub struct ContainerEntry {
     pub image_id: String,
     pub file_locks: bool,
     pub tcp_established: bool,
+    /// Dumped with CRIU's tcp-close: restored with it (connections come back closed).
+    #[serde(default)]
+    pub tcp_close: bool,
     /// Containers of this migration that must be running before this one is restored
     /// (it joins their namespaces, or the operator asked for sequential restores).
     /// Containers without such a link are restored in parallel.
@@ -572,6 +575,7 @@ mod tests {
             image_id: "abc".into(),
             file_locks: false,
             tcp_established: false,
+            tcp_close: false,
             after: vec![],
         }
     }

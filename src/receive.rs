@@ -429,6 +429,8 @@ async fn restore(
                 let opts = CriuOptions {
                     file_locks: c.file_locks,
                     tcp_established: c.tcp_established,
+                    tcp_close: c.tcp_close,
+                    skip_in_flight: false,
                 };
                 (
                     podman.restore_import(&dir.join(&c.archive), opts).await,
@@ -712,6 +714,7 @@ mod tests {
                 image_id: "i".into(),
                 file_locks: false,
                 tcp_established: false,
+                tcp_close: true,
                 after: vec![],
             }],
             data: vec![],

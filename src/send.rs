@@ -438,6 +438,7 @@ async fn migrate(
                 image_id: it.info.image_id.clone(),
                 file_locks: it.opts.file_locks,
                 tcp_established: it.opts.tcp_established,
+                tcp_close: it.opts.tcp_close,
                 after: it.after.clone(),
             }),
             Err(e) => {
@@ -787,13 +788,13 @@ async fn freeze_and_stream(
         let checkpoint = checkpoint.map_err(|e| {
             let hint = match trouble(&e.to_string()) {
                 Some(Trouble::Established) => {
-                    "; it had established TCP connections: pass --tcp-established to carry them"
+                    "; it had established TCP connections and --tcp refuse: use --tcp close (the default: they are restored closed and their clients reconnect) or --tcp established (carried over)"
                 }
                 Some(Trouble::Stuck) => {
                     "; one of its processes was stuck in the kernel (state D, e.g. waiting for the disk) and could not be frozen: try again when the host is less busy"
                 }
                 Some(Trouble::InFlight) => {
-                    "; clients kept connecting during the freeze: drain them first (e.g. a pre-freeze hook that takes the host out of the balancer) or add the line `skip-in-flight` (CRIU's option; it then applies to every checkpoint on this host) to /etc/criu/runc.conf"
+                    "; clients kept connecting during the freeze and --tcp refuse: use --tcp close (the default) or --tcp established, which leave connections still in their handshake out of the dump (CRIU's skip-in-flight), or drain the clients first (a pre-freeze hook that takes the host out of the balancer)"
                 }
                 None => "",
             };
@@ -1099,10 +1100,7 @@ async fn preflight(
                 stream_zstd,
                 sink: target_sink.clone(),
                 drop_zero_pages: !plan.keep_zero_pages && target_zero_pages,
-                opts: CriuOptions {
-                    file_locks: locks,
-                    tcp_established: plan.tcp_established,
-                },
+                opts: plan.target.tcp.criu(locks),
                 local_archive: local_dir.join(&archive_name),
                 fifo: local_dir.join(format!("{}.fifo", info.name)),
                 archive_name,
@@ -1409,6 +1407,7 @@ fn journal_entry(it: &Item) -> crate::journal::Entry {
         fifo: it.fifo.clone(),
         file_locks: it.opts.file_locks,
         tcp_established: it.opts.tcp_established,
+        tcp_close: it.opts.tcp_close,
     }
 }
 
@@ -1667,7 +1666,7 @@ mod tests {
             name: "db",
             opts: CriuOptions {
                 file_locks: true,
-                tcp_established: false,
+                ..CriuOptions::default()
             },
             local,
             dest,

@@ -1,3 +1,4 @@
 //! The container engine: podman with CRIU underneath.
 pub mod freezer;
 pub mod podman;
+pub mod tcp;

@@ -1,6 +1,7 @@
 //! Checkpoint, restore and inspect through the `podman` command line.
 
-use std::path::Path;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use serde::Deserialize;
@@ -35,6 +36,12 @@ pub enum PodmanError {
         bytes: u64,
         #[source]
         source: Box<PodmanError>,
+    },
+    #[error("cannot write the CRIU option wrapper in {dir}: {source}")]
+    Wrapper {
+        dir: String,
+        #[source]
+        source: std::io::Error,
     },
     #[error("streaming the checkpoint of {name}: {source}")]
     Stream {
@@ -218,9 +225,21 @@ fn shares(h: &RawHostConfig) -> Vec<(&'static str, String)> {
 pub struct CriuOptions {
     pub file_locks: bool,
     pub tcp_established: bool,
+    /// CRIU's `tcp-close`: established connections are dumped without their state and
+    /// restored closed (their peers see a reset and reconnect). A dump made so can only
+    /// be restored so.
+    pub tcp_close: bool,
+    /// CRIU's `skip-in-flight`: connections still in their handshake are left out of the
+    /// dump (the client retries its SYN) instead of failing it. Dump only.
+    pub skip_in_flight: bool,
 }
 
+/// Where the per-option CRIU wrappers live (a tmpfs on every host this runs on: gone at
+/// boot, never read by anything but the podman commands that name a wrapper).
+pub const CRIU_WRAPPER_DIR: &str = "/run/migrate/criu";
+
 impl CriuOptions {
+    /// Podman's own flags for these options; they follow the subcommand.
     fn push(&self, a: &mut Vec<String>) {
         if self.file_locks {
             a.push("--file-locks".into());
@@ -228,6 +247,77 @@ impl CriuOptions {
         if self.tcp_established {
             a.push("--tcp-established".into());
         }
+    }
+
+    /// The lines of CRIU configuration podman 4.3 has no flag for (none: no wrapper).
+    fn config(&self) -> Vec<&'static str> {
+        let mut lines = Vec::new();
+        if self.tcp_close {
+            lines.push("tcp-close");
+        }
+        if self.skip_in_flight {
+            lines.push("skip-in-flight");
+        }
+        lines
+    }
+
+    /// The wrapper runc runs instead of `criu` for these options: it points CRIU at a
+    /// configuration file of these options only (`CRIU_CONFIG_FILE`), then becomes CRIU.
+    /// Handed to runc with podman's `--runtime-flag criu=PATH` on this one command, so
+    /// no host-wide file changes and no other podman command is affected.
+    pub fn wrapper(&self) -> Option<PathBuf> {
+        self.wrapper_in(Path::new(CRIU_WRAPPER_DIR))
+    }
+
+    fn wrapper_in(&self, dir: &Path) -> Option<PathBuf> {
+        let lines = self.config();
+        (!lines.is_empty()).then(|| dir.join(lines.join("+")))
+    }
+
+    /// podman's global arguments for these options (before the subcommand).
+    fn global(&self) -> Vec<String> {
+        match self.wrapper() {
+            Some(w) => vec!["--runtime-flag".into(), format!("criu={}", w.display())],
+            None => Vec::new(),
+        }
+    }
+
+    /// Makes sure the wrapper and its configuration exist in [`CRIU_WRAPPER_DIR`].
+    pub fn ensure_wrapper(&self) -> std::io::Result<()> {
+        self.write_wrapper(Path::new(CRIU_WRAPPER_DIR)).map(drop)
+    }
+
+    /// Writes the wrapper and its configuration into `dir` (root-only, never through a
+    /// symlink) unless they are there already as they should be.
+    fn write_wrapper(&self, dir: &Path) -> std::io::Result<Option<PathBuf>> {
+        let Some(wrapper) = self.wrapper_in(dir) else {
+            return Ok(None);
+        };
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)?;
+        crate::rundir::check_private_dir(dir).map_err(std::io::Error::other)?;
+        let conf = wrapper.with_extension("conf");
+        let want_conf = format!("{}\n", self.config().join("\n"));
+        let want_script = format!(
+            "#!/bin/sh\n# migrate: CRIU with {} for one podman command\nCRIU_CONFIG_FILE={} exec criu \"$@\"\n",
+            self.config().join(", "),
+            crate::exec::shell_quote(&conf.display().to_string())
+        );
+        let name = |p: &Path| {
+            p.file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        };
+        if std::fs::read_to_string(&conf).ok().as_deref() != Some(want_conf.as_str()) {
+            crate::rundir::write_private(dir, &name(&conf), want_conf.as_bytes())?;
+        }
+        if std::fs::read_to_string(&wrapper).ok().as_deref() != Some(want_script.as_str()) {
+            crate::rundir::write_private(dir, &name(&wrapper), want_script.as_bytes())?;
+        }
+        std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o700))?;
+        Ok(Some(wrapper))
     }
 }
 
@@ -272,7 +362,8 @@ pub fn checkpoint_args(
     opts: CriuOptions,
     compress: Compression,
 ) -> Vec<String> {
-    let mut a = args(["container", "checkpoint", "--keep", "--print-stats"]);
+    let mut a = opts.global();
+    a.extend(args(["container", "checkpoint", "--keep", "--print-stats"]));
     a.push("--compress".into());
     a.push(compress.as_str().into());
     a.push("--export".into());
@@ -284,7 +375,8 @@ pub fn checkpoint_args(
 
 /// `podman container restore --import` arguments.
 pub fn restore_import_args(archive: &Path, opts: CriuOptions) -> Vec<String> {
-    let mut a = args(["container", "restore", "--print-stats", "--import"]);
+    let mut a = opts.global();
+    a.extend(args(["container", "restore", "--print-stats", "--import"]));
     a.push(archive.display().to_string());
     opts.push(&mut a);
     a
@@ -292,7 +384,8 @@ pub fn restore_import_args(archive: &Path, opts: CriuOptions) -> Vec<String> {
 
 /// `podman container restore NAME` (in place, from the kept checkpoint) arguments.
 pub fn restore_in_place_args(name: &str, opts: CriuOptions) -> Vec<String> {
-    let mut a = args(["container", "restore", "--keep"]);
+    let mut a = opts.global();
+    a.extend(args(["container", "restore", "--keep"]));
     opts.push(&mut a);
     a.push(name.into());
     a
@@ -507,6 +600,7 @@ impl Podman {
             compress,
             freezer,
         } = how;
+        ensure_wrapper(opts)?;
         let a = checkpoint_args(name, fifo, opts, compress);
         // Read-only: the end of the archive shows as end of file when podman closes the
         // FIFO (Linux reports no hang-up before a writer has come and gone).
@@ -651,11 +745,13 @@ impl Podman {
         archive: &Path,
         opts: CriuOptions,
     ) -> Result<Stats, PodmanError> {
+        ensure_wrapper(opts)?;
         let out = self.run(restore_import_args(archive, opts)).await?;
         Ok(Stats::parse(&out))
     }
 
     pub async fn restore_in_place(&self, name: &str, opts: CriuOptions) -> Result<(), PodmanError> {
+        ensure_wrapper(opts)?;
         self.run(restore_in_place_args(name, opts)).await.map(drop)
     }
 
@@ -672,6 +768,14 @@ impl Podman {
             .await
             .map(drop)
     }
+}
+
+/// [`CriuOptions::ensure_wrapper`] as a podman error.
+fn ensure_wrapper(opts: CriuOptions) -> Result<(), PodmanError> {
+    opts.ensure_wrapper().map_err(|e| PodmanError::Wrapper {
+        dir: CRIU_WRAPPER_DIR.into(),
+        source: e,
+    })
 }
 
 /// podman's wording for a missing container, across 4.x versions.
@@ -776,7 +880,7 @@ mod tests {
     fn builds_checkpoint_and_restore_lines() {
         let opts = CriuOptions {
             file_locks: true,
-            tcp_established: false,
+            ..CriuOptions::default()
         };
         let a = checkpoint_args("db", Path::new("/w/db.tar"), opts, Compression::None);
         assert_eq!(
@@ -785,6 +889,61 @@ mod tests {
         );
         let r = restore_import_args(Path::new("/w/db.tar"), opts);
         assert!(r.contains(&"--file-locks".to_string()));
+        // Options podman has no flag for go to runc as a wrapper for `criu`, on this
+        // command only.
+        let close = CriuOptions {
+            tcp_close: true,
+            skip_in_flight: true,
+            ..CriuOptions::default()
+        };
+        let a = checkpoint_args("db", Path::new("/w/db.tar"), close, Compression::None);
+        assert_eq!(
+            a[..2].join(" "),
+            "--runtime-flag criu=/run/migrate/criu/tcp-close+skip-in-flight"
+        );
+        assert_eq!(a[2], "container");
+        let r = restore_in_place_args("db", close);
+        assert_eq!(r[1], "criu=/run/migrate/criu/tcp-close+skip-in-flight");
+        assert_eq!(
+            restore_import_args(Path::new("/w/db.tar"), opts)[0],
+            "container"
+        );
+    }
+
+    #[test]
+    fn the_wrapper_hands_criu_its_options_and_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let wdir = dir.path().join("criu");
+        let bin = dir.path().join("bin");
+        std::fs::create_dir(&bin).unwrap();
+        // A stand-in for criu that shows what it was given.
+        std::fs::write(
+            bin.join("criu"),
+            "#!/bin/sh\necho \"args=$*\"\necho \"conf=$CRIU_CONFIG_FILE\"\ncat \"$CRIU_CONFIG_FILE\"\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(bin.join("criu"), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let close = CriuOptions {
+            tcp_close: true,
+            skip_in_flight: true,
+            ..CriuOptions::default()
+        };
+        let w = close.write_wrapper(&wdir).unwrap().unwrap();
+        // Written twice: the same files, still private.
+        assert_eq!(close.write_wrapper(&wdir).unwrap(), Some(w.clone()));
+        let mode = std::fs::metadata(&wdir).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700);
+        let out = std::process::Command::new(&w)
+            .args(["swrk", "3"])
+            .env("PATH", format!("{}:/usr/bin:/bin", bin.display()))
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains("args=swrk 3"), "{text}");
+        assert!(text.contains("tcp-close\nskip-in-flight"), "{text}");
+        // No options podman lacks: no wrapper at all.
+        assert_eq!(CriuOptions::default().write_wrapper(&wdir).unwrap(), None);
+        assert_eq!(CriuOptions::default().global(), Vec::<String>::new());
     }
 
     #[test]
