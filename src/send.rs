@@ -513,10 +513,13 @@ async fn migrate(
     };
     // Dependencies first: the order to restore by hand, should it come to that.
     let restore_order: Vec<String> = manifest.containers.iter().map(|c| c.name.clone()).collect();
-    ui.phase("OK sent; target restoring");
     let control_sw = Stopwatch::start();
     let restore_deadline = tokio::time::Instant::now() + RESTORE_TIMEOUT;
     let sent = control.send(&ToReceiver::Ready { manifest }).await;
+    // Said once the frame is on its way (a test kills the sender at this line).
+    if sent.is_ok() {
+        ui.phase("OK sent; target restoring");
+    }
     let answer = async {
         sent?;
         loop {
