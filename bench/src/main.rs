@@ -67,10 +67,12 @@ pub struct Opts {
     /// Probe interval.
     #[arg(long, default_value = "20ms")]
     pub probe_interval: String,
-    /// Do not give CRIU `skip-in-flight` on the bench hosts (see docs/results/README.md:
-    /// without it, podman 4.3's checkpoint fails whenever a client connection is half-open).
+    /// Also run the client probe during the thesis and floor methods. They are plain podman
+    /// checkpoints (`--tcp-established`, no CRIU `skip-in-flight`: podman 4.3 has no flag for
+    /// it), and such a checkpoint fails whenever a probe connection is half-open at the dump;
+    /// without this flag those methods run without a client and have no client outage.
     #[arg(long)]
-    pub no_skip_in_flight: bool,
+    pub probe_all: bool,
 }
 
 /// The resolved plan.
@@ -91,7 +93,8 @@ pub struct Plan {
     pub data: Vec<u64>,
     pub probe_host: String,
     pub probe_interval: String,
-    pub skip_in_flight: bool,
+    /// The probe also runs during the plain podman methods (thesis, floor).
+    pub probe_all: bool,
 }
 
 fn list(s: &str) -> Vec<String> {
@@ -185,7 +188,7 @@ impl Opts {
             data,
             probe_host: self.probe_host.clone(),
             probe_interval: self.probe_interval.clone(),
-            skip_in_flight: !self.no_skip_in_flight,
+            probe_all: self.probe_all,
             fresh: self.fresh,
         })
     }

@@ -213,15 +213,12 @@ pub fn run(plan: Plan) -> Result<()> {
     };
     let t0 = Instant::now();
     let started = chrono::Utc::now();
-    let res = b.criu_config(true).and_then(|()| b.matrix());
+    let res = b.matrix();
     // Cleanup runs whatever happened (also after Ctrl-C).
     CLEANUP.store(true, Ordering::SeqCst);
     b.unshape();
     for h in b.plan.hosts.clone() {
         let _ = b.clean_host(&h);
-    }
-    if let Err(e) = b.criu_config(false) {
-        eprintln!("bench: WARNING: could not remove the CRIU config: {e:#}");
     }
     b.progress.bar.finish_and_clear();
     let wrote = b.write_outputs(started, t0.elapsed());
@@ -293,33 +290,6 @@ impl Bench {
             }
         }
         self.shaped = false;
-    }
-
-    /// CRIU reads /etc/criu/runc.conf when runc calls it. With `on`, a tmpfs is mounted on
-    /// /etc/criu inside each bench host's own mount namespace (nothing changes for the other
-    /// hosts) holding `skip-in-flight`; with `!on`, that tmpfs is removed again.
-    fn criu_config(&self, on: bool) -> Result<()> {
-        if !self.plan.skip_in_flight {
-            return Ok(());
-        }
-        if on {
-            // The mount point must exist; an empty folder changes nothing for anyone.
-            fs::create_dir_all("/etc/criu").context("creating the mount point /etc/criu")?;
-        }
-        for h in &self.plan.hosts {
-            let script = if on {
-                "src=$(findmnt -n -o SOURCE /etc/criu || true); \
-                 if [ -z \"$src\" ]; then mount -t tmpfs -o size=1m,mode=755 bench-criu /etc/criu; \
-                 elif [ \"$src\" != bench-criu ]; then echo \"/etc/criu is already a mount ($src)\" >&2; exit 1; fi; \
-                 printf '# written by migrate-bench for this lab host only: client probes leave\\n\
-                 # half-open (in-flight) connections that CRIU refuses to dump otherwise.\\nskip-in-flight\\n' \
-                 >/etc/criu/runc.conf"
-            } else {
-                "if [ \"$(findmnt -n -o SOURCE /etc/criu || true)\" = bench-criu ]; then umount /etc/criu; fi"
-            };
-            self.sh(h, script, 20)?;
-        }
-        Ok(())
     }
 
     /// Remove the workload and anything a run left behind on HOST.
@@ -565,6 +535,11 @@ impl Bench {
     }
 
     // ------------------------------------------------------------ probe
+
+    /// Whether the client probe runs during METHOD's runs.
+    fn probes(&self, method: &str) -> bool {
+        self.plan.probe_all || !matches!(method, "thesis" | "floor")
+    }
 
     fn start_probe(&self, prefix: &Path, memory: bool) -> Result<Bg> {
         let ph = &self.plan.probe_host;
@@ -820,7 +795,14 @@ impl Bench {
         };
         let before = self.counter(src)?;
         row.counter_before = Some(before);
-        let probe = self.start_probe(prefix, false)?;
+        // The plain podman methods (thesis, floor) fail on a probe connection half-open at
+        // the dump (no skip-in-flight for them): they run without a client unless --probe-all.
+        let probe = if self.probes(method) {
+            Some(self.start_probe(prefix, false)?)
+        } else {
+            row.probe_tool = "none".into();
+            None
+        };
         let sent = match method {
             "migrate" | "data" => self.run_migrate(src, dst, prefix, row, &["db", "web"]),
             "thesis" => self.run_thesis(src, dst, prefix, row),
@@ -830,8 +812,10 @@ impl Bench {
         // The service must answer on the target before the probe stops.
         let served =
             self.web_answers(dst, Duration::from_secs(if sent.is_ok() { 20 } else { 3 }))?;
-        lab::sleep(Duration::from_millis(200))?;
-        self.finish_probe(probe, row);
+        if let Some(probe) = probe {
+            lab::sleep(Duration::from_millis(200))?;
+            self.finish_probe(probe, row);
+        }
         if let Err(e) = sent {
             row.failed(&e);
             return Ok(());
@@ -951,7 +935,6 @@ impl Bench {
             "send",
             "--to",
             &to,
-            "--tcp-established",
             "--label",
             &label,
         ];
@@ -1204,12 +1187,22 @@ echo "DOWNTIME_S=$(s $t0 $t3)"; rm -rf "$f"; echo RESULT=ok
             netem_args("wan").ok().flatten().unwrap_or(""),
         );
         s.push_str(&format!(
-            "Flags: migrate send gets `--data /srv/app --tcp-established` (the thesis checkpoints with \
-             --tcp-established too; the probe's HTTP connections are established at checkpoint time); \
-             CRIU `skip-in-flight` on the bench hosts: {} (podman 4.3 has no --tcp-skip-in-flight; \
-             without it a checkpoint fails whenever a probe connection is half-open). Each run starts \
-             with a cold target (no /srv/app there), as the thesis's prepare() leaves it.\n\n",
-            if p.skip_in_flight { "yes (tmpfs /etc/criu/runc.conf inside those hosts only)" } else { "no" }
+            "Flags: migrate send runs with its defaults (`--data /srv/app` and the containers, \
+             nothing else: `--tcp close`, so CRIU gets tcp-close and skip-in-flight from migrate \
+             itself for that command); the bench sets no CRIU configuration of its own. The thesis \
+             and floor methods are plain podman commands, as the thesis ran them: checkpoint and \
+             restore with `--tcp-established`, CRIU without skip-in-flight (podman 4.3 has no flag \
+             for it). {} Each run starts with a cold target (no /srv/app there), as the thesis's \
+             prepare() leaves it.\n\n",
+            if p.probe_all {
+                "The client probe runs during every method (--probe-all): a thesis or floor \
+                 checkpoint fails whenever a probe connection is half-open at the dump, and such \
+                 runs are listed below as excluded."
+            } else {
+                "Those two run without the client probe (no client outage for them): a plain \
+                 podman checkpoint fails whenever a probe connection is half-open at the dump \
+                 (`--probe-all` runs the probe for them too)."
+            }
         ));
         for (p, q) in &self.shaping {
             s.push_str(&format!("Shaping used for {p}: `{q}`.\n\n"));
