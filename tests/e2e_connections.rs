@@ -30,7 +30,9 @@ const CONTROL_PORT: u16 = 12351;
 /// `migrate send` of `ledger` a → b with a receiver on b; `extra` before the name.
 fn send_ledger(extra: &[&str]) -> Out {
     let pattern = format!("{} receive --listen 10.77.0.1[0-9]:{CONTROL_PORT}", bin());
-    let _ = Command::new("pkill").args(["-KILL", "-f", &pattern]).status();
+    let _ = Command::new("pkill")
+        .args(["-KILL", "-f", &pattern])
+        .status();
     let _rx = Receiver::start_on("b", CONTROL_PORT, &[]);
     let to = format!("root@{B}");
     let port = CONTROL_PORT.to_string();
@@ -61,15 +63,7 @@ impl Clean {
             lab(&["ledger", "down", h]);
             on(
                 h,
-                &[
-                    "podman",
-                    "rm",
-                    "-f",
-                    "-t",
-                    "0",
-                    "--ignore",
-                    "conncheck",
-                ],
+                &["podman", "rm", "-f", "-t", "0", "--ignore", "conncheck"],
             );
         }
     }
@@ -138,8 +132,18 @@ fn start_client(mode: &str, seconds: u32) -> Child {
 fn finish_client(mut child: Child) -> Summary {
     let mut out = String::new();
     let mut err = String::new();
-    child.stdout.take().unwrap().read_to_string(&mut out).unwrap();
-    child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
     let st = child.wait().unwrap();
     assert!(
         st.success(),
@@ -273,15 +277,31 @@ fn hand_checkpoint() -> (Option<i32>, bool, bool) {
             "localhost/migrate-busybox:latest",
             "sh",
             "-c",
-            "nc -l -p 9000 >/dev/null & sleep 0.3; sleep 3600 | nc 127.0.0.1 9000",
+            // Both ends keep their input open: busybox nc closes its side at EOF.
+            "sleep 3600 | nc -l -p 9000 >/dev/null & sleep 0.3; sleep 3600 | nc 127.0.0.1 9000 >/dev/null",
         ],
     )
     .ok();
-    // Wait until the connection is established (state 01 in /proc/net/tcp).
+    // Wait until the connection is established (state 01 in /proc/net/tcp or tcp6: nc
+    // listens on ::).
     let mut established = false;
     for _ in 0..50 {
-        let t = on("a", &["podman", "exec", "conncheck", "cat", "/proc/net/tcp"]).ok();
-        if t.stdout.lines().skip(1).any(|l| l.split_whitespace().nth(3) == Some("01")) {
+        let t = on(
+            "a",
+            &[
+                "podman",
+                "exec",
+                "conncheck",
+                "cat",
+                "/proc/net/tcp",
+                "/proc/net/tcp6",
+            ],
+        )
+        .ok();
+        if t.stdout
+            .lines()
+            .any(|l| l.split_whitespace().nth(3) == Some("01"))
+        {
             established = true;
             break;
         }
@@ -289,11 +309,14 @@ fn hand_checkpoint() -> (Option<i32>, bool, bool) {
     }
     assert!(established, "conncheck never had an established connection");
     let cp = on("a", &["podman", "container", "checkpoint", "conncheck"]);
-    let id = on("a", &["podman", "inspect", "--format", "{{.Id}}", "conncheck"])
-        .ok()
-        .stdout
-        .trim()
-        .to_string();
+    let id = on(
+        "a",
+        &["podman", "inspect", "--format", "{{.Id}}", "conncheck"],
+    )
+    .ok()
+    .stdout
+    .trim()
+    .to_string();
     let log = on(
         "a",
         &[
