@@ -1,0 +1,357 @@
+//! Busy services move with default flags (issue 15): the `ledger` workload
+//! (testdata/workloads/ledger, `scripts/lab ledger`) is a server that acknowledges each
+//! write only after its fsync, in /srv/ledger (moved with `--data`), behind published port
+//! 8084. Its client runs on host c with two endpoints (a and b) and fails over between
+//! them at once on any error. With a client opening a new connection per write (≥ 50 a
+//! second) and with one holding a single connection (a write every 10 ms), `migrate send`
+//! a → b exits 0, every acknowledged write is on b's disk, and the client's longest wait
+//! between two acknowledgements is at most the record's downtime plus 1 s. Also: `--tcp
+//! refuse` refuses an established connection before the freeze; and a hand-run `podman
+//! container checkpoint` on the source behaves after a migration as before it.
+//!
+//! Run: `cargo nextest run -E 'test(connections)'` (needs `scripts/lab up`). Uses the
+//! containers `ledger` and `conncheck` and port 8084 only: nothing the other suites use.
+mod common;
+
+use std::collections::HashSet;
+use std::io::Read;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+
+/// How long the client runs in the moves under load: steady traffic before the send
+/// (`LEAD`), the migration (a few seconds on the lab), and traffic to b afterwards.
+const CLIENT_S: u32 = 16;
+const LEAD: Duration = Duration::from_secs(3);
+/// Receiver control port of these tests (other suites use 12345 and 12350).
+const CONTROL_PORT: u16 = 12351;
+
+/// `migrate send` of `ledger` a → b with a receiver on b; `extra` before the name.
+fn send_ledger(extra: &[&str]) -> Out {
+    let pattern = format!("{} receive --listen 10.77.0.1[0-9]:{CONTROL_PORT}", bin());
+    let _ = Command::new("pkill")
+        .args(["-KILL", "-f", &pattern])
+        .status();
+    let _rx = Receiver::start_on("b", CONTROL_PORT, &[]);
+    let to = format!("root@{B}");
+    let port = CONTROL_PORT.to_string();
+    let mut args = vec![
+        "--to",
+        to.as_str(),
+        "--control-port",
+        port.as_str(),
+        "--data",
+        "/srv/ledger",
+    ];
+    args.extend_from_slice(extra);
+    args.push("ledger");
+    send("a", &args)
+}
+
+/// Removes the test's containers and data on a and b, before and after (even on failure).
+struct Clean;
+
+impl Clean {
+    fn new() -> Clean {
+        require_lab();
+        Clean.wipe();
+        Clean
+    }
+    fn wipe(&self) {
+        for h in ["a", "b"] {
+            lab(&["ledger", "down", h]);
+            on(
+                h,
+                &["podman", "rm", "-f", "-t", "0", "--ignore", "conncheck"],
+            );
+        }
+    }
+}
+
+impl Drop for Clean {
+    fn drop(&mut self) {
+        self.wipe();
+    }
+}
+
+/// The client's summary (client.py's JSON).
+struct Summary {
+    raw: String,
+    v: serde_json::Value,
+}
+
+impl Summary {
+    fn f(&self, k: &str) -> f64 {
+        self.v[k]
+            .as_f64()
+            .unwrap_or_else(|| panic!("no number {k} in the client's summary: {}", self.raw))
+    }
+    fn on_host(&self, addr: &str) -> u64 {
+        self.v["acked_by_host"][addr].as_u64().unwrap()
+    }
+    /// Acknowledged write IDs, as the server logs them.
+    fn acked_ids(&self) -> Vec<String> {
+        let tag = self.v["tag"].as_str().unwrap();
+        self.v["acked_seqs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| format!("{tag}-{}", s.as_u64().unwrap()))
+            .collect()
+    }
+    /// Short form for messages (without the list of numbers).
+    fn brief(&self) -> String {
+        let mut v = self.v.clone();
+        v.as_object_mut().unwrap().remove("acked_seqs");
+        v.to_string()
+    }
+}
+
+/// Starts the ledger client on c (endpoints a, then b).
+fn start_client(mode: &str, seconds: u32) -> Child {
+    Command::new(repo().join("scripts/lab"))
+        .args([
+            "ledger",
+            "client",
+            mode,
+            "--from",
+            "a",
+            "--to",
+            "b",
+            "--seconds",
+            &seconds.to_string(),
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the ledger client")
+}
+
+fn finish_client(mut child: Child) -> Summary {
+    let mut out = String::new();
+    let mut err = String::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    let st = child.wait().unwrap();
+    assert!(
+        st.success(),
+        "ledger client: {st}\n--- stdout\n{out}\n--- stderr\n{err}"
+    );
+    let v = serde_json::from_str(out.trim())
+        .unwrap_or_else(|e| panic!("client summary is not JSON ({e}): {out}\n{err}"));
+    Summary { raw: out, v }
+}
+
+/// The write IDs on a host's disk.
+fn logged(host: &str) -> HashSet<String> {
+    lab(&["ledger", "log", host])
+        .ok()
+        .stdout
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+/// Moves the ledger a → b under a client in `mode`, then checks what the issue asks.
+fn move_under_load(mode: &str) -> Summary {
+    let _clean = Clean::new();
+    lab(&["ledger", "up", "a"]).ok();
+    let client = start_client(mode, CLIENT_S);
+    std::thread::sleep(LEAD);
+    let out = send_ledger(&[]);
+    let s = finish_client(client);
+    let out = out.ok();
+    let rec = out.record();
+    assert_eq!(rec["outcome"], "ok", "{}", out.describe());
+    let downtime: f64 = rec["downtime_s"].parse().unwrap();
+
+    // The client wrote to a before and to b after, at the rate asked.
+    let (on_a, on_b) = (s.on_host(A), s.on_host(B));
+    assert!(
+        on_a >= 50 && on_b >= 50,
+        "acknowledged on a: {on_a}, on b: {on_b}: {}",
+        s.brief()
+    );
+    // None lost: every acknowledged write is on the target's disk.
+    let disk = logged("b");
+    let acked = s.acked_ids();
+    let lost: Vec<&String> = acked.iter().filter(|id| !disk.contains(*id)).collect();
+    assert!(
+        lost.is_empty(),
+        "{} of {} acknowledged writes are not in b's /srv/ledger/ledger.log, e.g. {:?}\n{}",
+        lost.len(),
+        acked.len(),
+        &lost[..lost.len().min(5)],
+        s.brief()
+    );
+    let gap = s.f("max_gap_s");
+    eprintln!(
+        "{mode}: {} acknowledged ({on_a} on a, {on_b} on b), 0 lost, {} connections ({}/s), longest gap {gap:.3} s, downtime {downtime:.3} s; errors {}",
+        acked.len(),
+        s.v["connections"],
+        s.v["connections_per_s"],
+        s.v["errors"]
+    );
+    assert!(
+        gap <= downtime + 1.0,
+        "longest gap between acknowledged writes {gap:.3} s > downtime {downtime:.3} s + 1 s\nclient: {}\n{}",
+        s.brief(),
+        out.describe()
+    );
+    s
+}
+
+#[test]
+fn connections_a_new_connection_per_write_moves_without_loss() {
+    let s = move_under_load("per-request");
+    let rate = s.f("connections_per_s");
+    assert!(rate >= 50.0, "{rate} connections a second: {}", s.brief());
+}
+
+#[test]
+fn connections_one_long_lived_connection_moves_without_loss() {
+    let s = move_under_load("stream");
+    // One connection to a, then reconnected to b: a handful, not one per write.
+    let conns = s.f("connections");
+    assert!(
+        (2.0..=20.0).contains(&conns),
+        "{conns} connections: {}",
+        s.brief()
+    );
+}
+
+#[test]
+fn connections_tcp_refuse_fails_before_the_freeze() {
+    let _clean = Clean::new();
+    lab(&["ledger", "up", "a"]).ok();
+    let before = identity("a", "ledger");
+    let client = start_client("stream", 8);
+    std::thread::sleep(LEAD);
+    let out = send_ledger(&["--tcp", "refuse"]).expect_code(2);
+    assert!(
+        out.stderr.contains("established") && out.stderr.contains("--tcp close"),
+        "{}",
+        out.describe()
+    );
+    let s = finish_client(client);
+    // Untouched: the same container, never frozen, its one connection kept throughout.
+    assert_eq!(identity("a", "ledger"), before, "{}", out.describe());
+    let on_b = on("b", &["podman", "container", "exists", "ledger"]);
+    assert_eq!(on_b.code, Some(1), "{}", on_b.describe());
+    assert_eq!(s.f("connections"), 1.0, "{}", s.brief());
+    assert_eq!(s.on_host(B), 0, "{}", s.brief());
+    let gap = s.f("max_gap_s");
+    assert!(
+        gap < 0.5,
+        "the client waited {gap} s: frozen? {}",
+        s.brief()
+    );
+}
+
+/// `podman container checkpoint` by hand on a of a fresh busybox container holding an
+/// established connection (its own, over loopback): exit code, CRIU's refusal in
+/// dump.log, and whether /etc/criu/runc.conf exists.
+fn hand_checkpoint() -> (Option<i32>, bool, bool) {
+    on(
+        "a",
+        &[
+            "podman",
+            "run",
+            "-d",
+            "--name",
+            "conncheck",
+            "--ulimit=nofile=1024:1024",
+            "--ulimit=nproc=4096:4096",
+            "localhost/migrate-busybox:latest",
+            "sh",
+            "-c",
+            // Both ends keep their input open: busybox nc closes its side at EOF.
+            "sleep 3600 | nc -l -p 9000 >/dev/null & sleep 0.3; sleep 3600 | nc 127.0.0.1 9000 >/dev/null",
+        ],
+    )
+    .ok();
+    // Wait until the connection is established (state 01 in /proc/net/tcp or tcp6: nc
+    // listens on ::).
+    let mut established = false;
+    for _ in 0..50 {
+        let t = on(
+            "a",
+            &[
+                "podman",
+                "exec",
+                "conncheck",
+                "cat",
+                "/proc/net/tcp",
+                "/proc/net/tcp6",
+            ],
+        )
+        .ok();
+        if t.stdout
+            .lines()
+            .any(|l| l.split_whitespace().nth(3) == Some("01"))
+        {
+            established = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(established, "conncheck never had an established connection");
+    let cp = on("a", &["podman", "container", "checkpoint", "conncheck"]);
+    let id = on(
+        "a",
+        &["podman", "inspect", "--format", "{{.Id}}", "conncheck"],
+    )
+    .ok()
+    .stdout
+    .trim()
+    .to_string();
+    let log = on(
+        "a",
+        &[
+            "sh",
+            "-c",
+            &format!("cat /var/lib/containers/storage/overlay-containers/{id}/userdata/dump.log"),
+        ],
+    );
+    eprintln!("hand checkpoint: {}", cp.describe());
+    let refused = log
+        .stdout
+        .contains("Connected TCP socket, consider using --tcp-established");
+    let conf = on("a", &["test", "-e", "/etc/criu/runc.conf"]).code == Some(0);
+    on("a", &["podman", "rm", "-f", "-t", "0", "conncheck"]).ok();
+    (cp.code, refused, conf)
+}
+
+#[test]
+fn connections_hand_checkpoint_after_a_migration_behaves_as_before() {
+    let _clean = Clean::new();
+    let before = hand_checkpoint();
+    assert!(
+        before.0 != Some(0) && before.1 && !before.2,
+        "before any migration: exit {:?}, CRIU refused the connection: {}, /etc/criu/runc.conf: {}",
+        before.0,
+        before.1,
+        before.2
+    );
+    lab(&["ledger", "up", "a"]).ok();
+    // A long-lived client, so the migration dumps (and closes) a connection.
+    let client = start_client("stream", 8);
+    std::thread::sleep(LEAD);
+    let out = send_ledger(&[]).ok();
+    assert_eq!(out.record()["outcome"], "ok", "{}", out.describe());
+    finish_client(client);
+    let after = hand_checkpoint();
+    assert_eq!(after, before, "hand checkpoint before vs after a migration");
+}
