@@ -7,8 +7,7 @@
 //! 0600, then renamed over the old one): a reader sees the old state or the new one,
 //! never half of either. The folder is root's own (0700) and must not be a symlink.
 
-use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -180,29 +179,12 @@ impl Journal {
     pub fn save(&self, path: &Path) -> Result<(), JournalError> {
         let parent = path.parent().unwrap_or(Path::new("."));
         ensure_dir(parent)?;
-        let tmp = parent.join(format!(
-            ".{}.{}.tmp",
-            path.file_name()
-                .and_then(|n| n.to_str())
-                .unwrap_or("journal"),
-            std::process::id()
-        ));
-        // A leftover of this very pid (a sender that died between create and rename).
-        let _ = std::fs::remove_file(&tmp);
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&tmp)
-            .map_err(io(&tmp))?;
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("journal");
         let text = serde_json::to_vec_pretty(self).expect("a journal serializes");
-        f.write_all(&text).map_err(io(&tmp))?;
-        drop(f);
-        std::fs::rename(&tmp, path).map_err(|e| {
-            let _ = std::fs::remove_file(&tmp);
-            io(path)(e)
-        })
+        crate::rundir::write_private(parent, name, &text).map_err(io(path))
     }
 
     /// Reads a journal file (never through a symlink).
@@ -262,12 +244,12 @@ fn ensure_dir(d: &Path) -> Result<(), JournalError> {
 }
 
 fn check_dir(d: &Path) -> Result<(), JournalError> {
-    let m = std::fs::symlink_metadata(d).map_err(io(d))?;
-    let me = rustix::process::geteuid().as_raw();
-    if !m.is_dir() || m.uid() != me || m.mode() & 0o077 != 0 {
-        return Err(JournalError::UnsafeDir(d.to_path_buf()));
+    use crate::rundir::RunDirError;
+    match crate::rundir::check_private_dir(d) {
+        Ok(()) => Ok(()),
+        Err(RunDirError::Io { source, .. }) => Err(io(d)(source)),
+        Err(_) => Err(JournalError::UnsafeDir(d.to_path_buf())),
     }
-    Ok(())
 }
 
 /// The start time of process `pid` (field 22 of `/proc/PID/stat`), if it exists.

@@ -68,13 +68,15 @@ pub fn create_new_private(path: &Path) -> std::io::Result<File> {
 }
 
 /// Writes `bytes` to `dir/name` by way of a new temporary file renamed over it: never
-/// through a symlink, never readable by others.
+/// through a symlink, never readable by others, never half-written. Not synced to disk
+/// (some callers write inside the freeze; none needs to outlive a reboot).
 pub fn write_private(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
+    // A leftover of this very pid (one that died between create and rename).
     let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
     let _ = std::fs::remove_file(&tmp);
     let res = create_new_private(&tmp)
-        .and_then(|mut f| f.write_all(bytes).and_then(|()| f.sync_all()))
+        .and_then(|mut f| f.write_all(bytes))
         .and_then(|()| std::fs::rename(&tmp, dir.join(name)));
     if res.is_err() {
         let _ = std::fs::remove_file(&tmp);

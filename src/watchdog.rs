@@ -12,7 +12,6 @@
 //! phase change is one small file replaced (no fsync), the one before "OK" included.
 
 use std::io::{BufRead, Write};
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::Arc;
@@ -84,12 +83,7 @@ impl Guard {
             .with_context(|| format!("cannot write the run journal {}", self.path.display()))?;
         self.journal = Some(j);
         let log_path = self.path.with_extension("watchdog.log");
-        let log = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&log_path)
+        let log = crate::rundir::create_new_private(&log_path)
             .with_context(|| format!("cannot create {}", log_path.display()))?;
         // /proc/self/exe: this very binary, even if the file was replaced since.
         let mut child = Command::new("/proc/self/exe")

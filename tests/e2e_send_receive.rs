@@ -779,35 +779,21 @@ fn sigterm_before_the_freeze_leaves_everything_running() {
 
 #[test]
 fn sigterm_while_frozen_rolls_back_to_the_source() {
-    use std::io::{BufRead, BufReader};
     fresh_workload("a", 100);
     let _rx = Receiver::start("b", &[]);
     let before = counter("a");
     // 300 MB written after the pre-sync make the post-sync (while frozen) take a while.
     let mut sender = start_slow_send(false);
     let pid = sender.id();
-    let err = BufReader::new(sender.stderr.take().unwrap());
-    let mut log = Vec::new();
     let mut signalled = false;
-    for line in err.lines().map_while(Result::ok) {
-        eprintln!("[sender] {line}");
+    let log = follow(&mut sender, |line| {
         if !signalled && line.contains("shipping archives and changed data") {
             run("kill", &["-TERM", &pid.to_string()]);
             signalled = true;
         }
-        log.push(line);
-    }
-    let status = sender.wait().unwrap();
-    let mut stdout = String::new();
-    std::io::Read::read_to_string(&mut sender.stdout.take().unwrap(), &mut stdout).unwrap();
+    });
+    let (code, stdout) = finish(&mut sender);
     assert!(signalled, "never saw the frozen phase:\n{}", log.join("\n"));
-    assert_eq!(status.code(), Some(1), "{}\n{stdout}", log.join("\n"));
-    assert!(stdout.contains(",rolled_back,"), "{stdout}");
-    assert!(
-        all_containers("b").is_empty(),
-        "left on b: {:?}",
-        all_containers("b")
-    );
-    assert_pair_alive("a", 100, before);
+    assert_rolled_back(code, &stdout, &log, before);
     on("a", &["rm", "-f", "/srv/app/www/big.bin"]).ok();
 }

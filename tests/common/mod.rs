@@ -253,6 +253,45 @@ pub fn start_slow_send(own_group: bool) -> Child {
     cmd.spawn().expect("start the sender")
 }
 
+/// A sender's stderr, line by line, each shown to `on_line` as it comes; returns them all.
+pub fn follow(sender: &mut Child, mut on_line: impl FnMut(&str)) -> Vec<String> {
+    let err = BufReader::new(sender.stderr.take().unwrap());
+    let mut log = Vec::new();
+    for line in err.lines().map_while(Result::ok) {
+        eprintln!("[sender] {line}");
+        on_line(&line);
+        log.push(line);
+    }
+    log
+}
+
+/// Waits for a sender; returns its exit code and stdout.
+pub fn finish(sender: &mut Child) -> (Option<i32>, String) {
+    let status = sender.wait().unwrap();
+    let mut stdout = String::new();
+    std::io::Read::read_to_string(&mut sender.stdout.take().unwrap(), &mut stdout).unwrap();
+    (status.code(), stdout)
+}
+
+/// The thesis pair runs on `host` with its state (100 rows, a counter past `before`),
+/// and nothing of it is left on `other`.
+pub fn assert_pair_only_on(host: &str, other: &str, before: u64) {
+    assert!(
+        all_containers(other).is_empty(),
+        "left on {other}: {:?}",
+        all_containers(other)
+    );
+    assert_pair_alive(host, 100, before);
+}
+
+/// Rolled back: exit 1, the record says so, nothing on b, the pair runs on a with its
+/// state.
+pub fn assert_rolled_back(code: Option<i32>, stdout: &str, log: &[String], before: u64) {
+    assert_eq!(code, Some(1), "{}\n{stdout}", log.join("\n"));
+    assert!(stdout.contains(",rolled_back,"), "{stdout}");
+    assert_pair_only_on("a", "b", before);
+}
+
 /// Stops receivers the tests of this suite started (on a or b, control port 12345).
 pub fn kill_receivers() {
     let pattern = format!("{} receive --listen 10.77.0.1[12]:12345", bin());
