@@ -752,12 +752,30 @@ impl Podman {
 
     pub async fn restore_in_place(&self, name: &str, opts: CriuOptions) -> Result<(), PodmanError> {
         ensure_wrapper(opts)?;
-        self.run(restore_in_place_args(name, opts)).await.map(drop)
+        match self.run(restore_in_place_args(name, opts)).await {
+            // A checkpoint that failed after CRIU's dump (or whose podman died) can leave
+            // the container "stopped": its processes are gone but podman has not cleaned
+            // up, and it refuses to restore that state. Clean up, then once more.
+            Err(e) if e.to_string().contains("container state improper") => {
+                self.cleanup(name).await?;
+                self.run(restore_in_place_args(name, opts)).await.map(drop)
+            }
+            r => r.map(drop),
+        }
     }
 
     /// Removes a container, stopping it first if needed.
     pub async fn remove(&self, name: &str) -> Result<(), PodmanError> {
         self.run(args(["rm", "--force", "--time", "5", name]))
+            .await
+            .map(drop)
+    }
+
+    /// Finishes podman's own bookkeeping of a container whose processes are gone but which
+    /// podman still calls "stopped" (its checkpoint died half-way): after it the
+    /// container is "exited" and its kept checkpoint can be restored.
+    async fn cleanup(&self, name: &str) -> Result<(), PodmanError> {
+        self.run(args(["container", "cleanup", name]))
             .await
             .map(drop)
     }
