@@ -110,6 +110,11 @@ impl Summary {
 
 /// Starts the ledger client on c (endpoints a, then b).
 fn start_client(mode: &str, seconds: u32) -> Child {
+    start_client_with(mode, seconds, &[])
+}
+
+/// [`start_client`] with more of the client's options.
+fn start_client_with(mode: &str, seconds: u32, extra: &[&str]) -> Child {
     Command::new(repo().join("scripts/lab"))
         .args([
             "ledger",
@@ -122,6 +127,7 @@ fn start_client(mode: &str, seconds: u32) -> Child {
             "--seconds",
             &seconds.to_string(),
         ])
+        .args(extra)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -237,27 +243,27 @@ fn connections_tcp_refuse_fails_before_the_freeze() {
     let _clean = Clean::new();
     lab(&["ledger", "up", "a"]).ok();
     let before = identity("a", "ledger");
-    let client = start_client("stream", 8);
+    // A patient client: on this loaded machine an fsync may take over the usual 0.5 s,
+    // and a client that gave up then would reconnect for reasons of its own.
+    let client = start_client_with("stream", 8, &["--timeout", "5"]);
     std::thread::sleep(LEAD);
     let out = send_ledger(&["--tcp", "refuse"]).expect_code(2);
+    // Refused before the freeze: nothing was ever frozen.
+    assert!(!out.stderr.contains("DOWN"), "{}", out.describe());
     assert!(
         out.stderr.contains("established") && out.stderr.contains("--tcp close"),
         "{}",
         out.describe()
     );
     let s = finish_client(client);
-    // Untouched: the same container, never frozen, its one connection kept throughout.
+    // Untouched: the same container, never frozen (no DOWN above), its one connection kept
+    // throughout. (How long the client once waited is no proof either way: a loaded
+    // disk's fsync stalled it 1.2 s in a run that never froze anything.)
     assert_eq!(identity("a", "ledger"), before, "{}", out.describe());
     let on_b = on("b", &["podman", "container", "exists", "ledger"]);
     assert_eq!(on_b.code, Some(1), "{}", on_b.describe());
     assert_eq!(s.f("connections"), 1.0, "{}", s.brief());
     assert_eq!(s.on_host(B), 0, "{}", s.brief());
-    let gap = s.f("max_gap_s");
-    assert!(
-        gap < 0.5,
-        "the client waited {gap} s: frozen? {}",
-        s.brief()
-    );
 }
 
 /// `podman container checkpoint` by hand on a of a fresh busybox container holding an
