@@ -1,42 +1,17 @@
 //! `migrate`: live migration of Podman containers between hosts with CRIU over SSH.
 #![deny(unsafe_code)]
 
-mod check;
-mod cli;
-mod digest;
-mod engine;
-mod exec;
-mod hooks;
-mod journal;
-mod plan;
-mod preflight;
-mod probe;
-mod progress;
-mod protocol;
-mod receive;
-mod recover;
-mod rundir;
-mod secret;
-mod send;
-mod settle;
-mod signals;
-mod sink;
-mod sync;
-mod timing;
-mod transport;
-mod watchdog;
-mod wire;
-mod zeropages;
-
 use std::io::Write;
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{CommandFactory, Parser};
 
-use crate::cli::{Cli, Command};
-use crate::progress::{Ui, say};
-pub use crate::signals::Signals;
+use migrate::cli::{Cli, Command};
+use migrate::exit::Exit;
+use migrate::progress::{Ui, say};
+use migrate::signals::Signals;
+use migrate::{check, plan, probe, receive, recover, send, sink, watchdog};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -69,7 +44,7 @@ async fn dispatch(cli: Cli) -> u8 {
                 Ok(p) => p,
                 Err(e) => {
                     say!("migrate send: error: {e}");
-                    return send::Exit::Refused as u8;
+                    return Exit::Refused as u8;
                 }
             };
             if plan.dry_run {
@@ -79,7 +54,7 @@ async fn dispatch(cli: Cli) -> u8 {
                 Ok(s) => s,
                 Err(e) => {
                     say!("migrate send: error: {e:#}");
-                    return send::Exit::Refused as u8;
+                    return Exit::Refused as u8;
                 }
             };
             let (record, result) = send::run(&plan, &ui, &mut signals).await;
@@ -89,7 +64,7 @@ async fn dispatch(cli: Cli) -> u8 {
                 say!("migrate send: cannot write the record: {e}");
             }
             match result {
-                Ok(()) => send::Exit::Migrated as u8,
+                Ok(()) => Exit::Ok as u8,
                 Err(f) => {
                     say!("migrate send: error: {:#}", f.error);
                     f.exit as u8
@@ -123,17 +98,4 @@ async fn dispatch(cli: Cli) -> u8 {
             }
         }
     }
-}
-
-/// This host's name, for records and messages.
-pub fn hostname() -> String {
-    std::env::var("MIGRATE_HOSTNAME")
-        .ok()
-        .filter(|h| !h.is_empty())
-        .or_else(|| {
-            std::fs::read_to_string("/proc/sys/kernel/hostname")
-                .ok()
-                .map(|h| h.trim().to_string())
-        })
-        .unwrap_or_else(|| "localhost".into())
 }

@@ -986,7 +986,7 @@ async fn connect_receiver(want: &Want<'_>, secret: Option<Vec<u8>>) -> Result<We
         protocol: PROTOCOL_VERSION,
         run_id: want.run_id.to_string(),
         sender_version: env!("CARGO_PKG_VERSION").into(),
-        source_host: crate::hostname(),
+        source_host: crate::host::hostname(),
         label: want.label.to_string(),
         challenge: challenge.clone(),
     };

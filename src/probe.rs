@@ -442,7 +442,7 @@ pub async fn run(args: ProbeArgs) -> u8 {
             }
         }
     }
-    let mut signals = match crate::Signals::new() {
+    let mut signals = match crate::signals::Signals::new() {
         Ok(s) => s,
         Err(e) => {
             say!("migrate probe: error: {e}");

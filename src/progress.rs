@@ -22,12 +22,13 @@ pub fn stderr_line(args: std::fmt::Arguments<'_>) {
 }
 
 /// `eprintln!` that never panics: see [`stderr_line`].
+#[macro_export]
 macro_rules! say {
     ($($arg:tt)*) => {
         $crate::progress::stderr_line(format_args!($($arg)*))
     };
 }
-pub(crate) use say;
+pub use crate::say;
 
 /// The stderr reporter of one command.
 pub struct Ui {

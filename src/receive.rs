@@ -78,7 +78,7 @@ pub async fn run(args: ReceiveArgs, ui: Arc<Ui>) -> anyhow::Result<u8> {
     })?;
     let ctx = Arc::new(Ctx {
         workdir: args.workdir.clone(),
-        hostname: crate::hostname(),
+        hostname: crate::host::hostname(),
         busy: Mutex::new(()),
         ui: ui.clone(),
         format: args.output.format,
@@ -97,7 +97,7 @@ pub async fn run(args: ReceiveArgs, ui: Arc<Ui>) -> anyhow::Result<u8> {
         }
     ));
     let (done_tx, mut done_rx) = mpsc::channel::<Done>(4);
-    let mut signals = crate::Signals::new()?;
+    let mut signals = crate::signals::Signals::new()?;
     let mut stopping = false;
     let mut accept_warned = false;
     loop {

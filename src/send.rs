@@ -8,10 +8,10 @@ use std::time::Duration;
 
 use anyhow::{Context, anyhow};
 
-use crate::Signals;
 use crate::cli::CompressChoice;
 use crate::engine::freezer::{Freezer, FrozenCgroup};
 use crate::engine::podman::{self, Compression, ContainerInfo, CriuOptions, Podman};
+use crate::exit::Exit;
 use crate::hooks::{self, When};
 use crate::journal::Phase;
 use crate::plan::SendPlan;
@@ -22,29 +22,10 @@ use crate::protocol::{
 };
 use crate::rundir::PID_FILE;
 use crate::settle::{self, Settled};
+use crate::signals::Signals;
 use crate::sync::rsync;
 use crate::timing::{Outcome, Record, Stopwatch, now_us};
 use crate::transport::ssh::{Ssh, remote_join};
-
-/// How the `send` ended; the process exit code is the discriminant.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Exit {
-    Migrated = 0,
-    RolledBack = 1,
-    Refused = 2,
-    Failed = 3,
-}
-
-impl Exit {
-    pub fn outcome(self) -> Outcome {
-        match self {
-            Exit::Migrated => Outcome::Ok,
-            Exit::RolledBack => Outcome::RolledBack,
-            Exit::Refused => Outcome::Refused,
-            Exit::Failed => Outcome::Failed,
-        }
-    }
-}
 
 /// A failed send: how it ended and why.
 #[derive(Debug)]
@@ -116,7 +97,7 @@ pub async fn run(
     let mut rec = Record {
         run_id: plan.run_id.clone(),
         label: plan.label.clone(),
-        source: crate::hostname(),
+        source: crate::host::hostname(),
         target: plan.target.dest.host.clone(),
         containers: plan.target.containers.clone(),
         role: "sender",
@@ -586,7 +567,7 @@ async fn migrate(
             let report = settle::not_clean_report(
                 &nc,
                 ssh.label(),
-                &crate::hostname(),
+                &crate::host::hostname(),
                 &restore_order,
                 &restore_here,
                 &remote_dir,
@@ -1150,7 +1131,7 @@ pub async fn dry_run(plan: &SendPlan, ui: &Arc<Ui>) -> u8 {
     let mut lines = vec![format!(
         "plan: move {} from {} to {} (run id would be {})",
         plan.target.containers.join(", "),
-        crate::hostname(),
+        crate::host::hostname(),
         plan.target.dest.ssh_target(),
         plan.run_id
     )];
@@ -1815,7 +1796,7 @@ mod tests {
 
     #[test]
     fn exit_codes_match_the_contract() {
-        assert_eq!(Exit::Migrated as u8, 0);
+        assert_eq!(Exit::Ok as u8, 0);
         assert_eq!(Exit::RolledBack as u8, 1);
         assert_eq!(Exit::Refused as u8, 2);
         assert_eq!(Exit::Failed as u8, 3);

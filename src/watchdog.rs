@@ -72,7 +72,7 @@ impl Guard {
             watchdog_pid: None,
             watchdog_start: None,
             started_us: now_us(),
-            source: crate::hostname(),
+            source: crate::host::hostname(),
             target: TargetRef::from(&plan.target.dest),
             remote_dir: remote_dir.to_string(),
             local_dir: local_dir.to_path_buf(),
