@@ -51,6 +51,59 @@ pub enum PodmanError {
     },
 }
 
+/// Why CRIU refused a dump, read from its own words (never from the command line, which
+/// names the options given).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CriuRefusal {
+    /// An established TCP connection, and no `--tcp-established`.
+    Established,
+    /// A connection still in its handshake (CRIU's `--skip-in-flight` leaves those out).
+    InFlight,
+    /// A process CRIU could not seize (uninterruptible sleep through its timeout).
+    Stuck,
+}
+
+impl CriuRefusal {
+    /// Reads CRIU's reason out of podman's stderr and CRIU's log lines.
+    pub fn from_words(text: &str) -> Option<CriuRefusal> {
+        if text.contains("In-flight connection") {
+            Some(CriuRefusal::InFlight)
+        } else if text.contains("Connected TCP socket") {
+            Some(CriuRefusal::Established)
+        } else if text.contains("Unseizable non-zombie") {
+            Some(CriuRefusal::Stuck)
+        } else {
+            None
+        }
+    }
+
+    /// CRIU's reason for a failed checkpoint, if it refused the dump.
+    pub fn of(e: &anyhow::Error) -> Option<CriuRefusal> {
+        e.chain()
+            .find_map(|c| c.downcast_ref::<PodmanError>())
+            .and_then(PodmanError::criu_refusal)
+    }
+}
+
+impl PodmanError {
+    /// CRIU's reason, when podman failed because CRIU refused the dump.
+    pub fn criu_refusal(&self) -> Option<CriuRefusal> {
+        match self {
+            PodmanError::Command { .. } => CriuRefusal::from_words(&self.to_string()),
+            PodmanError::FailedAfterExport { source, .. } => source.criu_refusal(),
+            _ => None,
+        }
+    }
+
+    /// podman refused to create or restore `name` because another container holds the name.
+    pub fn name_in_use(&self, name: &str) -> bool {
+        matches!(self, PodmanError::Command { .. })
+            && self
+                .to_string()
+                .contains(&format!("container name \"{name}\" is already in use"))
+    }
+}
+
 fn criu_hint(log: &Option<(String, String)>) -> String {
     match log {
         Some((path, lines)) if !lines.is_empty() => format!(" (CRIU log {path}: {lines})"),
@@ -853,6 +906,34 @@ pub fn resident_bytes(pid: i64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn criu_refusals_are_read_from_criu_not_from_the_command_line() {
+        // The command line names --tcp-established; CRIU's log says why it failed.
+        let cmd = "`podman container checkpoint --export /x/web.fifo --tcp-established web` exited with status 125: CRIU log dump.log: ";
+        assert_eq!(
+            CriuRefusal::from_words(&format!(
+                "{cmd}(10.002103) Error (compel/src/lib/infect.c:262): Unseizable non-zombie 7403 found, state D, err -1/4"
+            )),
+            Some(CriuRefusal::Stuck)
+        );
+        assert_eq!(
+            CriuRefusal::from_words(&format!(
+                "{cmd}(00.1) Error (criu/sk-inet.c:200): Connected TCP socket, consider using --tcp-established option."
+            )),
+            Some(CriuRefusal::Established)
+        );
+        assert_eq!(
+            CriuRefusal::from_words(&format!(
+                "{cmd}(00.1) Error (criu/sk-inet.c:185): In-flight connection (l) for 1a2b"
+            )),
+            Some(CriuRefusal::InFlight)
+        );
+        assert_eq!(
+            CriuRefusal::from_words(&format!("{cmd}(00.1) Error: something else")),
+            None
+        );
+    }
 
     #[test]
     fn parses_inspect() {
