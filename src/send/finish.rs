@@ -50,6 +50,12 @@ pub struct End<'a, E, T, C> {
     pub post_up_hooks: bool,
 }
 
+/// A stop before the freeze: the receiver forgets the run, nothing here was touched.
+pub async fn refuse(target: &mut impl Target, why: &str, error: anyhow::Error) -> SendFailure {
+    target.abort(why, false).await;
+    super::refuse(error)
+}
+
 /// From the end of the freeze to the end of the run. `Ok` means the target runs the
 /// service and the source has retired it.
 pub async fn conclude<E: Engine, T: Target, C: Clock>(

@@ -211,10 +211,20 @@ impl<'a> Run<'a> {
     }
 
     /// Refused before the freeze: the receiver forgets the run; nothing was touched.
-    async fn refuse(mut self, stop: Stop) -> SendFailure {
-        abort(&mut self.control, stop.why, false).await;
+    async fn refuse(self, stop: Stop) -> SendFailure {
+        let plan = self.plan;
+        let mut target = LiveTarget {
+            control: self.control,
+            ssh: &self.ssh,
+            dest: &plan.target.dest,
+            remote_dir: &self.remote_dir,
+            hooks: &plan.hooks,
+            hook_env: &self.hook_env,
+            hook_timeout: plan.hook_timeout,
+        };
+        let failure = finish::refuse(&mut target, stop.why, stop.error).await;
         self.ssh.close().await;
-        refuse(stop.error)
+        failure
     }
 
     /// The journal and the watchdog that repairs the run if this process dies.
