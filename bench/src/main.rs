@@ -22,6 +22,10 @@ use clap::Parser;
 struct Cli {
     #[command(flatten)]
     opts: Opts,
+    /// Runs nothing: re-draws the plots of the result set in DIR from its runs.csv (and
+    /// the SSH rates its summary.md states).
+    #[arg(long, value_name = "DIR", conflicts_with = "out")]
+    replot: Option<PathBuf>,
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -194,9 +198,37 @@ impl Opts {
     }
 }
 
+/// The plots of an existing result set, from its runs.csv: one set per profile that its
+/// runs name (the floor's "local" is drawn in each).
+fn replot(dir: &std::path::Path) -> Result<()> {
+    let runs = report::read_runs(&dir.join("runs.csv"))?;
+    let mut profiles: Vec<String> = Vec::new();
+    for r in runs.iter().filter(|r| r.profile != "local") {
+        if !profiles.contains(&r.profile) {
+            profiles.push(r.profile.clone());
+        }
+    }
+    let summary = dir.join("summary.md");
+    let links = match std::fs::read_to_string(&summary) {
+        Ok(text) => report::links_from_summary(&text),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Default::default(),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", summary.display())),
+    };
+    plot::write_plots(dir, &profiles, &runs, &links)?;
+    eprintln!(
+        "bench: re-drew the plots of {} from {} runs",
+        dir.display(),
+        runs.len()
+    );
+    Ok(())
+}
+
 fn main() {
     let cli = Cli::parse();
-    let res = cli.opts.plan().and_then(runner::run);
+    let res = match &cli.replot {
+        Some(dir) => replot(dir),
+        None => cli.opts.plan().and_then(runner::run),
+    };
     if let Err(e) = res {
         eprintln!("bench: error: {e:#}");
         std::process::exit(if lab::was_interrupted() { 130 } else { 1 });

@@ -7,6 +7,8 @@ use anyhow::{Context, Result, anyhow, bail};
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
 
+use crate::report::RunRow;
+
 /// KEY=VALUE lines (other lines ignored; the last value of a key wins).
 pub fn parse_kv(text: &str) -> HashMap<String, String> {
     text.lines()
@@ -110,9 +112,60 @@ pub fn parse_record(text: &str) -> Result<HashMap<String, String>> {
         .collect())
 }
 
-/// A number from a record; `None` if missing or empty.
-pub fn rec_num(rec: &HashMap<String, String>, key: &str) -> Option<f64> {
-    rec.get(key).and_then(|v| v.trim().parse().ok())
+/// Sets one field of a run from the record's text in one column.
+type Setter = fn(&mut RunRow, &str);
+
+/// Every column of migrate's record the bench copies into its runs, with where it goes.
+/// The names are looked up in the header migrate printed; [`apply_record`] fails on a
+/// name that header lacks, so a renamed column cannot leave a bench column empty.
+const RECORD_COLUMNS: [(&str, Setter); 22] = {
+    fn num(v: &str) -> Option<f64> {
+        v.trim().parse().ok()
+    }
+    [
+        ("start_ts", |r, v| r.start_ts = v.into()),
+        ("down_ts", |r, v| r.down_ts = v.into()),
+        ("up_ts", |r, v| r.up_ts = v.into()),
+        ("downtime_s", |r, v| r.downtime_s = num(v)),
+        ("migration_time_s", |r, v| r.migration_time_s = num(v)),
+        ("source_total_s", |r, v| r.source_total_s = num(v)),
+        ("target_total_s", |r, v| r.target_total_s = num(v)),
+        ("presync_s", |r, v| r.presync_s = num(v)),
+        ("checkpoint_s", |r, v| r.checkpoint_s = num(v)),
+        ("transfer_s", |r, v| r.transfer_s = num(v)),
+        ("postsync_s", |r, v| r.postsync_s = num(v)),
+        ("restore_s", |r, v| r.restore_s = num(v)),
+        ("bytes_sent", |r, v| r.bytes_sent = num(v)),
+        ("dump_s", |r, v| r.dump_s = num(v)),
+        ("control_s", |r, v| r.control_s = num(v)),
+        ("verify_s", |r, v| r.verify_s = num(v)),
+        ("podman_checkpoint_s", |r, v| r.podman_checkpoint_s = num(v)),
+        ("criu_frozen_s", |r, v| r.criu_frozen_s = num(v)),
+        ("criu_restore_s", |r, v| r.criu_restore_s = num(v)),
+        ("archive_bytes", |r, v| r.archive_bytes = num(v)),
+        ("frozen_bytes", |r, v| r.frozen_bytes = num(v)),
+        ("sync_bytes", |r, v| r.sync_bytes = num(v)),
+    ]
+};
+
+/// Copies migrate's record (from [`parse_record`]) into the run; an error naming every
+/// column the bench reads that the record's header does not have.
+pub fn apply_record(rec: &HashMap<String, String>, row: &mut RunRow) -> Result<()> {
+    let missing: Vec<&str> = RECORD_COLUMNS
+        .iter()
+        .map(|(name, _)| *name)
+        .filter(|name| !rec.contains_key(*name))
+        .collect();
+    if !missing.is_empty() {
+        bail!(
+            "migrate's record has no column {} (the bench reads it by that name)",
+            missing.join(", ")
+        );
+    }
+    for (name, set) in RECORD_COLUMNS {
+        set(row, &rec[name]);
+    }
+    Ok(())
 }
 
 /// The probe's JSON summary (`migrate probe --format json`).
@@ -194,10 +247,39 @@ mod tests {
     fn record_by_header_name() {
         let text = "run_id,downtime_s,outcome,new_col\nr1,2.743785,ok,x\n";
         let rec = parse_record(text).unwrap();
-        assert_eq!(rec_num(&rec, "downtime_s"), Some(2.743785));
+        assert_eq!(rec.get("downtime_s").unwrap(), "2.743785");
         assert_eq!(rec.get("outcome").unwrap(), "ok");
-        assert_eq!(rec_num(&rec, "missing"), None);
+        assert!(!rec.contains_key("missing"));
         assert!(parse_record("run_id,outcome\n").is_err());
+    }
+
+    #[test]
+    fn record_columns_are_copied_by_name_and_a_missing_one_is_an_error() {
+        // The header and an empty record as migrate itself prints them.
+        let mut buf = Vec::new();
+        migrate::timing::Record::default()
+            .write(&mut buf, migrate::timing::Format::Csv, false)
+            .unwrap();
+        let printed = String::from_utf8(buf).unwrap();
+        let mut row = RunRow::default();
+        apply_record(&parse_record(&printed).unwrap(), &mut row).unwrap();
+        assert_eq!(row.downtime_s, None);
+
+        let mut rec = parse_record(&printed).unwrap();
+        rec.insert("down_ts".into(), "2026-11-25T07:34:35.123456Z".into());
+        rec.insert("downtime_s".into(), " 1.5".into());
+        rec.insert("frozen_bytes".into(), "1024".into());
+        apply_record(&rec, &mut row).unwrap();
+        assert_eq!(row.down_ts, "2026-11-25T07:34:35.123456Z");
+        assert_eq!(
+            (row.downtime_s, row.frozen_bytes),
+            (Some(1.5), Some(1024.0))
+        );
+
+        rec.remove("criu_frozen_s");
+        rec.remove("sync_bytes");
+        let e = apply_record(&rec, &mut row).unwrap_err().to_string();
+        assert!(e.contains("no column criu_frozen_s, sync_bytes"), "{e}");
     }
 
     #[test]

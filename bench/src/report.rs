@@ -4,14 +4,15 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::Path;
 
-use anyhow::Result;
-use serde::Serialize;
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
 
 use crate::stats::{Stats, ratio, stats};
 
 /// One run of one method (migrate, thesis or floor on the thesis pair; memory: migrate
 /// moving the `hog` container, whose size in MiB stands in the `rows` column).
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct RunRow {
     pub method: String,
     pub profile: String,
@@ -219,6 +220,28 @@ pub fn fill_ratios(rows: &mut [SummaryRow]) {
             r.outage_ratio_migrate_thesis = ratio(r.outage_mean_s, t.outage_mean_s);
         }
     }
+}
+
+/// The runs of a result set, read back from its runs.csv.
+pub fn read_runs(path: &Path) -> Result<Vec<RunRow>> {
+    let mut r =
+        csv::Reader::from_path(path).with_context(|| format!("opening {}", path.display()))?;
+    r.deserialize()
+        .enumerate()
+        .map(|(i, row)| row.with_context(|| format!("{}: run {}", path.display(), i + 1)))
+        .collect()
+}
+
+/// The SSH rates (bytes/s per profile) a summary.md states, as [`memory_table`] writes
+/// them (whole MiB/s).
+pub fn links_from_summary(text: &str) -> BTreeMap<String, f64> {
+    text.lines()
+        .filter_map(|l| {
+            let (profile, rest) = l.strip_prefix("- ")?.split_once(": SSH carries ")?;
+            let mib: f64 = rest.strip_suffix(" MiB/s")?.parse().ok()?;
+            Some((profile.to_string(), mib * 1048576.0))
+        })
+        .collect()
 }
 
 pub fn write_summary_csv(path: &Path, rows: &[SummaryRow]) -> Result<()> {
@@ -584,5 +607,31 @@ mod tests {
             "{t}"
         );
         assert!(t.contains("SSH carries 256 MiB/s"), "{t}");
+        assert_eq!(links_from_summary(&t), links);
+    }
+
+    #[test]
+    fn runs_csv_reads_back_what_was_written() {
+        let mut a = run("migrate", "ok", 1.25, 4.0);
+        a.probe_exceeds_reported = true;
+        a.error = "a, \"quoted\" error".into();
+        let b = run("floor", "failed", 2.0, 0.0);
+        let path = std::env::temp_dir().join(format!("bench-runs-{}.csv", std::process::id()));
+        let mut w = csv::Writer::from_path(&path).unwrap();
+        for r in [&a, &b] {
+            w.serialize(r).unwrap();
+        }
+        w.flush().unwrap();
+        let back = read_runs(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(back.len(), 2);
+        assert_eq!(back[0].downtime_s, Some(1.25));
+        assert!(back[0].probe_exceeds_reported);
+        assert_eq!(back[0].error, a.error);
+        assert_eq!(
+            (back[1].method.as_str(), back[1].outcome.as_str()),
+            ("floor", "failed")
+        );
+        assert_eq!(back[1].client_outage_s, None);
     }
 }

@@ -951,30 +951,7 @@ impl Bench {
         let rc = recv.wait(Duration::from_secs(if code == 0 { 120 } else { 30 }));
         let text = String::from_utf8_lossy(&out.stdout);
         if let Ok(rec) = parse::parse_record(&text) {
-            let g = |k: &str| rec.get(k).cloned().unwrap_or_default();
-            let n = |k: &str| parse::rec_num(&rec, k);
-            row.start_ts = g("start_ts");
-            row.down_ts = g("down_ts");
-            row.up_ts = g("up_ts");
-            row.downtime_s = n("downtime_s");
-            row.migration_time_s = n("migration_time_s");
-            row.source_total_s = n("source_total_s");
-            row.target_total_s = n("target_total_s");
-            row.presync_s = n("presync_s");
-            row.checkpoint_s = n("checkpoint_s");
-            row.transfer_s = n("transfer_s");
-            row.postsync_s = n("postsync_s");
-            row.restore_s = n("restore_s");
-            row.bytes_sent = n("bytes_sent");
-            row.dump_s = n("dump_s");
-            row.control_s = n("control_s");
-            row.verify_s = n("verify_s");
-            row.podman_checkpoint_s = n("podman_checkpoint_s");
-            row.criu_frozen_s = n("criu_frozen_s");
-            row.criu_restore_s = n("criu_restore_s");
-            row.archive_bytes = n("archive_bytes");
-            row.frozen_bytes = n("frozen_bytes");
-            row.sync_bytes = n("sync_bytes");
+            parse::apply_record(&rec, row)?;
         }
         if code != 0 {
             row.outcome = match code {
@@ -1100,44 +1077,12 @@ echo "DOWNTIME_S=$(s $t0 $t3)"; rm -rf "$f"; echo RESULT=ok
             self.plan.out.join("summary.md"),
             report::summary_markdown(&summary, &self.results, &header, &self.link),
         )?;
-        for p in &self.plan.profiles {
-            crate::plot::plot(
-                &self.plan.out.join(format!("downtime-{p}.svg")),
-                &format!("Downtime vs rows, profile {p}"),
-                "downtime (s)",
-                p,
-                &summary,
-                true,
-                |r| r.downtime_mean_s,
-            )?;
-            if !self.plan.memory.is_empty() {
-                crate::plot::plot_memory(
-                    &self.plan.out.join(format!("downtime-memory-{p}.svg")),
-                    &format!("Downtime vs memory held, profile {p}"),
-                    p,
-                    &summary,
-                    self.link.get(p).copied(),
-                )?;
-            }
-            if !self.plan.data.is_empty() {
-                crate::plot::plot_data(
-                    &self.plan.out.join(format!("downtime-data-{p}.svg")),
-                    &format!("Downtime vs data folder size, profile {p}"),
-                    p,
-                    &summary,
-                )?;
-            }
-            crate::plot::plot(
-                &self.plan.out.join(format!("migration-{p}.svg")),
-                &format!("Migration time vs rows, profile {p}"),
-                "migration time (s)",
-                p,
-                &summary,
-                false,
-                |r| r.migration_mean_s,
-            )?;
-        }
-        Ok(())
+        crate::plot::write_plots(
+            &self.plan.out,
+            &self.plan.profiles,
+            &self.results,
+            &self.link,
+        )
     }
 
     fn header(&self, started: chrono::DateTime<chrono::Utc>, took: Duration) -> String {
