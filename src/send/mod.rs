@@ -254,8 +254,16 @@ impl<'a> Run<'a> {
     ) -> Result<(), Stop> {
         let plan = self.plan;
         self.ui.phase("pre-freeze hooks");
+        let env = &self.hook_env;
+        let run = hooks::run_all(
+            &plan.hooks,
+            When::PreFreeze,
+            env,
+            Some(&self.ssh),
+            plan.hook_timeout,
+        );
         let pre = tokio::select! {
-            r = hooks::run_all(&plan.hooks, When::PreFreeze, &self.hook_env, Some(&self.ssh), plan.hook_timeout) => r.map_err(anyhow::Error::from),
+            r = run => r.map_err(anyhow::Error::from),
             _ = signals.changed() => Err(anyhow!("interrupted")),
         };
         if let Err(e) = pre {
