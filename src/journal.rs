@@ -25,7 +25,7 @@ pub fn dir(workdir: &Path) -> PathBuf {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Phase {
-    /// Checks passed, nothing frozen: the containers run as before.
+    /// Checks passed, nothing frozen: the containers run untouched.
     Prepared,
     /// From just before the freeze until "OK" is sent: the containers may be frozen,
     /// being dumped, or dumped and stopped with their checkpoint kept. The target never

@@ -41,9 +41,9 @@ pub struct ProbeArgs {
     #[arg(long, value_name = "TIME", default_value = "1s", value_parser = parse_duration)]
     pub timeout: Duration,
 
-    /// Wait for each round before the next goes out (one connection per target at a time,
-    /// as the probe did before 2026-12-02). By default a round goes out every interval
-    /// whatever the rounds before are doing.
+    /// Wait for each round before the next goes out (one connection per target at a
+    /// time: a client that never has two requests in flight). By default a round goes out
+    /// every interval whatever the rounds before are doing, as independent clients do.
     #[arg(long)]
     pub sequential: bool,
 
