@@ -6,7 +6,7 @@
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, Once, OnceLock};
 use std::time::{Duration, Instant};
 
 pub const A: &str = "10.77.0.11";
@@ -109,7 +109,7 @@ pub fn lab_unavailable() -> Option<&'static str> {
     WHY.get_or_init(|| {
         if !rustix::process::geteuid().is_root() {
             return Some(
-                "not root (the lab's network namespaces and podman storage need root)".into(),
+                "not root, and the lab's network namespaces and podman storage need root".into(),
             );
         }
         let st = lab(&["status"]);
@@ -137,9 +137,30 @@ pub fn lab_unavailable() -> Option<&'static str> {
     .as_deref()
 }
 
-/// Whether the test named `test` may use the lab. When it may not, says so on stderr (past
-/// the test harness's capture, so a plain `cargo test` shows it) and returns false, or
-/// fails the test when [`REQUIRE_LAB_VAR`] is set. Called through [`require_lab!`].
+/// Lab tests this binary skipped, for the summary it prints as it exits.
+static SKIPPED: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+/// The skipped lab tests and why, after the harness's own "test result" line (lines
+/// printed while the tests run would land inside the harness's "test NAME ... ok").
+extern "C" fn skipped_summary() {
+    let mut names = SKIPPED.lock().map(|v| v.clone()).unwrap_or_default();
+    names.sort();
+    let mut text = format!(
+        "{}: {} lab test(s) skipped, counted as passed above: {}. Run scripts/test as root to run them ({REQUIRE_LAB_VAR}=1 makes a lab that cannot be used fail them).\n",
+        env!("CARGO_CRATE_NAME"),
+        names.len(),
+        lab_unavailable().unwrap_or("unknown")
+    );
+    for n in names {
+        text.push_str(&format!("  skipped {n}\n"));
+    }
+    let _ = std::io::Write::write_all(&mut std::io::stderr(), text.as_bytes());
+}
+
+/// Whether the test named `test` may use the lab. When it may not, it fails the test if
+/// [`REQUIRE_LAB_VAR`] is set, and otherwise returns false and lists the test as skipped
+/// on stderr when the binary exits (past the harness's capture, so a plain `cargo test`
+/// shows it). Called through [`require_lab!`].
 pub fn lab_or_skip(test: &str) -> bool {
     let Some(why) = lab_unavailable() else {
         return true;
@@ -148,14 +169,21 @@ pub fn lab_or_skip(test: &str) -> bool {
         std::env::var_os(REQUIRE_LAB_VAR).is_none_or(|v| v.is_empty() || v == "0"),
         "{test}: {REQUIRE_LAB_VAR} is set and the lab cannot be used: {why}"
     );
-    let line = format!("skipped {test}: {why} (run scripts/test as root)\n");
-    let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
+    static SUMMARY: Once = Once::new();
+    SUMMARY.call_once(|| {
+        // SAFETY: registers a plain function to run once at exit; it only reads a mutex
+        // and an initialised OnceLock and writes to stderr, and never unwinds.
+        #[allow(unsafe_code)]
+        let registered = unsafe { libc::atexit(skipped_summary) } == 0;
+        assert!(registered, "atexit failed");
+    });
+    SKIPPED.lock().unwrap().push(test.to_string());
     false
 }
 
 /// The first line of every test that uses the lab: returns from the test (which then
-/// counts as passed, with a "skipped" line on stderr) when the lab cannot be used here,
-/// unless scripts/test runs it (see [`REQUIRE_LAB_VAR`]).
+/// counts as passed, and is listed as skipped on stderr) when the lab cannot be used
+/// here, unless scripts/test runs it (see [`REQUIRE_LAB_VAR`]).
 macro_rules! require_lab {
     () => {
         if !$crate::common::lab_or_skip({
