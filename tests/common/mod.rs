@@ -129,8 +129,8 @@ pub fn lab_unavailable() -> Option<&'static str> {
             problems.push("no reason given");
         }
         Some(format!(
-            "the lab is not up (`scripts/lab status` exited {:?}: {}; start it with `scripts/lab up`)",
-            st.code,
+            "the lab is not up (`scripts/lab status` exited {}: {}; start it with `scripts/lab up`)",
+            st.code.map_or("on a signal".to_string(), |c| c.to_string()),
             problems.join("; ")
         ))
     })
@@ -154,6 +154,8 @@ extern "C" fn skipped_summary() {
     for n in names {
         text.push_str(&format!("  skipped {n}\n"));
     }
+    // After the results the harness may still hold in stdout's buffer.
+    let _ = std::io::Write::flush(&mut std::io::stdout());
     let _ = std::io::Write::write_all(&mut std::io::stderr(), text.as_bytes());
 }
 
