@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 
 use crate::timing::Format;
 
@@ -22,6 +22,61 @@ use crate::timing::Format;
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// The arguments of this process, or the end of it: a mistake clap finds is refused like
+/// any other, with one line on stderr (`migrate SUB: error: WHAT; see ...`) and
+/// [`Exit::Refused`](crate::exit::Exit::Refused); `--help`, `--version` and a bare
+/// `migrate` print as clap does.
+pub fn parse_or_exit() -> Cli {
+    use clap::error::ErrorKind;
+    match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e)
+            if !e.use_stderr()
+                || e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand =>
+        {
+            e.exit()
+        }
+        Err(e) => {
+            let sub = std::env::args().nth(1);
+            let sub = sub.filter(|s| Cli::command().find_subcommand(s).is_some());
+            eprintln!("{}", refusal_line(&e.render().to_string(), sub.as_deref()));
+            std::process::exit(crate::exit::Exit::Refused.code().into())
+        }
+    }
+}
+
+/// clap's error text (the problem, an indented list or tip, the usage, a pointer to
+/// --help) as one line that names the problem and where the help is.
+fn refusal_line(clap_text: &str, sub: Option<&str>) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    for para in clap_text.split("\n\n") {
+        let para = para.trim_end();
+        if para.is_empty() || para.starts_with("Usage:") || para.starts_with("For more information")
+        {
+            continue;
+        }
+        let mut line = String::new();
+        for l in para.lines() {
+            let t = l.trim();
+            if line.is_empty() {
+                line.push_str(t.strip_prefix("error: ").unwrap_or(t));
+            } else if l.starts_with("  ") && !line.ends_with(':') && !t.starts_with('[') {
+                line.push_str(", ");
+                line.push_str(t);
+            } else {
+                line.push(' ');
+                line.push_str(t);
+            }
+        }
+        parts.push(line);
+    }
+    let cmd = match sub {
+        Some(s) => format!("migrate {s}"),
+        None => "migrate".to_string(),
+    };
+    format!("{cmd}: error: {}; see `{cmd} --help`", parts.join("; "))
 }
 
 #[derive(Debug, Subcommand)]
@@ -102,7 +157,8 @@ pub struct ReceiveArgs {
         long,
         value_name = "DIR",
         default_value = crate::rundir::DEFAULT_WORKDIR,
-        env = "MIGRATE_WORKDIR"
+        env = "MIGRATE_WORKDIR",
+        value_parser = absolute_path
     )]
     pub workdir: PathBuf,
 
@@ -116,6 +172,17 @@ pub struct ReceiveArgs {
     /// Exit (status 1) when no migration has started within this many seconds.
     #[arg(long, value_name = "SECS")]
     pub idle_timeout: Option<u64>,
+}
+
+/// A folder flag's value: absolute, because the sender names the same folder from
+/// another host (its --target-workdir).
+fn absolute_path(s: &str) -> Result<PathBuf, String> {
+    let p = PathBuf::from(s);
+    if p.is_absolute() {
+        Ok(p)
+    } else {
+        Err("must be an absolute path".to_string())
+    }
 }
 
 /// `send --tcp`: what happens to the containers' TCP connections.
@@ -335,6 +402,58 @@ mod tests {
         let text = String::from_utf8(man).unwrap();
         assert!(text.contains(".TH migrate"), "{text}");
         assert!(text.contains("receive"));
+    }
+
+    /// The one line a mistake clap finds becomes, from clap's own text for it.
+    fn refusal(args: &[&str]) -> String {
+        let e = Cli::try_parse_from(args).unwrap_err();
+        assert!(e.use_stderr(), "{args:?}");
+        refusal_line(&e.render().to_string(), Some(args[1]))
+    }
+
+    #[test]
+    fn clap_mistakes_become_one_line_naming_the_flag_and_the_help() {
+        let cases: [(&[&str], &[&str]); 4] = [
+            (
+                &["migrate", "send", "db"],
+                &["--to <[USER@]HOST>", "not provided"],
+            ),
+            (
+                &["migrate", "send", "--to", "b", "--tcp", "bogus", "db"],
+                &[
+                    "'bogus'",
+                    "--tcp",
+                    "possible values: close, established, refuse",
+                ],
+            ),
+            (
+                &[
+                    "migrate",
+                    "send",
+                    "--to",
+                    "b",
+                    "--tcp",
+                    "close",
+                    "--tcp-established",
+                    "db",
+                ],
+                &["--tcp-established", "--tcp"],
+            ),
+            (
+                &["migrate", "check", "--to", "b", "--bogus"],
+                &["'--bogus'"],
+            ),
+        ];
+        for (args, wants) in cases {
+            let line = refusal(args);
+            let cmd = format!("migrate {}", args[1]);
+            assert!(line.starts_with(&format!("{cmd}: error: ")), "{line}");
+            assert!(line.ends_with(&format!("; see `{cmd} --help`")), "{line}");
+            assert!(!line.contains('\n') && !line.contains("Usage"), "{line}");
+            for want in wants {
+                assert!(line.contains(want), "{args:?} lacks {want:?}: {line}");
+            }
+        }
     }
 
     #[test]

@@ -5,7 +5,7 @@ use std::io::Write;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use clap::{CommandFactory, Parser};
+use clap::CommandFactory;
 
 use migrate::cli::{Cli, Command};
 use migrate::exit::Exit;
@@ -14,7 +14,7 @@ use migrate::signals::Signals;
 use migrate::{check, plan, probe, receive, recover, send, sink, watchdog};
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = migrate::cli::parse_or_exit();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {

@@ -99,8 +99,15 @@ pub fn check_data_path(p: &Path) -> Result<PathBuf, PlanError> {
     }
     match std::fs::metadata(&clean) {
         Ok(m) if m.is_dir() => Ok(clean),
-        Ok(_) => bad(format!("--data {shown}: is not a directory")),
-        Err(e) => bad(format!("--data {shown}: {e}")),
+        Ok(_) => bad(format!(
+            "--data {shown}: is not a directory; name the folder that holds the data"
+        )),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => bad(format!(
+            "--data {shown}: no such folder here; name the application's existing data folder"
+        )),
+        Err(e) => bad(format!(
+            "--data {shown}: cannot read it ({e}); run as a user who can (usually root)"
+        )),
     }
 }
 
@@ -215,7 +222,13 @@ impl TargetPlan {
         if let Some(id) = &a.identity
             && !id.is_file()
         {
-            return bad(format!("--identity {}: no such file", id.display()));
+            return bad(format!(
+                "--identity {}: no such file; give the path of the SSH private key",
+                id.display()
+            ));
+        }
+        if a.ssh_port == Some(0) {
+            return bad("--ssh-port 0: give the target's SSH port (default 22)");
         }
         if a.control_port == 0 {
             return bad(
@@ -225,10 +238,14 @@ impl TargetPlan {
         let mut seen = HashSet::new();
         for c in containers {
             if !valid_container_name(c) {
-                return bad(format!("container {c:?}: not a valid container name"));
+                return bad(format!(
+                    "container {c:?}: not a valid container name; give the name or ID `podman ps` shows"
+                ));
             }
             if !seen.insert(c) {
-                return bad(format!("container {c:?} is named twice"));
+                return bad(format!(
+                    "container {c:?} is named twice; name each container once"
+                ));
             }
         }
         let target_workdir = check_workdir("--target-workdir", &a.target_workdir)?;

@@ -616,7 +616,9 @@ pub async fn run(args: RecoverArgs) -> u8 {
     let paths = match crate::journal::Journal::list(&args.workdir) {
         Ok(p) => p,
         Err(e) => {
-            ui.warn(&format!("cannot read the run journals: {e}"));
+            crate::progress::say!(
+                "migrate recover: error: cannot read the run journals: {e}; pass the --workdir `send` used"
+            );
             return 2;
         }
     };

@@ -131,7 +131,7 @@ fn login_via_lb(user: &str) -> String {
 
 /// Shop on `host` only, balancer up in front of a and b (both listed, equal).
 fn fresh_setup(host: &str) {
-    require_lab();
+    assert_lab();
     kill_own_receivers();
     for h in ["a", "b"] {
         lab(&["session", "down", h]).ok();
@@ -411,6 +411,7 @@ fn hook_switch_to(host: &str) -> String {
 /// LMF_01–04 with passive failover only: nothing tells nginx about the move.
 #[test]
 fn balancer_passive_failover_keeps_session_a_to_b() {
+    require_lab!();
     fresh_setup("a");
     assert_served_by("a");
     let sid = login_via_lb("alice");
@@ -425,6 +426,7 @@ fn balancer_passive_failover_keeps_session_a_to_b() {
 /// The same with a post-up hook on the source that switches nginx to b at once.
 #[test]
 fn balancer_switch_hook_keeps_session_a_to_b() {
+    require_lab!();
     fresh_setup("a");
     assert_served_by("a");
     let sid = login_via_lb("bob");
@@ -461,6 +463,7 @@ fn balancer_switch_hook_keeps_session_a_to_b() {
 /// move_and_watch) is below passive failover's worst case (PASSIVE_ALLOWANCE_S).
 #[test]
 fn balancer_round_trip_passive_then_hook() {
+    require_lab!();
     fresh_setup("a");
     let sid = login_via_lb("carol");
     let passive = move_and_watch("a", "b", &[], PASSIVE_ALLOWANCE_S, "balancer-cmp-passive");

@@ -14,6 +14,7 @@ fn check(args: &[&str]) -> Out {
 
 #[test]
 fn check_passes_on_a_healthy_pair() {
+    require_lab!();
     fresh_workload("a", 100);
     let _rx = Receiver::start("b", &[]);
     let out = check(&["--data", "/srv/app", "db", "web"]).ok();
@@ -39,6 +40,7 @@ fn check_passes_on_a_healthy_pair() {
 
 #[test]
 fn check_names_each_problem_and_exits_2() {
+    require_lab!();
     fresh_workload("a", 100);
     let _rx = Receiver::start("b", &[]);
 
@@ -114,6 +116,7 @@ fn check_names_each_problem_and_exits_2() {
 
 #[test]
 fn missing_image_is_refused_then_shipped_with_ship_image() {
+    require_lab!();
     fresh_workload("a", 100);
     on(
         "b",
@@ -186,6 +189,7 @@ fn missing_image_is_refused_then_shipped_with_ship_image() {
 
 #[test]
 fn spawn_receiver_migrates_with_one_command() {
+    require_lab!();
     fresh_workload("a", 100);
     for h in ["a", "b"] {
         on(h, &["rm", "-rf", "/var/lib/migrate/bin"]).ok();
@@ -251,6 +255,7 @@ fn spawn_receiver_migrates_with_one_command() {
 
 #[test]
 fn dry_run_prints_the_plan_and_touches_nothing() {
+    require_lab!();
     fresh_workload("a", 100);
     let _rx = Receiver::start("b", &[]);
     let ids = identity("a", "db");

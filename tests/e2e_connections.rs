@@ -54,7 +54,7 @@ struct Clean;
 
 impl Clean {
     fn new() -> Clean {
-        require_lab();
+        assert_lab();
         Clean.wipe();
         Clean
     }
@@ -221,6 +221,7 @@ fn move_under_load(mode: &str) -> Summary {
 
 #[test]
 fn connections_a_new_connection_per_write_moves_without_loss() {
+    require_lab!();
     let s = move_under_load("per-request");
     let rate = s.f("connections_per_s");
     assert!(rate >= 50.0, "{rate} connections a second: {}", s.brief());
@@ -228,6 +229,7 @@ fn connections_a_new_connection_per_write_moves_without_loss() {
 
 #[test]
 fn connections_one_long_lived_connection_moves_without_loss() {
+    require_lab!();
     let s = move_under_load("stream");
     // One connection to a, then reconnected to b: a handful, not one per write.
     let conns = s.f("connections");
@@ -240,6 +242,7 @@ fn connections_one_long_lived_connection_moves_without_loss() {
 
 #[test]
 fn connections_tcp_refuse_fails_before_the_freeze() {
+    require_lab!();
     let _clean = Clean::new();
     lab(&["ledger", "up", "a"]).ok();
     let before = identity("a", "ledger");
@@ -342,6 +345,7 @@ fn hand_checkpoint() -> (Option<i32>, bool, bool) {
 
 #[test]
 fn connections_hand_checkpoint_after_a_migration_behaves_as_before() {
+    require_lab!();
     let _clean = Clean::new();
     let before = hand_checkpoint();
     assert!(

@@ -233,6 +233,7 @@ fn freezer_state(pid: &str) -> String {
 
 #[test]
 fn sender_killed_while_frozen_brings_the_service_back_on_the_source() {
+    require_lab!();
     fresh_workload("a", 100);
     let _rx = Receiver::start("b", &[]);
     let before = counter("a");
@@ -278,6 +279,7 @@ fn sender_killed_while_frozen_brings_the_service_back_on_the_source() {
 
 #[test]
 fn sender_killed_after_the_dump_brings_the_service_back_on_the_source() {
+    require_lab!();
     fresh_workload("a", 100);
     let _rx = Receiver::start("b", &[]);
     let before = counter("a");
@@ -307,6 +309,7 @@ fn sender_killed_after_the_dump_brings_the_service_back_on_the_source() {
 
 #[test]
 fn sender_killed_before_the_freeze_leaves_the_service_untouched() {
+    require_lab!();
     fresh_workload("a", 100);
     let ids: Vec<String> = ["db", "web"].iter().map(|c| identity("a", c)).collect();
     let _rx = Receiver::start("b", &[]);
@@ -336,6 +339,7 @@ fn sender_killed_before_the_freeze_leaves_the_service_untouched() {
 
 #[test]
 fn sender_killed_after_ok_leaves_the_service_on_the_target_only() {
+    require_lab!();
     fresh_workload("a", 100);
     let rx = Receiver::start("b", &[]);
     let before = counter("a");

@@ -88,6 +88,7 @@ fn run_folders(host: &str) -> usize {
 
 #[test]
 fn a_stranger_on_the_control_port_gets_nothing_and_send_refuses() {
+    require_lab!();
     kill_receivers();
     fresh_workload("a", 100);
     let ids = identities("a");
@@ -127,6 +128,7 @@ fn a_stranger_on_the_control_port_gets_nothing_and_send_refuses() {
 
 #[test]
 fn a_receiver_without_the_secret_is_refused_before_the_freeze() {
+    require_lab!();
     // A real receiver of root, but not the one SSH set the run up for (another work
     // folder): it cannot prove it holds the secret, so nothing moves.
     kill_receivers();
@@ -170,6 +172,7 @@ fn a_receiver_without_the_secret_is_refused_before_the_freeze() {
 
 #[test]
 fn a_run_folder_others_could_reach_is_refused_and_nothing_is_written_through_it() {
+    require_lab!();
     kill_receivers();
     fresh_workload("a", 100);
     let ids = identities("a");
@@ -213,6 +216,7 @@ fn a_run_folder_others_could_reach_is_refused_and_nothing_is_written_through_it(
 
 #[test]
 fn hostile_data_paths_are_handled_literally() {
+    require_lab!();
     kill_receivers();
     fresh_workload("a", 100);
     let marker = format!("/tmp/pwned-{}", std::process::id());
@@ -266,6 +270,7 @@ fn hostile_data_paths_are_handled_literally() {
 
 #[test]
 fn data_folders_that_would_wipe_the_system_are_refused_before_anything_runs() {
+    require_lab!();
     fresh_workload("a", 100);
     let ids = identities("a");
     for d in [
@@ -288,6 +293,7 @@ fn data_folders_that_would_wipe_the_system_are_refused_before_anything_runs() {
 
 #[test]
 fn a_spawned_receiver_leaves_after_an_aborted_migration() {
+    require_lab!();
     kill_receivers();
     fresh_workload("a", 100);
     let ids = identities("a");

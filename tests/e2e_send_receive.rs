@@ -74,6 +74,7 @@ fn migrate_pair(from: &str, dest: &str, rows_expected: u64) -> String {
 
 #[test]
 fn thesis_pair_moves_a_to_b_and_back_with_state() {
+    require_lab!();
     fresh_workload("a", 1000);
     // MariaDB's buffer pool is mostly zero-filled pages: the target leaves them out of
     // its archive, and the database restored without them still has its rows (checked
@@ -88,6 +89,7 @@ fn thesis_pair_moves_a_to_b_and_back_with_state() {
 
 #[test]
 fn json_records_and_receive_serve_mode() {
+    require_lab!();
     fresh_workload("a", 100);
     let rx = Receiver::start("b", &["--serve", "--format", "json"]);
     let out = send(
@@ -138,6 +140,7 @@ fn json_records_and_receive_serve_mode() {
 
 #[test]
 fn a_file_written_after_the_presync_arrives() {
+    require_lab!();
     fresh_workload("a", 100);
     on("a", &["sh", "-c", "echo old > /srv/app/www/gone.txt"]).ok();
     // No `zstd` command on the target: the receiver's own binary decodes the stream.
@@ -211,6 +214,7 @@ fn identities() -> Vec<(String, String)> {
 
 #[test]
 fn refusals_exit_2_before_anything_is_frozen() {
+    require_lab!();
     fresh_workload("a", 100);
     let ids = identities();
 
@@ -278,6 +282,7 @@ fn refusals_exit_2_before_anything_is_frozen() {
 
 #[test]
 fn strangers_on_the_control_port_do_not_trigger_a_restore() {
+    require_lab!();
     fresh_workload("a", 100);
     let mut rx = Receiver::start("b", &[]);
     // Plain bytes, the thesis's bare "OK", a forged hello followed by a forged (unsigned)
@@ -348,6 +353,7 @@ chmod +x /tmp/criu.fake && mount --bind /tmp/criu.fake /usr/local/sbin/criu"
 
 #[test]
 fn checkpoint_failing_on_the_source_leaves_the_service_running() {
+    require_lab!();
     fresh_workload("a", 100);
     let ids = identities();
     let broken = BrokenCriu::install("a");
@@ -408,6 +414,7 @@ fn pid_of(host: &str, name: &str) -> String {
 
 #[test]
 fn checkpoint_refused_at_its_start_leaves_the_same_processes_running() {
+    require_lab!();
     fresh_workload("a", 100);
     let ids = identities();
     let pids: Vec<String> = ["db", "web"].iter().map(|n| pid_of("a", n)).collect();
@@ -435,6 +442,7 @@ fn checkpoint_refused_at_its_start_leaves_the_same_processes_running() {
 
 #[test]
 fn podman_failing_after_the_dump_brings_the_same_containers_back() {
+    require_lab!();
     fresh_workload("a", 100);
     let ids: Vec<String> = ["db", "web"]
         .iter()
@@ -472,7 +480,7 @@ fn podman_failing_after_the_dump_brings_the_same_containers_back() {
 
 #[test]
 fn a_container_sharing_namespaces_is_refused_before_the_freeze() {
-    require_lab();
+    require_lab!();
     kill_receivers();
     let img = "localhost/migrate-busybox:latest";
     let _cleanup = OnHost::apply(
@@ -536,6 +544,7 @@ fn a_container_sharing_namespaces_is_refused_before_the_freeze() {
 
 #[test]
 fn restore_failing_on_the_target_rolls_back_to_the_source() {
+    require_lab!();
     fresh_workload("a", 100);
     let broken = BrokenCriu::install("b");
     let rx = Receiver::start("b", &[]);
@@ -555,6 +564,7 @@ fn restore_failing_on_the_target_rolls_back_to_the_source() {
 
 #[test]
 fn a_name_taken_on_the_target_after_the_checks_is_left_alone_and_rolled_back() {
+    require_lab!();
     fresh_workload("a", 100);
     // Somebody creates a container named web on b after send's checks passed (here: a
     // target hook just before the freeze). podman refuses that restore; the stranger
@@ -601,6 +611,7 @@ fn a_name_taken_on_the_target_after_the_checks_is_left_alone_and_rolled_back() {
 
 #[test]
 fn rollback_fetches_the_archive_back_when_the_kept_checkpoint_is_gone() {
+    require_lab!();
     fresh_workload("a", 100);
     // CRIU fails on b, and when it does it first removes the checkpoints podman keeps on
     // a: the in-place restore there cannot work, only the archive on b can bring the
@@ -648,6 +659,7 @@ fn rollback_fetches_the_archive_back_when_the_kept_checkpoint_is_gone() {
 
 #[test]
 fn partial_restore_is_removed_on_the_target_and_rolled_back() {
+    require_lab!();
     fresh_workload("a", 100);
     // Something else holds web's port on b: db restores, web cannot.
     let mut blocker = Guard(
@@ -689,6 +701,7 @@ impl Drop for Guard {
 
 #[test]
 fn receiver_killed_after_ok_leaves_exactly_one_copy() {
+    require_lab!();
     fresh_workload("a", 100);
     let mut rx = Receiver::start("b", &[]);
     let before = counter("a");
@@ -737,6 +750,7 @@ fn assert_port_free(host: &str, port: u16) {
 
 #[test]
 fn sigterm_before_the_freeze_leaves_everything_running() {
+    require_lab!();
     fresh_workload("a", 100);
     let ids = identities();
     let _rx = Receiver::start("b", &[]);
@@ -779,6 +793,7 @@ fn sigterm_before_the_freeze_leaves_everything_running() {
 
 #[test]
 fn sigterm_while_frozen_rolls_back_to_the_source() {
+    require_lab!();
     fresh_workload("a", 100);
     let _rx = Receiver::start("b", &[]);
     let before = counter("a");

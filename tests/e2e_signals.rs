@@ -13,6 +13,7 @@ fn signal_group(pgid: u32, sig: &str) {
 
 #[test]
 fn stderr_closed_mid_migration_neither_panics_nor_loses_the_service() {
+    require_lab!();
     fresh_workload("a", 100);
     let _rx = Receiver::start("b", &[]);
     let before = counter("a");
@@ -57,6 +58,7 @@ fn stderr_closed_mid_migration_neither_panics_nor_loses_the_service() {
 
 #[test]
 fn sighup_while_frozen_rolls_back_to_the_source() {
+    require_lab!();
     fresh_workload("a", 100);
     let _rx = Receiver::start("b", &[]);
     let before = counter("a");
@@ -83,6 +85,7 @@ fn sighup_while_frozen_rolls_back_to_the_source() {
 
 #[test]
 fn ctrl_c_to_the_process_group_while_frozen_rolls_back_and_a_second_waits_for_it() {
+    require_lab!();
     fresh_workload("a", 100);
     let _rx = Receiver::start("b", &[]);
     let before = counter("a");

@@ -45,6 +45,7 @@ chmod +x /tmp/podman.fake && mount --bind /tmp/podman.fake /usr/bin/podman";
 
 #[test]
 fn a_target_that_cannot_be_cleaned_stops_the_rollback_with_exit_3() {
+    require_lab!();
     fresh_workload("a", 100);
     let before = counter("a");
     // Something else holds web's port on b: db restores there, web cannot. Then nothing
@@ -108,6 +109,7 @@ fn a_target_that_cannot_be_cleaned_stops_the_rollback_with_exit_3() {
 
 #[test]
 fn a_full_disk_on_the_target_during_the_stream_rolls_back_and_leaves_nothing() {
+    require_lab!();
     fresh_workload("a", 100);
     let before = counter("a");
     // A file system of its own for the receiver's run folders: roomy for the checks

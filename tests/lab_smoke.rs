@@ -5,7 +5,7 @@ mod common;
 
 #[test]
 fn lab_moves_a_container_by_hand_and_state_continues() {
-    common::require_lab();
+    common::require_lab!();
     common::kill_receivers();
     for h in ["a", "b"] {
         common::lab(&["workload", "down", h]).ok();
