@@ -1,194 +1,66 @@
-//! Health checks of the migration stack on a host (podman, its OCI runtime, CRIU), shared
-//! by `send`'s preflight for both ends.
+//! `migrate check`: runs the preflight checks of `send` on both hosts, touching nothing,
+//! and reports every finding: a listing for humans on stderr and, with `--format json`,
+//! one JSON document on stdout (its fields are documented in docs/user-guide.md).
 
 use std::time::Duration;
 
-/// Prints `key=value` lines about the stack; run locally or over SSH.
-pub const STACK_SCRIPT: &str = r#"export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
-if command -v podman >/dev/null 2>&1; then
-  echo "podman=$(podman version --format '{{.Client.Version}}' 2>/dev/null)"
-  echo "runtime=$(podman info --format '{{.Host.OCIRuntime.Name}}' 2>/dev/null)"
-  if command -v zstd >/dev/null 2>&1; then echo zstd=yes; else echo zstd=no; fi
-  if command -v crun >/dev/null 2>&1 && crun --version 2>/dev/null | grep -q '+CRIU'; then echo crun_criu=yes; else echo crun_criu=no; fi
-else
-  echo podman=missing
-fi
-if command -v criu >/dev/null 2>&1; then
-  echo "criu=$(criu --version 2>/dev/null | sed -n 's/^Version: *//p' | head -n 1)"
-  if out=$(criu check 2>&1); then echo criu_check=ok; else echo "criu_check=$(printf '%s' "$out" | tail -n 1)"; fi
-  # CRIU keeps its kernel probe in /run/criu.kdat, and only on a tmpfs.
-  if [ -s /run/criu.kdat ]; then echo criu_kdat=cached
-  elif [ "$(stat -f -c %T /run 2>/dev/null)" = tmpfs ]; then echo criu_kdat=tmpfs
-  else echo criu_kdat=uncached; fi
-  # A host-wide CRIU file for runc, read last: it overrides migrate's per-command options.
-  if [ -e /etc/criu/runc.conf ]; then echo runc_conf=present; fi
-  for f in mem_dirty_track uffd-noncoop; do
-    if criu check --feature "$f" >/dev/null 2>&1; then echo "feature_$f=yes"; else echo "feature_$f=no"; fi
-  done
-else
-  echo criu=missing
-fi
-"#;
+use serde::Serialize;
 
-/// What [`STACK_SCRIPT`] found.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct Facts {
-    pub podman: Option<String>,
-    pub runtime: Option<String>,
-    pub criu: Option<String>,
-    pub criu_check: Option<String>,
-    /// crun reports `+CRIU` (built with checkpoint support).
-    pub crun_criu: bool,
-    /// The `zstd` command is there (archives can be decompressed as they arrive).
-    pub zstd: bool,
-    /// `uncached` when CRIU cannot keep its kernel probe (`/run` is not a tmpfs).
-    pub criu_kdat: Option<String>,
-    /// `/etc/criu/runc.conf` exists: CRIU reads it last, over migrate's options.
-    pub runc_conf: bool,
-    /// Optional CRIU features (`criu check --feature X`): "yes" or "no".
-    pub features: std::collections::BTreeMap<String, String>,
-}
+use crate::cli::{CheckArgs, CheckFormat};
+use crate::engine::stack::{Facts, Finding, Level, Side};
+use crate::exit::Exit;
+use crate::preflight::{self, Report, Want};
+use crate::progress::say;
 
-impl Facts {
-    pub fn parse(text: &str) -> Facts {
-        let mut f = Facts::default();
-        for line in text.lines() {
-            let Some((k, v)) = line.split_once('=') else {
-                continue;
-            };
-            let v = Some(v.trim().to_string()).filter(|v| !v.is_empty());
-            match k {
-                "podman" => f.podman = v,
-                "runtime" => f.runtime = v,
-                "criu" => f.criu = v,
-                "criu_check" => f.criu_check = v,
-                "criu_kdat" => f.criu_kdat = v,
-                "crun_criu" => f.crun_criu = v.as_deref() == Some("yes"),
-                "zstd" => f.zstd = v.as_deref() == Some("yes"),
-                "runc_conf" => f.runc_conf = v.as_deref() == Some("present"),
-                _ => {
-                    if let (Some(feature), Some(v)) = (k.strip_prefix("feature_"), v) {
-                        f.features.insert(feature.to_string(), v);
-                    }
-                }
-            }
-        }
-        f
-    }
+/// The version of the JSON document's layout; a field is never renamed or reused
+/// without a new one.
+pub const JSON_VERSION: u32 = 1;
 
-    /// The first thing that stops a migration, with what to do about it.
-    pub fn problem(&self) -> Option<String> {
-        match self.podman.as_deref() {
-            None | Some("missing") => {
-                return Some("podman is not installed or does not run; install podman (see docs/user-guide.md)".into());
-            }
-            _ => {}
-        }
-        match self.criu.as_deref() {
-            None | Some("missing") => {
-                return Some(
-                    "CRIU is not installed; install CRIU 4.2 or newer (scripts/setup builds it)"
-                        .into(),
-                );
-            }
-            Some(v) if !version_at_least(v, 4, 2) => {
-                return Some(format!(
-                    "CRIU {v} is too old for this kernel; install CRIU 4.2 or newer"
-                ));
-            }
-            _ => {}
-        }
-        if self.criu_check.as_deref() != Some("ok") {
-            return Some(format!(
-                "`criu check` fails ({}); run it there as root to see why",
-                self.criu_check.as_deref().unwrap_or("no output")
-            ));
-        }
-        if self.runtime.as_deref() == Some("crun") && !self.crun_criu {
-            return Some(
-                "podman uses crun, which is built without CRIU here; set runtime = \"runc\" in /etc/containers/containers.conf".into(),
-            );
-        }
-        None
-    }
-}
+/// A clock offset beyond this (µs) is a warning.
+const CLOCK_WARN_US: i64 = 500_000;
 
-/// True when a dotted version is at least major.minor.
-pub fn version_at_least(v: &str, major: u64, minor: u64) -> bool {
-    let mut parts = v.split('.').map(|p| p.trim().parse::<u64>().unwrap_or(0));
-    let (a, b) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
-    (a, b) >= (major, minor)
-}
-
-/// Runs the stack checks on this host.
-pub async fn stack_local() -> Facts {
-    let out = crate::exec::run(
-        "sh",
-        &["-c".to_string(), STACK_SCRIPT.to_string()],
-        Duration::from_secs(60),
-    )
-    .await;
-    match out {
-        Ok(o) => Facts::parse(&o.stdout),
-        Err(e) => Facts {
-            podman: Some(format!("check failed: {e}")),
-            ..Default::default()
-        },
-    }
-}
-
-/// `migrate check`: every finding on both hosts, one per line; exit 0 when a migration
-/// would start, 2 when not.
-pub async fn run(args: crate::cli::CheckArgs) -> u8 {
-    use crate::preflight::{self, Level, Want};
-    use crate::progress::say;
-    use std::io::{IsTerminal, Write};
-
+/// `migrate check`: every finding on both hosts; exit 0 when a migration would start,
+/// 2 when not.
+pub async fn run(args: CheckArgs) -> u8 {
     let plan = match crate::plan::TargetPlan::resolve(&args.target, &args.containers) {
         Ok(p) => p,
         Err(e) => {
             say!("migrate check: error: {e}");
-            return 2;
+            return Exit::Refused.code();
         }
     };
     let ui = crate::progress::Ui::new("check");
     let run_id = format!("check-{}", crate::secret::random_hex(4));
     let want = Want::new(&plan, &run_id, "", false);
     let mut report = preflight::run(&want, &ui).await;
+    let mut clock = None;
     if let Some(ssh) = report.ssh.take() {
-        match clock_over_ssh(&ssh).await {
-            Ok((offset, err)) => {
-                let level = if offset.abs() > 500_000 {
-                    Level::Warn
-                } else {
-                    Level::Ok
-                };
-                report.findings.push(preflight::Finding {
-                    level,
-                    side: "target",
-                    text: format!(
-                        "clock offset target−source {:+.3}s (±{:.3}s); migrate measures and corrects it, but keep clocks in sync (NTP) for readable logs",
-                        offset as f64 / 1e6,
-                        err as f64 / 1e6
-                    ),
-                    fix: None,
-                });
-            }
-            Err(e) => report.findings.push(preflight::Finding {
-                level: Level::Warn,
-                side: "target",
-                text: format!("cannot read the target's clock: {e}"),
-                fix: None,
-            }),
-        }
+        let (finding, offset) = clock_finding(clock_over_ssh(&ssh).await);
+        report.findings.push(finding);
+        clock = offset;
         ssh.close().await;
     }
     ui.finish();
-    let fancy = std::io::stdout().is_terminal();
-    // A reader gone (`check | head`) ends the listing, not the command.
-    let mut out = std::io::stdout().lock();
-    let mut failed = false;
-    for f in &report.findings {
+    let record = CheckRecord::new(&plan, &report, clock);
+    print_listing(&report.findings);
+    if args.format == CheckFormat::Json {
+        // A reader gone (`check --format json | head -c 0`) ends the output, not the command.
+        let mut line = serde_json::to_string(&record).expect("the record serialises");
+        line.push('\n');
+        let _ = std::io::Write::write_all(&mut std::io::stdout().lock(), line.as_bytes());
+    }
+    if record.verdict == Verdict::Ready {
+        Exit::Ok.code()
+    } else {
+        Exit::Refused.code()
+    }
+}
+
+/// The listing for humans, on stderr: one finding a line, its advice under it.
+fn print_listing(findings: &[Finding]) {
+    use std::io::IsTerminal;
+    let fancy = std::io::stderr().is_terminal();
+    for f in findings {
         let mark = match (f.level, fancy) {
             (Level::Ok, true) => "✔",
             (Level::Info, true) => "ℹ",
@@ -199,22 +71,52 @@ pub async fn run(args: crate::cli::CheckArgs) -> u8 {
             (Level::Warn, false) => "warn",
             (Level::Fail, false) => "FAIL",
         };
-        failed |= f.level == Level::Fail;
-        let _ = writeln!(out, "{mark} {}: {}", f.side, f.text);
+        say!("{mark} {}: {}", f.side, f.text);
         if let Some(fix) = &f.fix {
-            let _ = writeln!(out, "    → {fix}");
+            say!("    → {fix}");
         }
     }
-    if failed {
-        let _ = writeln!(
-            out,
+    if findings.iter().any(|f| f.level == Level::Fail) {
+        say!(
             "a migration would be refused: fix the lines marked {}",
             if fancy { "✖" } else { "FAIL" }
         );
-        2
     } else {
-        let _ = writeln!(out, "a migration would start");
-        0
+        say!("a migration would start");
+    }
+}
+
+/// The clock finding, and the offset when it could be read.
+fn clock_finding(measured: anyhow::Result<(i64, i64)>) -> (Finding, Option<Clock>) {
+    match measured {
+        Ok((offset, err)) => {
+            let level = if offset.abs() > CLOCK_WARN_US {
+                Level::Warn
+            } else {
+                Level::Ok
+            };
+            let clock = Clock {
+                offset_s: offset as f64 / 1e6,
+                uncertainty_s: err as f64 / 1e6,
+            };
+            let text = format!(
+                "clock offset target−source {:+.3}s (±{:.3}s); migrate measures and corrects it, but keep clocks in sync (NTP) for readable logs",
+                clock.offset_s, clock.uncertainty_s
+            );
+            (
+                Finding::new(level, Side::Target, "clock_offset", text),
+                Some(clock),
+            )
+        }
+        Err(e) => (
+            Finding::new(
+                Level::Warn,
+                Side::Target,
+                "clock_unreadable",
+                format!("cannot read the target's clock: {e}"),
+            ),
+            None,
+        ),
     }
 }
 
@@ -237,50 +139,220 @@ async fn clock_over_ssh(ssh: &crate::transport::ssh::Ssh) -> anyhow::Result<(i64
     Ok(best.expect("three samples"))
 }
 
+/// What `check --format json` prints: one document, on one line.
+#[derive(Debug, Serialize)]
+pub struct CheckRecord<'a> {
+    pub format_version: u32,
+    pub migrate_version: &'static str,
+    /// `ready` (exit 0): a migration would start; `refused` (exit 2): a finding failed.
+    pub verdict: Verdict,
+    pub counts: Counts,
+    pub containers: &'a [String],
+    pub source: SourceHost<'a>,
+    pub target: TargetHost<'a>,
+    pub findings: Vec<FindingRecord<'a>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Verdict {
+    Ready,
+    Refused,
+}
+
+/// Findings per severity.
+#[derive(Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Counts {
+    pub ok: usize,
+    pub info: usize,
+    pub warn: usize,
+    pub fail: usize,
+}
+
+#[derive(Debug, Serialize)]
+pub struct SourceHost<'a> {
+    /// This host's name.
+    pub hostname: String,
+    pub stack: Option<&'a Facts>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct TargetHost<'a> {
+    /// `[USER@]HOST` as SSH reaches it.
+    pub ssh: String,
+    pub control_port: u16,
+    /// The target's name, as its receiver says (`null` without an answering receiver).
+    pub hostname: Option<&'a str>,
+    /// Its stack (`null` when SSH failed before it was probed).
+    pub stack: Option<&'a Facts>,
+    /// The migrate version of the receiver that answered.
+    pub receiver_version: Option<&'a str>,
+    pub clock: Option<Clock>,
+}
+
+/// Target clock minus the source's, in seconds, and the measure's uncertainty.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Clock {
+    pub offset_s: f64,
+    pub uncertainty_s: f64,
+}
+
+/// One finding. `code` is stable; `text` and `advice` are for humans.
+#[derive(Debug, Serialize)]
+pub struct FindingRecord<'a> {
+    pub severity: Level,
+    pub host: Side,
+    pub code: &'static str,
+    pub text: &'a str,
+    pub advice: Option<&'a str>,
+}
+
+impl<'a> CheckRecord<'a> {
+    pub fn new(
+        plan: &'a crate::plan::TargetPlan,
+        report: &'a Report,
+        clock: Option<Clock>,
+    ) -> CheckRecord<'a> {
+        let mut counts = Counts::default();
+        for f in &report.findings {
+            *match f.level {
+                Level::Ok => &mut counts.ok,
+                Level::Info => &mut counts.info,
+                Level::Warn => &mut counts.warn,
+                Level::Fail => &mut counts.fail,
+            } += 1;
+        }
+        let welcome = report.receiver.as_ref();
+        CheckRecord {
+            format_version: JSON_VERSION,
+            migrate_version: env!("CARGO_PKG_VERSION"),
+            verdict: if counts.fail == 0 {
+                Verdict::Ready
+            } else {
+                Verdict::Refused
+            },
+            counts,
+            containers: &plan.containers,
+            source: SourceHost {
+                hostname: crate::host::hostname(),
+                stack: report.source_stack.as_ref(),
+            },
+            target: TargetHost {
+                ssh: plan.dest.ssh_target(),
+                control_port: plan.control_port,
+                hostname: welcome.map(|w| w.hostname.as_str()),
+                stack: report.target_stack.as_ref(),
+                receiver_version: welcome.map(|w| w.receiver_version.as_str()),
+                clock,
+            },
+            findings: report
+                .findings
+                .iter()
+                .map(|f| FindingRecord {
+                    severity: f.level,
+                    host: f.side,
+                    code: f.code,
+                    text: &f.text,
+                    advice: f.fix.as_deref(),
+                })
+                .collect(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn healthy_stack_has_no_problem() {
-        let f = Facts::parse("podman=4.3.1\nruntime=runc\ncriu=4.2\ncriu_check=ok\n");
-        assert_eq!(f.problem(), None);
+    fn plan() -> crate::plan::TargetPlan {
+        let args = crate::cli::TargetArgs {
+            to: "root@10.0.0.2".into(),
+            ssh_port: None,
+            identity: None,
+            control_port: 12345,
+            target_workdir: crate::rundir::DEFAULT_WORKDIR.into(),
+            data: vec![],
+            spawn_receiver: false,
+            install_receiver: false,
+            ship_image: false,
+            tcp: crate::cli::TcpPolicy::Close,
+            tcp_established: false,
+        };
+        crate::plan::TargetPlan::resolve(&args, &["db".into(), "web".into()]).unwrap()
     }
 
     #[test]
-    fn each_missing_piece_is_named() {
-        let p = Facts::parse("podman=missing\n").problem().unwrap();
-        assert!(p.contains("podman"), "{p}");
-        let p = Facts::parse("podman=4.3.1\nruntime=runc\ncriu=missing\n")
-            .problem()
-            .unwrap();
-        assert!(p.contains("CRIU is not installed"), "{p}");
-        let p = Facts::parse("podman=4.3.1\nruntime=runc\ncriu=3.17.1\ncriu_check=ok\n")
-            .problem()
-            .unwrap();
-        assert!(p.contains("too old"), "{p}");
-        let p = Facts::parse(
-            "podman=4.3.1\nruntime=runc\ncriu=4.2\ncriu_check=Error (criu/cr-check.c:1): boom\n",
-        )
-        .problem()
-        .unwrap();
-        assert!(p.contains("boom"), "{p}");
-        let p = Facts::parse("podman=4.3.1\nruntime=crun\ncriu=4.2\ncriu_check=ok\n")
-            .problem()
-            .unwrap();
-        assert!(p.contains("runc"), "{p}");
-        // A crun built with CRIU is fine.
-        let f =
-            Facts::parse("podman=4.3.1\nruntime=crun\ncrun_criu=yes\ncriu=4.2\ncriu_check=ok\n");
-        assert_eq!(f.problem(), None);
+    fn the_json_document_carries_hosts_stacks_findings_and_verdict() {
+        let plan = plan();
+        let stack = Facts::parse("podman=4.3.1\nruntime=runc\ncriu=4.2\ncriu_check=ok\n");
+        let mut report = Report {
+            source_stack: Some(stack.clone()),
+            ..Default::default()
+        };
+        report.findings.push(Finding::new(
+            Level::Ok,
+            Side::Source,
+            "container_running",
+            "container db runs",
+        ));
+        report.findings.push(
+            Finding::new(
+                Level::Fail,
+                Side::Target,
+                "criu_missing",
+                "CRIU is not installed",
+            )
+            .fix("install CRIU 4.2 or newer"),
+        );
+        let clock = Some(Clock {
+            offset_s: 0.25,
+            uncertainty_s: 0.001,
+        });
+        let text = serde_json::to_string(&CheckRecord::new(&plan, &report, clock)).unwrap();
+        assert!(!text.contains('\n'), "one line: {text}");
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["format_version"], 1);
+        assert_eq!(v["verdict"], "refused");
+        assert_eq!(
+            v["counts"],
+            serde_json::json!({"ok": 1, "info": 0, "warn": 0, "fail": 1})
+        );
+        assert_eq!(v["containers"], serde_json::json!(["db", "web"]));
+        assert_eq!(v["source"]["stack"]["criu"], "4.2");
+        assert_eq!(v["source"]["stack"]["runtime"], "runc");
+        assert_eq!(v["target"]["ssh"], "root@10.0.0.2");
+        assert_eq!(v["target"]["control_port"], 12345);
+        assert!(v["target"]["stack"].is_null());
+        assert!(v["target"]["hostname"].is_null());
+        assert_eq!(v["target"]["clock"]["offset_s"], 0.25);
+        assert_eq!(
+            v["findings"][1],
+            serde_json::json!({
+                "severity": "fail",
+                "host": "target",
+                "code": "criu_missing",
+                "text": "CRIU is not installed",
+                "advice": "install CRIU 4.2 or newer",
+            })
+        );
+        assert!(v["findings"][0]["advice"].is_null());
+        // Without a failure the verdict is ready.
+        report.findings.pop();
+        let v = serde_json::to_value(CheckRecord::new(&plan, &report, None)).unwrap();
+        assert_eq!(v["verdict"], "ready");
+        assert!(v["target"]["clock"].is_null());
     }
 
     #[test]
-    fn versions() {
-        assert!(version_at_least("4.2", 4, 2));
-        assert!(version_at_least("4.2.1", 4, 2));
-        assert!(version_at_least("5.0", 4, 2));
-        assert!(!version_at_least("4.1.1", 4, 2));
-        assert!(!version_at_least("3.17", 4, 2));
+    fn a_far_clock_is_a_warning_and_an_unreadable_one_too() {
+        let (f, c) = clock_finding(Ok((200_000, 1_000)));
+        assert_eq!((f.level, f.code), (Level::Ok, "clock_offset"));
+        assert_eq!(c.unwrap().offset_s, 0.2);
+        assert!(f.text.contains("+0.200s (±0.001s)"), "{}", f.text);
+        let (f, _) = clock_finding(Ok((-900_000, 1_000)));
+        assert_eq!(f.level, Level::Warn);
+        let (f, c) = clock_finding(Err(anyhow::anyhow!("date: not found")));
+        assert_eq!((f.level, f.code), (Level::Warn, "clock_unreadable"));
+        assert!(c.is_none());
     }
 }

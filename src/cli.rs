@@ -300,9 +300,25 @@ pub struct CheckArgs {
     #[command(flatten)]
     pub target: TargetArgs,
 
+    /// What goes to stdout. `text`: nothing; the findings are listed on stderr, and the
+    /// exit status says whether a migration would start (0) or be refused (2). `json`:
+    /// also one JSON document on one line (format_version, migrate_version, verdict
+    /// `ready`/`refused`, counts, containers, source and target with their stacks, and
+    /// findings with severity, host, a stable code, text and advice; see
+    /// docs/user-guide.md).
+    #[arg(long, value_enum, default_value_t = CheckFormat::Text)]
+    pub format: CheckFormat,
+
     /// Containers that would move.
     #[arg(value_name = "CONTAINER")]
     pub containers: Vec<String>,
+}
+
+/// What `check` prints on stdout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CheckFormat {
+    Text,
+    Json,
 }
 
 /// Options of `migrate send`.

@@ -9,11 +9,12 @@ use tokio::io::BufReader;
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
-use crate::check::{Facts, STACK_SCRIPT};
 use crate::engine::podman::{self, ContainerInfo, Podman, PodmanError};
+use crate::engine::stack::{self, Facts, Finding, Level, STACK_SCRIPT, Side};
 use crate::exec::shell_quote;
 use crate::progress::Ui;
 use crate::protocol::{Channel, Direction, PROTOCOL_VERSION, ToReceiver, ToSender};
+use crate::sink::SinkArgs;
 use crate::transport::ssh::{Destination, Ssh};
 
 const SSH_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -23,46 +24,6 @@ const REMOTE_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// The sender's end of a control connection.
 pub type Control = Channel<BufReader<OwnedReadHalf>, OwnedWriteHalf>;
-
-/// How bad a finding is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Level {
-    Ok,
-    Info,
-    Warn,
-    Fail,
-}
-
-/// One line of a check: what was found, and for a failure what to do.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Finding {
-    pub level: Level,
-    pub side: &'static str,
-    pub text: String,
-    pub fix: Option<String>,
-}
-
-impl Finding {
-    fn new(level: Level, side: &'static str, text: impl Into<String>) -> Finding {
-        Finding {
-            level,
-            side,
-            text: text.into(),
-            fix: None,
-        }
-    }
-    fn fix(mut self, fix: impl Into<String>) -> Finding {
-        self.fix = Some(fix.into());
-        self
-    }
-    /// "target: CRIU is not installed; install CRIU 4.2 or newer …"
-    pub fn one_line(&self) -> String {
-        match &self.fix {
-            Some(f) => format!("{}: {}; {f}", self.side, self.text),
-            None => format!("{}: {}", self.side, self.text),
-        }
-    }
-}
 
 /// What the caller wants checked.
 pub struct Want<'a> {
@@ -134,6 +95,7 @@ pub struct Welcome {
 }
 
 /// All that the checks found, and what they opened on the way.
+#[derive(Default)]
 pub struct Report {
     pub findings: Vec<Finding>,
     pub infos: Vec<ContainerInfo>,
@@ -149,6 +111,10 @@ pub struct Report {
     pub target_sink: Option<String>,
     /// That sink can leave CRIU's zero pages out (an older one cannot).
     pub target_zero_pages: bool,
+    /// The stack here, as probed.
+    pub source_stack: Option<Facts>,
+    /// The stack on the target, when SSH got that far.
+    pub target_stack: Option<Facts>,
 }
 
 impl Report {
@@ -163,45 +129,19 @@ impl Report {
 /// Runs every check that can run; stops early only where later checks need what failed
 /// (no SSH → nothing on the target can be checked).
 pub async fn run(want: &Want<'_>, ui: &Ui) -> Report {
-    let mut r = Report {
-        findings: Vec::new(),
-        infos: Vec::new(),
-        ssh: None,
-        receiver: None,
-        missing_images: Vec::new(),
-        remote_dir: None,
-        target_zstd: false,
-        target_sink: None,
-        target_zero_pages: false,
-    };
+    let mut r = Report::default();
     ui.phase("checking the containers here");
     source_containers(want, &mut r).await;
     ui.phase("checking podman and CRIU here");
-    let local = crate::check::stack_local().await;
-    stack_findings(&local, "source", &mut r.findings);
+    let local = stack::stack_local().await;
+    stack::stack_findings(&local, Side::Source, &mut r.findings);
+    r.source_stack = Some(local);
 
     ui.phase(&format!("checking SSH to {}", want.dest.ssh_target()));
-    let ssh = match Ssh::connect(want.dest, SSH_CONNECT_TIMEOUT).await {
-        Ok(s) => {
-            r.push(Finding::new(
-                Level::Ok,
-                "target",
-                format!(
-                    "SSH to {} works (key accepted, host key known, no prompt)",
-                    s.label()
-                ),
-            ));
-            s
-        }
-        Err(e) => {
-            r.push(Finding::new(Level::Fail, "target", e.to_string()));
-            return r;
-        }
+    let Some(ssh) = connect_ssh(want, &mut r).await else {
+        return r;
     };
-
-    // Who listens on the control port, as the target's kernel tells it over SSH.
-    ui.phase("checking who listens on the control port");
-    let mut listener = match verified_listener(&ssh, want).await {
+    let (listener, sink) = match receiver_side(&ssh, want, ui, &mut r).await {
         Ok(l) => l,
         Err(f) => {
             r.push(f);
@@ -209,135 +149,15 @@ pub async fn run(want: &Want<'_>, ui: &Ui) -> Report {
             return r;
         }
     };
-    let mut sink = listener.receiver_exe();
-    if let Some(spawn) = want.spawn {
-        ui.phase("checking migrate on the target");
-        let spawned = match spawn_receiver(&ssh, want, spawn, &listener).await {
-            Ok((f, bin)) => {
-                r.findings.extend(f);
-                bin
-            }
-            Err(f) => {
-                r.push(f);
-                r.ssh = Some(ssh);
-                return r;
-            }
-        };
-        if let Some(bin) = spawned {
-            sink = Some(bin);
-            // What listens now must be the receiver just started.
-            listener = match verified_listener(&ssh, want).await {
-                Ok(l) => l,
-                Err(f) => {
-                    r.push(f);
-                    r.ssh = Some(ssh);
-                    return r;
-                }
-            };
-        }
-    }
-    if let Some(note) = listener.note() {
-        r.push(note);
-    }
-
     ui.phase("checking the target");
-    let run_dir = crate::rundir::remote_run_dir(want.target_workdir, want.run_id);
-    let step = match (listener.listening(), want.create_run_dir) {
-        (false, _) => RunDirStep::Skip,
-        (true, false) => RunDirStep::Check,
-        (true, true) => RunDirStep::Create,
-    };
-    let mut script = target_script(&r.infos, want.data, want.target_workdir, want.run_id, step);
-    if let Some(exe) = &sink {
-        script.push_str(&format!("{} sink --check 2>/dev/null\n", shell_quote(exe)));
-    }
-    match ssh.sh(&script, REMOTE_TIMEOUT).await {
-        Ok(out) => {
-            let facts = Facts::parse(&out.stdout);
-            stack_findings(&facts, "target", &mut r.findings);
-            r.target_zstd = facts.zstd;
-            if out.stdout.lines().any(|l| l == "sink=ok") {
-                r.target_sink = sink;
-                r.target_zero_pages = out.stdout.lines().any(|l| l == "sink_zero_pages=ok");
-            }
-            let mut needs = vec![(
-                "archives".to_string(),
-                r.infos
-                    .iter()
-                    .map(|c| podman::resident_bytes(c.pid) / 1024)
-                    .sum::<u64>(),
-            )];
-            for d in want.data {
-                needs.push((d.display().to_string(), local_kib(d).await));
-            }
-            let (findings, missing) =
-                target_findings(&out.stdout, &r.infos, want.data, &needs, want.ship_images);
-            r.findings.extend(findings);
-            r.missing_images = missing;
-            match out.stdout.lines().find_map(|l| l.strip_prefix("run_dir=")) {
-                Some("ok") if step == RunDirStep::Create => r.remote_dir = Some(run_dir),
-                Some("ok") => {}
-                Some(why) => r.push(
-                    Finding::new(Level::Fail, "target", format!("run folder: {why}")).fix(
-                        "the receiver's work folder must be a plain folder owned by the SSH user and closed to others; pass --target-workdir if the receiver uses another --workdir",
-                    ),
-                ),
-                None if step == RunDirStep::Create => r.push(Finding::new(
-                    Level::Fail,
-                    "target",
-                    format!("could not create {run_dir}"),
-                )),
-                None => {}
-            }
-        }
-        Err(e) => r.push(Finding::new(
-            Level::Fail,
-            "target",
-            format!("checking the target failed: {e}"),
-        )),
-    }
-
-    // Only a run folder that SSH made gets the secret, and only then does the sender talk
-    // to the port: the receiver must prove it read that secret before it hears more.
-    let secret = match &r.remote_dir {
-        Some(dir) if r.first_failure().is_none() => {
-            let secret = crate::secret::random_hex(32);
-            let path = crate::transport::ssh::remote_join(dir, crate::rundir::SECRET_FILE);
-            match ssh.upload(secret.as_bytes(), &path, REMOTE_TIMEOUT).await {
-                Ok(_) => Some(hex::decode(&secret).expect("hex")),
-                Err(e) => {
-                    r.push(Finding::new(
-                        Level::Fail,
-                        "target",
-                        format!("cannot place the migration secret there: {e}"),
-                    ));
-                    None
-                }
-            }
-        }
-        _ => None,
-    };
+    check_target(&ssh, want, &listener, sink, &mut r).await;
+    let secret = place_secret(&ssh, &mut r).await;
     let skip_receiver = !listener.listening() || (want.create_run_dir && secret.is_none());
     if !skip_receiver {
         ui.phase("checking the receiver");
         match connect_receiver(want, secret).await {
             Ok(w) => {
-                r.push(Finding::new(
-                    Level::Ok,
-                    "target",
-                    format!(
-                        "receiver on {}:{} answers (migrate {} on {}{})",
-                        want.dest.host,
-                        want.control_port,
-                        w.receiver_version,
-                        w.hostname,
-                        if want.create_run_dir {
-                            ", proved it holds this run's secret"
-                        } else {
-                            ""
-                        }
-                    ),
-                ));
+                r.push(receiver_answers(want, &w));
                 r.receiver = Some(w);
             }
             Err(f) => r.push(f),
@@ -345,6 +165,176 @@ pub async fn run(want: &Want<'_>, ui: &Ui) -> Report {
     }
     r.ssh = Some(ssh);
     r
+}
+
+/// The SSH connection to the target, or its failure as a finding.
+async fn connect_ssh(want: &Want<'_>, r: &mut Report) -> Option<Ssh> {
+    match Ssh::connect(want.dest, SSH_CONNECT_TIMEOUT).await {
+        Ok(s) => {
+            r.push(Finding::new(
+                Level::Ok,
+                Side::Target,
+                "ssh_ok",
+                format!(
+                    "SSH to {} works (key accepted, host key known, no prompt)",
+                    s.label()
+                ),
+            ));
+            Some(s)
+        }
+        Err(e) => {
+            r.push(Finding::new(
+                Level::Fail,
+                Side::Target,
+                "ssh_failed",
+                e.to_string(),
+            ));
+            None
+        }
+    }
+}
+
+/// Who listens on the control port, as the target's kernel tells it over SSH, after
+/// starting a receiver there when asked; and the receiver's binary, for `migrate sink`.
+async fn receiver_side(
+    ssh: &Ssh,
+    want: &Want<'_>,
+    ui: &Ui,
+    r: &mut Report,
+) -> Result<(Listener, Option<String>), Finding> {
+    ui.phase("checking who listens on the control port");
+    let mut listener = verified_listener(ssh, want).await?;
+    let mut sink = listener.receiver_exe();
+    if let Some(spawn) = want.spawn {
+        ui.phase("checking migrate on the target");
+        let (findings, spawned) = spawn_receiver(ssh, want, spawn, &listener).await?;
+        r.findings.extend(findings);
+        if let Some(bin) = spawned {
+            sink = Some(bin);
+            // What listens now must be the receiver just started.
+            listener = verified_listener(ssh, want).await?;
+        }
+    }
+    if let Some(note) = listener.note() {
+        r.push(note);
+    }
+    Ok((listener, sink))
+}
+
+/// Inspects the target in one SSH round trip: its stack, the names and images the
+/// containers need, bind mounts, free space, the sink, and the run folder (created for
+/// `send`).
+async fn check_target(
+    ssh: &Ssh,
+    want: &Want<'_>,
+    listener: &Listener,
+    sink: Option<String>,
+    r: &mut Report,
+) {
+    let step = match (listener.listening(), want.create_run_dir) {
+        (false, _) => RunDirStep::Skip,
+        (true, false) => RunDirStep::Check,
+        (true, true) => RunDirStep::Create,
+    };
+    let mut script = target_script(&r.infos, want.data, want.target_workdir, want.run_id, step);
+    if let Some(exe) = &sink {
+        script.push_str(&SinkArgs::probe().shell_command(exe));
+        script.push_str(" 2>/dev/null\n");
+    }
+    let out = match ssh.sh(&script, REMOTE_TIMEOUT).await {
+        Ok(out) => out.stdout,
+        Err(e) => {
+            r.push(Finding::new(
+                Level::Fail,
+                Side::Target,
+                "target_probe_failed",
+                format!("checking the target failed: {e}"),
+            ));
+            return;
+        }
+    };
+    let facts = Facts::parse(&out);
+    stack::stack_findings(&facts, Side::Target, &mut r.findings);
+    r.target_zstd = facts.zstd;
+    r.target_stack = Some(facts);
+    if let Some(ready) = crate::sink::Readiness::parse(&out) {
+        r.target_sink = sink;
+        r.target_zero_pages = ready.zero_pages;
+    }
+    let mut needs = vec![(
+        "archives".to_string(),
+        r.infos
+            .iter()
+            .map(|c| podman::resident_bytes(c.pid) / 1024)
+            .sum::<u64>(),
+    )];
+    for d in want.data {
+        needs.push((d.display().to_string(), local_kib(d).await));
+    }
+    let (findings, missing) = target_findings(&out, &r.infos, want.data, &needs, want.ship_images);
+    r.findings.extend(findings);
+    r.missing_images = missing;
+    let run_dir = crate::rundir::remote_run_dir(want.target_workdir, want.run_id);
+    let said = out.lines().find_map(|l| l.strip_prefix("run_dir="));
+    match (said, step) {
+        (Some("ok"), RunDirStep::Create) => r.remote_dir = Some(run_dir),
+        (Some("ok"), _) => {}
+        (Some(why), _) => r.push(
+            Finding::new(Level::Fail, Side::Target, "run_dir_unsafe", format!("run folder: {why}")).fix(
+                "the receiver's work folder must be a plain folder owned by the SSH user and closed to others; pass --target-workdir if the receiver uses another --workdir",
+            ),
+        ),
+        (None, RunDirStep::Create) => r.push(Finding::new(
+            Level::Fail,
+            Side::Target,
+            "run_dir_not_created",
+            format!("could not create {run_dir}"),
+        )),
+        (None, _) => {}
+    }
+}
+
+/// Only a run folder that SSH made gets the secret, and only then does the sender talk
+/// to the port: the receiver must prove it read that secret before it hears more.
+async fn place_secret(ssh: &Ssh, r: &mut Report) -> Option<Vec<u8>> {
+    let dir = r
+        .remote_dir
+        .as_ref()
+        .filter(|_| r.first_failure().is_none())?;
+    let secret = crate::secret::random_hex(32);
+    let path = crate::transport::ssh::remote_join(dir, crate::rundir::SECRET_FILE);
+    match ssh.upload(secret.as_bytes(), &path, REMOTE_TIMEOUT).await {
+        Ok(_) => Some(hex::decode(&secret).expect("hex")),
+        Err(e) => {
+            r.push(Finding::new(
+                Level::Fail,
+                Side::Target,
+                "secret_not_placed",
+                format!("cannot place the migration secret there: {e}"),
+            ));
+            None
+        }
+    }
+}
+
+fn receiver_answers(want: &Want<'_>, w: &Welcome) -> Finding {
+    Finding::new(
+        Level::Ok,
+        Side::Target,
+        "receiver_answers",
+        format!(
+            "receiver on {}:{} answers (migrate {} on {}{})",
+            want.dest.host,
+            want.control_port,
+            w.receiver_version,
+            w.hostname,
+            if want.create_run_dir {
+                ", proved it holds this run's secret"
+            } else {
+                ""
+            }
+        ),
+    )
 }
 
 async fn source_containers(want: &Want<'_>, r: &mut Report) {
@@ -357,7 +347,8 @@ async fn source_containers(want: &Want<'_>, r: &mut Report) {
                     r.push(
                         Finding::new(
                             Level::Fail,
-                            "source",
+                            Side::Source,
+                            "container_not_running",
                             format!("container {} is not running (it is {})", c.name, c.status),
                         )
                         .fix("start it or leave it out"),
@@ -365,13 +356,15 @@ async fn source_containers(want: &Want<'_>, r: &mut Report) {
                 } else {
                     r.push(Finding::new(
                         Level::Ok,
-                        "source",
+                        Side::Source,
+                        "container_running",
                         format!("container {} runs (image {})", c.name, short(&c.image_id)),
                     ));
                     if podman::holds_file_locks(c.pid).unwrap_or(false) {
                         r.push(Finding::new(
                             Level::Info,
-                            "source",
+                            Side::Source,
+                            "container_file_locks",
                             format!("{} holds file locks: it is checkpointed and restored with --file-locks", c.name),
                         ));
                     }
@@ -379,7 +372,8 @@ async fn source_containers(want: &Want<'_>, r: &mut Report) {
                         Ok(n) => r.push(connection_finding(&c.name, n, want.tcp)),
                         Err(e) => r.push(Finding::new(
                             Level::Warn,
-                            "source",
+                            Side::Source,
+                            "container_tcp_unreadable",
                             format!("cannot read {}'s TCP connections: {e}", c.name),
                         )),
                     }
@@ -389,14 +383,16 @@ async fn source_containers(want: &Want<'_>, r: &mut Report) {
             Ok(_) | Err(PodmanError::NoSuchContainer(_)) => r.push(
                 Finding::new(
                     Level::Fail,
-                    "source",
+                    Side::Source,
+                    "container_missing",
                     format!("container {name:?} does not exist on this host"),
                 )
                 .fix("`podman ps` lists the running containers"),
             ),
             Err(e) => r.push(Finding::new(
                 Level::Fail,
-                "source",
+                Side::Source,
+                "container_inspect_failed",
                 format!("cannot inspect {name}: {e}"),
             )),
         }
@@ -407,7 +403,8 @@ async fn source_containers(want: &Want<'_>, r: &mut Report) {
         Ok(all) => r.findings.extend(dependency_findings(&r.infos, &all)),
         Err(e) => r.push(Finding::new(
             Level::Fail,
-            "source",
+            Side::Source,
+            "container_list_failed",
             format!("cannot list the containers here to check what shares their namespaces: {e}"),
         )),
     }
@@ -436,7 +433,8 @@ pub fn connection_finding(
         TcpPolicy::Refuse if n.established > 0 => {
             return Finding::new(
                 Level::Fail,
-                "source",
+                Side::Source,
+                "tcp_established_refused",
                 format!("{now}: with --tcp refuse CRIU would refuse the established ones"),
             )
             .fix("use --tcp close (the default: clients reconnect) or --tcp established");
@@ -447,7 +445,8 @@ pub fn connection_finding(
     };
     Finding::new(
         Level::Info,
-        "source",
+        Side::Source,
+        "tcp_connections",
         format!("{now}; --tcp {}: {what}", tcp.as_str()),
     )
 }
@@ -481,7 +480,8 @@ pub fn dependency_findings(moved: &[ContainerInfo], all: &[ContainerInfo]) -> Ve
             out.push(
                 Finding::new(
                     Level::Fail,
-                    "source",
+                    Side::Source,
+                    "container_in_pod",
                     format!(
                         "{} is in pod {} and shares the namespaces of its infra container: podman restores a pod's container only into a pod (`podman container restore --import --pod`), which runc cannot do, and migrate does not move pods",
                         c.name,
@@ -518,7 +518,8 @@ pub fn dependency_findings(moved: &[ContainerInfo], all: &[ContainerInfo]) -> Ve
             out.push(
                 Finding::new(
                     Level::Fail,
-                    "source",
+                    Side::Source,
+                    "container_depends",
                     format!(
                         "{name} {how}{along}: podman refuses to export the checkpoint of a container that depends on another (\"cannot export checkpoints of containers with dependencies\"), even when both move, and says so only after CRIU's dump has stopped {name}",
                         name = c.name
@@ -540,7 +541,8 @@ pub fn dependency_findings(moved: &[ContainerInfo], all: &[ContainerInfo]) -> Ve
                 out.push(
                     Finding::new(
                         Level::Fail,
-                        "source",
+                        Side::Source,
+                        "container_depended_on",
                         format!(
                             "{} depends on {} (it shares its namespaces or requires it) and stays here: it would be left with the namespaces of a container gone to the target, and podman would not remove {} here",
                             o.name, m.name, m.name
@@ -561,71 +563,6 @@ fn short(id: &str) -> &str {
     &id[..id.len().min(12)]
 }
 
-/// Findings about podman, its runtime and CRIU on one side.
-pub fn stack_findings(f: &Facts, side: &'static str, out: &mut Vec<Finding>) {
-    match f.problem() {
-        Some(p) => {
-            let (text, fix) = p.split_once("; ").unwrap_or((p.as_str(), ""));
-            let mut finding = Finding::new(Level::Fail, side, text);
-            if !fix.is_empty() {
-                finding = finding.fix(fix);
-            }
-            out.push(finding);
-        }
-        None => out.push(Finding::new(
-            Level::Ok,
-            side,
-            format!(
-                "podman {} with {}, CRIU {}: `criu check` passes",
-                f.podman.as_deref().unwrap_or("?"),
-                f.runtime.as_deref().unwrap_or("?"),
-                f.criu.as_deref().unwrap_or("?")
-            ),
-        )),
-    }
-    if f.runc_conf {
-        out.push(
-            Finding::new(
-                Level::Warn,
-                side,
-                "/etc/criu/runc.conf exists: CRIU reads it last, so its options override what --tcp asks for on every checkpoint and restore here",
-            )
-            .fix("remove it (migrate gives CRIU its options per command), or make sure it sets nothing --tcp sets"),
-        );
-    }
-    if f.criu_kdat.as_deref() == Some("uncached") {
-        out.push(
-            Finding::new(
-                Level::Warn,
-                side,
-                "CRIU cannot cache its kernel probe here (/run is not a tmpfs): every dump and restore probes the kernel again, ~50 ms more downtime each",
-            )
-            .fix("mount a tmpfs on /run, as systemd does"),
-        );
-    }
-    for (feature, what) in [
-        (
-            "mem_dirty_track",
-            "dirty-memory tracking (iterative pre-copy)",
-        ),
-        ("uffd-noncoop", "userfaultfd (lazy restore)"),
-    ] {
-        match f.features.get(feature).map(String::as_str) {
-            Some("yes") => out.push(Finding::new(
-                Level::Info,
-                side,
-                format!("{what}: available"),
-            )),
-            Some(_) => out.push(Finding::new(
-                Level::Info,
-                side,
-                format!("{what}: not available on this kernel"),
-            )),
-            None => {}
-        }
-    }
-}
-
 /// Makes sure the target can run a receiver of our version and, when asked, starts one
 /// in the background over SSH (it handles one migration, then exits).
 /// Returns the findings and, when it started one, the receiver's binary.
@@ -635,6 +572,37 @@ async fn spawn_receiver(
     spawn: Spawn,
     listener: &Listener,
 ) -> Result<(Vec<Finding>, Option<String>), Finding> {
+    let mut findings = Vec::new();
+    let Some(bin) = receiver_binary(ssh, spawn, &mut findings).await? else {
+        return Ok((findings, None));
+    };
+    if !spawn.start {
+        return Ok((findings, None));
+    }
+    // A receiver may already listen there (verified by `Listener::verdict`): then use it.
+    if listener.listening() {
+        findings.push(Finding::new(
+            Level::Info,
+            Side::Target,
+            "receiver_already_listening",
+            format!(
+                "a receiver already listens on port {}; using it",
+                want.control_port
+            ),
+        ));
+        return Ok((findings, None));
+    }
+    findings.push(start_receiver(ssh, want, &bin).await?);
+    Ok((findings, Some(bin)))
+}
+
+/// The target's migrate of our version: found there, or (`--install-receiver`, `send`)
+/// this very binary copied there. `None` when `check` only says what would be copied.
+async fn receiver_binary(
+    ssh: &Ssh,
+    spawn: Spawn,
+    findings: &mut Vec<Finding>,
+) -> Result<Option<String>, Finding> {
     let ours = env!("CARGO_PKG_VERSION");
     let installed = format!("{INSTALL_DIR}/migrate-{ours}");
     let probe = format!(
@@ -644,114 +612,112 @@ async fn spawn_receiver(
     let out = ssh.sh(&probe, REMOTE_TIMEOUT).await.map_err(|e| {
         Finding::new(
             Level::Fail,
-            "target",
+            Side::Target,
+            "migrate_lookup_failed",
             format!("cannot look for migrate there: {e}"),
         )
     })?;
-    let mut findings = Vec::new();
     let found = out
         .stdout
         .lines()
         .filter_map(|l| l.split_once('='))
         .find(|(_, v)| v.trim() == format!("migrate {ours}"))
         .map(|(b, _)| b.to_string());
-    let bin = match (found, spawn.install) {
+    match (found, spawn.install) {
         // --install-receiver: always this very binary, so both ends are the same build.
         (_, true) if spawn.start => {
-            let me = std::env::current_exe().map_err(|e| {
-                Finding::new(
-                    Level::Fail,
-                    "source",
-                    format!("cannot find this binary: {e}"),
-                )
-            })?;
-            let file = tokio::fs::File::open(&me).await.map_err(|e| {
-                Finding::new(
-                    Level::Fail,
-                    "source",
-                    format!("cannot read {}: {e}", me.display()),
-                )
-            })?;
-            ssh.sh(&format!("mkdir -p {INSTALL_DIR}"), REMOTE_TIMEOUT)
-                .await
-                .and(ssh.upload(file, &installed, REMOTE_TIMEOUT).await.map(drop))
-                .and(
-                    ssh.run("chmod", &["0755".into(), installed.clone()], REMOTE_TIMEOUT)
-                        .await
-                        .map(drop),
-                )
-                .map_err(|e| {
-                    Finding::new(
-                        Level::Fail,
-                        "target",
-                        format!("cannot install migrate there: {e}"),
-                    )
-                })?;
+            install_self(ssh, &installed).await?;
             findings.push(Finding::new(
                 Level::Info,
-                "target",
+                Side::Target,
+                "installed",
                 format!("installed this migrate {ours} as {installed}"),
             ));
-            installed
+            Ok(Some(installed))
         }
         (_, true) => {
             findings.push(Finding::new(
                 Level::Info,
-                "target",
+                Side::Target,
+                "will_install",
                 format!("--install-receiver will copy this binary to {installed}"),
             ));
-            return Ok((findings, None));
+            Ok(None)
         }
         (Some(b), false) => {
             findings.push(Finding::new(
                 Level::Ok,
-                "target",
+                Side::Target,
+                "migrate_same_version",
                 format!("{b} is migrate {ours}, the same version"),
             ));
-            b
+            Ok(Some(b))
         }
         (None, false) => {
-            let have = out
-                .stdout
-                .lines()
-                .map(str::to_string)
-                .collect::<Vec<_>>()
-                .join(", ");
-            return Err(Finding::new(
+            let have = out.stdout.lines().collect::<Vec<_>>().join(", ");
+            let found = if have.is_empty() {
+                String::new()
+            } else {
+                format!(" (found {have})")
+            };
+            Err(Finding::new(
                 Level::Fail,
-                "target",
-                format!(
-                    "no migrate {ours} there{}",
-                    if have.is_empty() {
-                        String::new()
-                    } else {
-                        format!(" (found {have})")
-                    }
-                ),
+                Side::Target,
+                "migrate_missing",
+                format!("no migrate {ours} there{found}"),
             )
-            .fix("install the same version there, or add --install-receiver to copy this binary"));
+            .fix("install the same version there, or add --install-receiver to copy this binary"))
         }
-    };
-    if !spawn.start {
-        return Ok((findings, None));
     }
-    // A receiver may already listen there (verified by `Listener::verdict`): then use it.
-    if listener.listening() {
-        findings.push(Finding::new(
-            Level::Info,
-            "target",
-            format!(
-                "a receiver already listens on port {}; using it",
-                want.control_port
-            ),
-        ));
-        return Ok((findings, None));
-    }
+}
+
+/// Copies this very binary to `installed` on the target.
+async fn install_self(ssh: &Ssh, installed: &str) -> Result<(), Finding> {
+    let me = std::env::current_exe().map_err(|e| {
+        Finding::new(
+            Level::Fail,
+            Side::Source,
+            "own_binary_missing",
+            format!("cannot find this binary: {e}"),
+        )
+    })?;
+    let file = tokio::fs::File::open(&me).await.map_err(|e| {
+        Finding::new(
+            Level::Fail,
+            Side::Source,
+            "own_binary_unreadable",
+            format!("cannot read {}: {e}", me.display()),
+        )
+    })?;
+    ssh.sh(&format!("mkdir -p {INSTALL_DIR}"), REMOTE_TIMEOUT)
+        .await
+        .and(ssh.upload(file, installed, REMOTE_TIMEOUT).await.map(drop))
+        .and(
+            ssh.run(
+                "chmod",
+                &["0755".into(), installed.to_string()],
+                REMOTE_TIMEOUT,
+            )
+            .await
+            .map(drop),
+        )
+        .map_err(|e| {
+            Finding::new(
+                Level::Fail,
+                Side::Target,
+                "install_failed",
+                format!("cannot install migrate there: {e}"),
+            )
+        })
+}
+
+/// Starts `bin receive` in the background on the target and waits until it listens.
+async fn start_receiver(ssh: &Ssh, want: &Want<'_>, bin: &str) -> Result<Finding, Finding> {
     let workdir = want.target_workdir.trim_end_matches('/');
     let log = format!("{workdir}/receiver-{}.log", want.run_id);
     let start = format!(
         "umask 077 && mkdir -p {w} && set -C && nohup setsid {b} receive --listen 0.0.0.0:{p} --workdir {w} --idle-timeout {SPAWNED_IDLE_SECS} > {l} 2>&1 < /dev/null &",
-        b = shell_quote(&bin),
+        b = shell_quote(bin),
         w = shell_quote(workdir),
         p = want.control_port,
         l = shell_quote(&log)
@@ -759,7 +725,8 @@ async fn spawn_receiver(
     ssh.sh(&start, REMOTE_TIMEOUT).await.map_err(|e| {
         Finding::new(
             Level::Fail,
-            "target",
+            Side::Target,
+            "receiver_start_failed",
             format!("cannot start the receiver there: {e}"),
         )
     })?;
@@ -770,18 +737,19 @@ async fn spawn_receiver(
         if let Ok(Ok(_)) =
             tokio::time::timeout(Duration::from_secs(1), TcpStream::connect(&addr)).await
         {
-            findings.push(Finding::new(
+            return Ok(Finding::new(
                 Level::Ok,
-                "target",
+                Side::Target,
+                "receiver_started",
                 format!("started a receiver there over SSH (log {log})"),
             ));
-            return Ok((findings, Some(bin)));
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     Err(Finding::new(
         Level::Fail,
-        "target",
+        Side::Target,
+        "spawned_receiver_not_listening",
         format!("the receiver started over SSH does not listen on {addr}"),
     )
     .fix(format!("read {log} on the target")))
@@ -882,7 +850,8 @@ impl Listener {
         if let Some(p) = self.procs.iter().find(|p| !p.is_receiver(self.me)) {
             return Err(Finding::new(
                 Level::Fail,
-                "target",
+                Side::Target,
+                "port_held_by_stranger",
                 format!(
                     "port {port} there is held by pid {} (uid {}, `{}` {}), which is not a migrate receiver of root or of the SSH user: nothing was sent to it",
                     p.pid,
@@ -897,7 +866,8 @@ impl Listener {
         if !self.listening() && !spawning {
             return Err(Finding::new(
                 Level::Fail,
-                "target",
+                Side::Target,
+                "receiver_not_listening",
                 format!("no receiver listening on port {port} there"),
             )
             .fix("start `migrate receive` on the target first, pass --spawn-receiver, or fix --control-port"));
@@ -925,7 +895,8 @@ impl Listener {
         };
         Some(Finding::new(
             Level::Warn,
-            "target",
+            Side::Target,
+            "listener_unknown",
             format!(
                 "cannot tell who listens on the control port ({why}); the receiver must still prove it holds the run's secret"
             ),
@@ -942,7 +913,8 @@ async fn verified_listener(ssh: &Ssh, want: &Want<'_>) -> Result<Listener, Findi
         .map_err(|e| {
             Finding::new(
                 Level::Fail,
-                "target",
+                Side::Target,
+                "port_lookup_failed",
                 format!("cannot look at the control port there: {e}"),
             )
         })?;
@@ -957,18 +929,22 @@ async fn verified_listener(ssh: &Ssh, want: &Want<'_>) -> Result<Listener, Findi
 /// is.
 async fn connect_receiver(want: &Want<'_>, secret: Option<Vec<u8>>) -> Result<Welcome, Finding> {
     let addr = format!("{}:{}", bracketed(&want.dest.host), want.control_port);
-    let fail = |text: String, fix: &str| Finding::new(Level::Fail, "target", text).fix(fix);
+    let fail = |code: &'static str, text: String, fix: &str| {
+        Finding::new(Level::Fail, Side::Target, code, text).fix(fix)
+    };
     let sock = match tokio::time::timeout(CONTROL_CONNECT_TIMEOUT, TcpStream::connect(&addr)).await
     {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             return Err(fail(
+                "receiver_not_listening",
                 format!("no receiver listening on {addr} ({e})"),
                 "start `migrate receive` on the target first, pass --spawn-receiver, or fix --control-port",
             ));
         }
         Err(_) => {
             return Err(fail(
+                "receiver_silent",
                 format!(
                     "no answer from a receiver on {addr} within {}s",
                     CONTROL_CONNECT_TIMEOUT.as_secs()
@@ -1008,6 +984,7 @@ async fn connect_receiver(want: &Want<'_>, secret: Option<Vec<u8>>) -> Result<We
                     || !proof.as_deref().is_some_and(|p| auth.check_proof(p))
                 {
                     return Err(fail(
+                        "receiver_unproven",
                         format!(
                             "the listener on {addr} did not prove that it holds this run's secret: it is not the receiver SSH set up (a stranger on the port?); nothing more was sent to it"
                         ),
@@ -1023,18 +1000,22 @@ async fn connect_receiver(want: &Want<'_>, secret: Option<Vec<u8>>) -> Result<We
             })
         }
         Ok(Ok(ToSender::Refused { reason })) => Err(fail(
+            "receiver_refused",
             format!("the receiver on {addr} refused: {reason}"),
             "use the same migrate version on both hosts, and --target-workdir for a receiver with another --workdir",
         )),
         Ok(Ok(_)) => Err(fail(
+            "receiver_not_migrate",
             format!("the receiver on {addr} did not answer hello with a welcome"),
             "is it a migrate receiver? check --control-port",
         )),
         Ok(Err(e)) => Err(fail(
+            "receiver_not_migrate",
             format!("{addr} does not speak the migrate protocol ({e})"),
             "check --control-port",
         )),
         Err(_) => Err(fail(
+            "receiver_silent",
             format!("{addr} accepted the connection but never answered"),
             "is it a migrate receiver? check --control-port",
         )),
@@ -1135,7 +1116,8 @@ pub fn target_findings(
             out.push(
                 Finding::new(
                     Level::Fail,
-                    "target",
+                    Side::Target,
+                    "container_name_taken",
                     format!("a container named {name} already exists there"),
                 )
                 .fix(format!("remove it there first (podman rm {name})")),
@@ -1159,12 +1141,13 @@ pub fn target_findings(
             if ship_images {
                 out.push(Finding::new(
                     Level::Info,
-                    "target",
+                    Side::Target,
+                    "image_shipped",
                     format!("{text}: it will be shipped (--ship-image)"),
                 ));
             } else {
                 out.push(
-                    Finding::new(Level::Fail, "target", text)
+                    Finding::new(Level::Fail, Side::Target, "image_missing", text)
                         .fix("pass --ship-image to copy it there (podman save | podman load), or load the same image archive there"),
                 );
             }
@@ -1174,7 +1157,8 @@ pub fn target_findings(
             out.push(
                 Finding::new(
                     Level::Fail,
-                    "target",
+                    Side::Target,
+                    "bind_missing",
                     format!("container {c} bind-mounts {p}, which no --data covers and which does not exist there"),
                 )
                 .fix(format!("add --data {p} (or create it on the target)")),
@@ -1183,7 +1167,8 @@ pub fn target_findings(
             let (c, p) = rest.split_once('=').unwrap_or(("?", rest));
             out.push(Finding::new(
                 Level::Warn,
-                "target",
+                Side::Target,
+                "bind_uncovered",
                 format!("container {c} bind-mounts {p}, which no --data covers: the target's own copy will be used"),
             ));
         }
@@ -1191,7 +1176,8 @@ pub fn target_findings(
     if !infos.is_empty() && !out.iter().any(|f| f.text.contains("already exists")) {
         out.push(Finding::new(
             Level::Ok,
-            "target",
+            Side::Target,
+            "container_names_free",
             "no container of the same name there",
         ));
     }
@@ -1202,18 +1188,20 @@ pub fn target_findings(
     {
         out.push(Finding::new(
             Level::Ok,
-            "target",
+            Side::Target,
+            "images_present",
             "every image is there with the same ID",
         ));
     }
     match space_problem(stdout, data, needs) {
         Some(p) => out.push(
-            Finding::new(Level::Fail, "target", p)
+            Finding::new(Level::Fail, Side::Target, "space_short", p)
                 .fix("free some space there (or give the receiver another --workdir)"),
         ),
         None => out.push(Finding::new(
             Level::Ok,
-            "target",
+            Side::Target,
+            "space_enough",
             "enough free space for the archives and the data",
         )),
     }
@@ -1692,35 +1680,5 @@ mod tests {
         // With --ship-image the missing image is no longer a failure.
         let (f, _) = target_findings("missing_image=img123\n", &[info()], &[], &[], true);
         assert!(f.iter().all(|f| f.level != Level::Fail), "{f:#?}");
-    }
-
-    #[test]
-    fn stack_failures_split_text_and_fix() {
-        let mut out = Vec::new();
-        stack_findings(
-            &Facts::parse("podman=4.3.1\nruntime=runc\ncriu=missing\n"),
-            "target",
-            &mut out,
-        );
-        assert_eq!(out[0].level, Level::Fail);
-        assert_eq!(out[0].text, "CRIU is not installed");
-        assert!(out[0].fix.as_deref().unwrap().contains("4.2"));
-    }
-
-    #[test]
-    fn an_uncached_criu_probe_is_a_warning_only() {
-        let healthy = "podman=4.3.1\nruntime=runc\ncriu=4.2.1\ncriu_check=ok\n";
-        for (kdat, warned) in [("cached", false), ("tmpfs", false), ("uncached", true)] {
-            let mut out = Vec::new();
-            let f = Facts::parse(&format!("{healthy}criu_kdat={kdat}\n"));
-            assert_eq!(f.problem(), None);
-            stack_findings(&f, "source", &mut out);
-            let warn = out.iter().find(|x| x.level == Level::Warn);
-            assert_eq!(warn.is_some(), warned, "{kdat}: {out:?}");
-            if let Some(w) = warn {
-                assert!(w.text.contains("/run is not a tmpfs"), "{}", w.text);
-                assert!(w.fix.as_deref().unwrap().contains("tmpfs on /run"));
-            }
-        }
     }
 }

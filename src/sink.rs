@@ -12,22 +12,131 @@ use anyhow::{Context, Result};
 use crate::progress::say;
 use crate::zeropages::ZeroPages;
 
-/// Options of `migrate sink` (internal: started by `migrate send` on the target).
-#[derive(Debug, clap::Args)]
+/// The version of the contract between a sender and `migrate sink`: the call
+/// ([`SinkArgs::args`]) and the readiness lines ([`Readiness`]). A sink accepts the calls
+/// of every version up to its own; a change that an older sink could misread gets a new
+/// version, announced in the readiness lines, and the sender makes only the calls the
+/// target's sink announced. A sink that announces no version speaks version 1.
+pub const CONTRACT_VERSION: u32 = 1;
+
+/// The subcommand, as the sender calls it.
+pub const SUBCOMMAND: &str = "sink";
+const ZSTD: &str = "zstd";
+const DROP_ZERO_PAGES: &str = "drop-zero-pages";
+const CHECK: &str = "check";
+
+/// A call of `migrate sink` (internal: started by `migrate send` on the target). The
+/// sender builds one and runs [`SinkArgs::args`]; the sink parses the same definitions.
+#[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
 pub struct SinkArgs {
     /// The stream is zstd-compressed: decode it on the way in.
-    #[arg(long)]
+    #[arg(long = ZSTD)]
     pub zstd: bool,
     /// Leave CRIU's zero-filled private anonymous pages out of the archive written
     /// (`crate::zeropages`); the digest still covers the stream as it came.
-    #[arg(long)]
+    #[arg(long = DROP_ZERO_PAGES)]
     pub drop_zero_pages: bool,
-    /// Only say that the sink can run here, then exit.
-    #[arg(long, conflicts_with = "path")]
+    /// Only say that the sink can run here (its readiness lines), then exit.
+    #[arg(long = CHECK, conflicts_with = "path")]
     pub check: bool,
     /// The archive to write.
     #[arg(required_unless_present = "check")]
     pub path: Option<PathBuf>,
+}
+
+impl SinkArgs {
+    /// The upload of one archive to `path` on the target.
+    pub fn upload(path: &str, zstd: bool, drop_zero_pages: bool) -> SinkArgs {
+        SinkArgs {
+            zstd,
+            drop_zero_pages,
+            check: false,
+            path: Some(PathBuf::from(path)),
+        }
+    }
+
+    /// The question whether a sink can run there, answered by its [`Readiness`] lines.
+    pub fn probe() -> SinkArgs {
+        SinkArgs {
+            zstd: false,
+            drop_zero_pages: false,
+            check: true,
+            path: None,
+        }
+    }
+
+    /// The arguments after the binary, starting with the subcommand.
+    pub fn args(&self) -> Vec<String> {
+        let mut a = vec![SUBCOMMAND.to_string()];
+        for (on, flag) in [
+            (self.zstd, ZSTD),
+            (self.drop_zero_pages, DROP_ZERO_PAGES),
+            (self.check, CHECK),
+        ] {
+            if on {
+                a.push(format!("--{flag}"));
+            }
+        }
+        if let Some(p) = &self.path {
+            // A path that starts with a dash is still the path.
+            a.push("--".to_string());
+            a.push(p.display().to_string());
+        }
+        a
+    }
+
+    /// The call of `exe` with these arguments, one quoted word each, for a remote shell.
+    pub fn shell_command(&self, exe: &str) -> String {
+        std::iter::once(exe.to_string())
+            .chain(self.args())
+            .map(|w| crate::exec::shell_quote(&w))
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+}
+
+/// What `migrate sink --check` prints: that it runs, what it can do, and its contract
+/// version. Each line stands alone, so a sender of any version finds the ones it knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Readiness {
+    pub version: u32,
+    /// It can leave CRIU's zero pages out (`--drop-zero-pages`).
+    pub zero_pages: bool,
+}
+
+impl Readiness {
+    /// This sink.
+    pub fn ours() -> Readiness {
+        Readiness {
+            version: CONTRACT_VERSION,
+            zero_pages: true,
+        }
+    }
+
+    pub fn lines(&self) -> String {
+        let mut s = String::from("sink=ok\n");
+        if self.zero_pages {
+            s.push_str("sink_zero_pages=ok\n");
+        }
+        s.push_str(&format!("sink_contract={}\n", self.version));
+        s
+    }
+
+    /// Finds a sink's readiness among other output; `None` when no sink said it runs.
+    pub fn parse(out: &str) -> Option<Readiness> {
+        let mut lines = out.lines().map(str::trim);
+        if !lines.clone().any(|l| l == "sink=ok") {
+            return None;
+        }
+        let version = lines
+            .clone()
+            .find_map(|l| l.strip_prefix("sink_contract="))
+            .map_or(Some(1), |v| v.parse().ok())?;
+        Some(Readiness {
+            version,
+            zero_pages: lines.any(|l| l == "sink_zero_pages=ok"),
+        })
+    }
 }
 
 /// The file next to `archive` that holds its digest ([`crate::digest`], hex).
@@ -40,7 +149,7 @@ pub fn digest_path(archive: &Path) -> PathBuf {
 pub fn run(args: SinkArgs) -> u8 {
     if args.check {
         // What this sink can do, for a sender of another version to see.
-        let said = writeln!(std::io::stdout(), "sink=ok\nsink_zero_pages=ok");
+        let said = write!(std::io::stdout(), "{}", Readiness::ours().lines());
         return if said.is_ok() { 0 } else { 1 };
     }
     let path = args.path.expect("clap requires PATH");
@@ -176,6 +285,66 @@ fn write_via(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What the sink parses from a call the sender built.
+    fn parsed(call: &SinkArgs) -> SinkArgs {
+        use clap::Parser;
+        let argv = std::iter::once("migrate".to_string()).chain(call.args());
+        match crate::cli::Cli::try_parse_from(argv) {
+            Ok(crate::cli::Cli {
+                command: crate::cli::Command::Sink(a),
+            }) => a,
+            other => panic!("{:?} parsed as {other:?}", call.args()),
+        }
+    }
+
+    #[test]
+    fn the_sink_parses_every_call_the_sender_builds() {
+        for zstd in [false, true] {
+            for drop in [false, true] {
+                let call = SinkArgs::upload("/var/lib/migrate/runs/r1/db.tar", zstd, drop);
+                assert_eq!(parsed(&call), call);
+            }
+        }
+        let odd = SinkArgs::upload("-odd dir/it's.tar", true, false);
+        assert_eq!(parsed(&odd), odd);
+        assert_eq!(parsed(&SinkArgs::probe()), SinkArgs::probe());
+        assert_eq!(
+            SinkArgs::upload("/r/db.tar", true, true).args(),
+            ["sink", "--zstd", "--drop-zero-pages", "--", "/r/db.tar"]
+        );
+        assert_eq!(
+            SinkArgs::upload("/r/a b.tar", false, false).shell_command("/usr/bin/migrate"),
+            "/usr/bin/migrate sink -- '/r/a b.tar'"
+        );
+    }
+
+    #[test]
+    fn readiness_is_read_back_and_older_sinks_are_understood() {
+        let ours = Readiness::ours();
+        assert_eq!(ours.version, CONTRACT_VERSION);
+        let among = format!("podman=4.3.1\n{}zstd=yes\n", ours.lines());
+        assert_eq!(Readiness::parse(&among), Some(ours));
+        // A sink from before the contract had a version.
+        assert_eq!(
+            Readiness::parse("sink=ok\nsink_zero_pages=ok\n"),
+            Some(Readiness {
+                version: 1,
+                zero_pages: true
+            })
+        );
+        assert_eq!(
+            Readiness::parse("sink=ok\n"),
+            Some(Readiness {
+                version: 1,
+                zero_pages: false
+            })
+        );
+        // No sink ran, or one that says something unreadable: not used.
+        assert_eq!(Readiness::parse("podman=4.3.1\nsink_zero_pages=ok\n"), None);
+        assert_eq!(Readiness::parse("sink=ok\nsink_contract=x\n"), None);
+        assert_eq!(Readiness::parse(""), None);
+    }
 
     #[test]
     fn writes_the_archive_and_its_digest() {

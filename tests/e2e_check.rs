@@ -5,11 +5,77 @@ use std::time::Duration;
 
 use common::*;
 
+/// `migrate check --format json` on a towards b; the exit status is left to the caller.
 fn check(args: &[&str]) -> Out {
     let b = bin();
-    let mut cmd = vec![b.as_str(), "check", "--to", "root@10.77.0.12"];
+    let mut cmd = vec![
+        b.as_str(),
+        "check",
+        "--format",
+        "json",
+        "--to",
+        "root@10.77.0.12",
+    ];
     cmd.extend_from_slice(args);
     on("a", &cmd)
+}
+
+/// The one JSON document `check --format json` printed: stdout holds it alone, on one
+/// line, and its verdict agrees with the exit status.
+fn report(out: &Out) -> serde_json::Value {
+    let lines: Vec<&str> = out.stdout.lines().collect();
+    assert_eq!(
+        lines.len(),
+        1,
+        "stdout is not one line:\n{}",
+        out.describe()
+    );
+    let v: serde_json::Value = serde_json::from_str(lines[0])
+        .unwrap_or_else(|e| panic!("stdout is not JSON ({e}):\n{}", out.describe()));
+    let verdict = match out.code {
+        Some(0) => "ready",
+        _ => "refused",
+    };
+    assert_eq!(v["verdict"], verdict, "{}", out.describe());
+    assert_eq!(v["format_version"], 1, "{}", out.describe());
+    v
+}
+
+/// The findings of `severity` on `host` with `code` whose text contains `text`.
+fn findings<'a>(
+    v: &'a serde_json::Value,
+    severity: &str,
+    host: &str,
+    code: &str,
+    text: &str,
+) -> Vec<&'a serde_json::Value> {
+    v["findings"]
+        .as_array()
+        .expect("findings")
+        .iter()
+        .filter(|f| {
+            f["severity"] == severity
+                && f["host"] == host
+                && f["code"] == code
+                && f["text"].as_str().is_some_and(|t| t.contains(text))
+        })
+        .collect()
+}
+
+/// Asserts one such finding and returns it.
+#[track_caller]
+fn finding<'a>(
+    out: &Out,
+    v: &'a serde_json::Value,
+    (severity, host, code, text): (&str, &str, &str, &str),
+) -> &'a serde_json::Value {
+    let found = findings(v, severity, host, code, text);
+    assert!(
+        !found.is_empty(),
+        "no {severity} finding {code} on {host} saying {text:?}:\n{}",
+        out.describe()
+    );
+    found[0]
 }
 
 #[test]
@@ -18,24 +84,54 @@ fn check_passes_on_a_healthy_pair() {
     fresh_workload("a", 100);
     let _rx = Receiver::start("b", &[]);
     let out = check(&["--data", "/srv/app", "db", "web"]).ok();
+    let v = report(&out);
+    assert_eq!(v["counts"]["fail"], 0, "{}", out.describe());
     assert!(
-        out.stdout.contains("a migration would start"),
+        v["findings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|f| f["severity"] != "fail"),
         "{}",
         out.describe()
     );
-    assert!(!out.stdout.contains("FAIL"), "{}", out.describe());
     for what in [
-        "container db runs",
-        "SSH to root@10.77.0.12 works",
-        "receiver on 10.77.0.12:12345 answers",
-        "clock offset",
+        ("ok", "source", "container_running", "container db runs"),
+        ("ok", "target", "ssh_ok", "SSH to root@10.77.0.12 works"),
+        (
+            "ok",
+            "target",
+            "receiver_answers",
+            "receiver on 10.77.0.12:12345 answers",
+        ),
+        ("ok", "target", "clock_offset", "clock offset"),
     ] {
+        finding(&out, &v, what);
+    }
+    assert!(
+        v["target"]["clock"]["offset_s"].is_f64(),
+        "{}",
+        out.describe()
+    );
+    for host in ["source", "target"] {
         assert!(
-            out.stdout.contains(what),
-            "missing {what:?}:\n{}",
+            v[host]["stack"]["criu"].is_string(),
+            "no CRIU version for {host}:\n{}",
             out.describe()
         );
     }
+    assert_eq!(
+        v["target"]["receiver_version"],
+        env!("CARGO_PKG_VERSION"),
+        "{}",
+        out.describe()
+    );
+    // The listing for humans went to stderr.
+    assert!(
+        out.stderr.contains("a migration would start"),
+        "{}",
+        out.describe()
+    );
 }
 
 #[test]
@@ -45,11 +141,15 @@ fn check_names_each_problem_and_exits_2() {
     let _rx = Receiver::start("b", &[]);
 
     let out = check(&["--data", "/srv/app", "db", "nosuch"]).expect_code(2);
-    assert!(
-        out.stdout
-            .contains("FAIL source: container \"nosuch\" does not exist"),
-        "{}",
-        out.describe()
+    finding(
+        &out,
+        &report(&out),
+        (
+            "fail",
+            "source",
+            "container_missing",
+            "container \"nosuch\" does not exist",
+        ),
     );
 
     let out = on(
@@ -58,22 +158,37 @@ fn check_names_each_problem_and_exits_2() {
             "sh",
             "-c",
             &format!(
-                "rm -f /tmp/wrong_key*; ssh-keygen -q -t ed25519 -N '' -f /tmp/wrong_key && {} check --to root@10.77.0.12 --identity /tmp/wrong_key --data /srv/app db web",
+                "rm -f /tmp/wrong_key*; ssh-keygen -q -t ed25519 -N '' -f /tmp/wrong_key && {} check --format json --to root@10.77.0.12 --identity /tmp/wrong_key --data /srv/app db web",
                 bin()
             ),
         ],
     )
     .expect_code(2);
-    assert!(
-        out.stdout.contains("key was not accepted"),
-        "{}",
-        out.describe()
+    let v = report(&out);
+    finding(
+        &out,
+        &v,
+        ("fail", "target", "ssh_failed", "key was not accepted"),
     );
+    // Nothing on the target could be probed.
+    assert!(v["target"]["stack"].is_null(), "{}", out.describe());
 
     let out = check(&["--data", "/srv/app/www", "db", "web"]).expect_code(2);
+    let v = report(&out);
+    let f = finding(
+        &out,
+        &v,
+        (
+            "fail",
+            "target",
+            "bind_missing",
+            "bind-mounts /srv/app/mysql",
+        ),
+    );
     assert!(
-        out.stdout.contains("bind-mounts /srv/app/mysql")
-            && out.stdout.contains("add --data /srv/app/mysql"),
+        f["advice"]
+            .as_str()
+            .is_some_and(|a| a.contains("add --data /srv/app/mysql")),
         "{}",
         out.describe()
     );
@@ -86,8 +201,15 @@ fn check_names_each_problem_and_exits_2() {
             "umount /usr/local/sbin",
         );
         let out = check(&["--data", "/srv/app", "db", "web"]).expect_code(2);
-        assert!(
-            out.stdout.contains("FAIL target: CRIU is not installed"),
+        let v = report(&out);
+        finding(
+            &out,
+            &v,
+            ("fail", "target", "criu_missing", "CRIU is not installed"),
+        );
+        assert_eq!(
+            v["target"]["stack"]["criu"],
+            "missing",
             "{}",
             out.describe()
         );
@@ -130,10 +252,21 @@ fn missing_image_is_refused_then_shipped_with_ship_image() {
     .ok();
     let rx = Receiver::start("b", &[]);
     let out = check(&["--data", "/srv/app", "db", "web"]).expect_code(2);
+    let v = report(&out);
+    let f = finding(
+        &out,
+        &v,
+        (
+            "fail",
+            "target",
+            "image_missing",
+            "image localhost/migrate-busybox:latest",
+        ),
+    );
     assert!(
-        out.stdout
-            .contains("image localhost/migrate-busybox:latest")
-            && out.stdout.contains("--ship-image"),
+        f["advice"]
+            .as_str()
+            .is_some_and(|a| a.contains("--ship-image")),
         "{}",
         out.describe()
     );

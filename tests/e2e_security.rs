@@ -119,8 +119,33 @@ fn a_stranger_on_the_control_port_gets_nothing_and_send_refuses() {
         assert!(all_containers("b").is_empty());
     }
     // `check` names it too.
-    let out = on("a", &[&bin(), "check", "--to", &to("b"), "db", "web"]).expect_code(2);
-    assert!(out.stdout.contains("uid 65534"), "{}", out.describe());
+    let out = on(
+        "a",
+        &[
+            &bin(),
+            "check",
+            "--format",
+            "json",
+            "--to",
+            &to("b"),
+            "db",
+            "web",
+        ],
+    )
+    .expect_code(2);
+    let v: serde_json::Value = serde_json::from_str(&out.stdout)
+        .unwrap_or_else(|e| panic!("stdout is not JSON ({e}):\n{}", out.describe()));
+    assert!(
+        v["findings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f["severity"] == "fail"
+                && f["code"] == "port_held_by_stranger"
+                && f["text"].as_str().unwrap().contains("uid 65534")),
+        "{}",
+        out.describe()
+    );
     assert!(stranger.received().is_empty());
     drop(stranger);
     assert_eq!(run_folders("b"), runs, "a run folder was left on b");
@@ -245,12 +270,20 @@ fn hostile_data_paths_are_handled_literally() {
         "web",
     ];
     let b = bin();
-    let mut check = vec![b.as_str(), "check"];
+    let mut check = vec![b.as_str(), "check", "--format", "json"];
     check.extend_from_slice(&args);
     let out = on("a", &check);
     assert!(out.code == Some(0), "{}", out.describe());
+    let v: serde_json::Value = serde_json::from_str(&out.stdout)
+        .unwrap_or_else(|e| panic!("stdout is not JSON ({e}):\n{}", out.describe()));
+    let codes: Vec<&str> = v["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|f| f["code"].as_str())
+        .collect();
     assert!(
-        !out.stdout.contains("not enough free space"),
+        codes.contains(&"space_enough") && !codes.contains(&"space_short"),
         "{}",
         out.describe()
     );

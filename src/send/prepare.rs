@@ -487,18 +487,8 @@ pub(super) async fn open_upload<'a>(
 ) -> Result<crate::transport::ssh::RemoteStream<'a>, crate::transport::ssh::SshError> {
     match &it.sink {
         Some(exe) => {
-            let zstd = if it.stream_zstd { " --zstd" } else { "" };
-            let zero = if it.drop_zero_pages {
-                " --drop-zero-pages"
-            } else {
-                ""
-            };
-            ssh.open_stream(&format!(
-                "{} sink{zstd}{zero} {}",
-                crate::exec::shell_quote(exe),
-                crate::exec::shell_quote(path)
-            ))
-            .await
+            let call = crate::sink::SinkArgs::upload(path, it.stream_zstd, it.drop_zero_pages);
+            ssh.open_stream(&call.shell_command(exe)).await
         }
         None if it.stream_zstd => ssh.open_upload_via(path, "zstd -d -q -c").await,
         None => ssh.open_upload(path).await,

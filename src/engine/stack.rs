@@ -1,0 +1,405 @@
+//! What a host's migration stack is (podman, its OCI runtime, CRIU) and what the checks
+//! found, as findings. `check` reports them, `preflight` gathers them for `send`; both
+//! take the probe and the finding types from here.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::Serialize;
+
+/// Prints `key=value` lines about the stack; run locally or over SSH.
+pub const STACK_SCRIPT: &str = r#"export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
+if command -v podman >/dev/null 2>&1; then
+  echo "podman=$(podman version --format '{{.Client.Version}}' 2>/dev/null)"
+  echo "runtime=$(podman info --format '{{.Host.OCIRuntime.Name}}' 2>/dev/null)"
+  if command -v zstd >/dev/null 2>&1; then echo zstd=yes; else echo zstd=no; fi
+  if command -v crun >/dev/null 2>&1 && crun --version 2>/dev/null | grep -q '+CRIU'; then echo crun_criu=yes; else echo crun_criu=no; fi
+else
+  echo podman=missing
+fi
+if command -v criu >/dev/null 2>&1; then
+  echo "criu=$(criu --version 2>/dev/null | sed -n 's/^Version: *//p' | head -n 1)"
+  if out=$(criu check 2>&1); then echo criu_check=ok; else echo "criu_check=$(printf '%s' "$out" | tail -n 1)"; fi
+  # CRIU keeps its kernel probe in /run/criu.kdat, and only on a tmpfs.
+  if [ -s /run/criu.kdat ]; then echo criu_kdat=cached
+  elif [ "$(stat -f -c %T /run 2>/dev/null)" = tmpfs ]; then echo criu_kdat=tmpfs
+  else echo criu_kdat=uncached; fi
+  # A host-wide CRIU file for runc, read last: it overrides migrate's per-command options.
+  if [ -e /etc/criu/runc.conf ]; then echo runc_conf=present; fi
+  for f in mem_dirty_track uffd-noncoop; do
+    if criu check --feature "$f" >/dev/null 2>&1; then echo "feature_$f=yes"; else echo "feature_$f=no"; fi
+  done
+else
+  echo criu=missing
+fi
+"#;
+
+/// What [`STACK_SCRIPT`] found.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Facts {
+    pub podman: Option<String>,
+    pub runtime: Option<String>,
+    pub criu: Option<String>,
+    pub criu_check: Option<String>,
+    /// crun reports `+CRIU` (built with checkpoint support).
+    pub crun_criu: bool,
+    /// The `zstd` command is there (archives can be decompressed as they arrive).
+    pub zstd: bool,
+    /// `uncached` when CRIU cannot keep its kernel probe (`/run` is not a tmpfs).
+    pub criu_kdat: Option<String>,
+    /// `/etc/criu/runc.conf` exists: CRIU reads it last, over migrate's options.
+    pub runc_conf: bool,
+    /// Optional CRIU features (`criu check --feature X`): "yes" or "no".
+    pub features: BTreeMap<String, String>,
+}
+
+/// Something that stops a migration on one host's stack, with what to do about it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Problem {
+    pub code: &'static str,
+    pub text: String,
+    pub fix: String,
+}
+
+impl Facts {
+    pub fn parse(text: &str) -> Facts {
+        let mut f = Facts::default();
+        for line in text.lines() {
+            let Some((k, v)) = line.split_once('=') else {
+                continue;
+            };
+            let v = Some(v.trim().to_string()).filter(|v| !v.is_empty());
+            match k {
+                "podman" => f.podman = v,
+                "runtime" => f.runtime = v,
+                "criu" => f.criu = v,
+                "criu_check" => f.criu_check = v,
+                "criu_kdat" => f.criu_kdat = v,
+                "crun_criu" => f.crun_criu = v.as_deref() == Some("yes"),
+                "zstd" => f.zstd = v.as_deref() == Some("yes"),
+                "runc_conf" => f.runc_conf = v.as_deref() == Some("present"),
+                _ => {
+                    if let (Some(feature), Some(v)) = (k.strip_prefix("feature_"), v) {
+                        f.features.insert(feature.to_string(), v);
+                    }
+                }
+            }
+        }
+        f
+    }
+
+    /// The first thing that stops a migration, with what to do about it.
+    pub fn problem(&self) -> Option<Problem> {
+        let problem = |code, text: String, fix: &str| {
+            Some(Problem {
+                code,
+                text,
+                fix: fix.to_string(),
+            })
+        };
+        if let None | Some("missing") = self.podman.as_deref() {
+            return problem(
+                "podman_missing",
+                "podman is not installed or does not run".into(),
+                "install podman (see docs/user-guide.md)",
+            );
+        }
+        match self.criu.as_deref() {
+            None | Some("missing") => {
+                return problem(
+                    "criu_missing",
+                    "CRIU is not installed".into(),
+                    "install CRIU 4.2 or newer (scripts/setup builds it)",
+                );
+            }
+            Some(v) if !version_at_least(v, 4, 2) => {
+                return problem(
+                    "criu_too_old",
+                    format!("CRIU {v} is too old for this kernel"),
+                    "install CRIU 4.2 or newer",
+                );
+            }
+            _ => {}
+        }
+        if self.criu_check.as_deref() != Some("ok") {
+            return problem(
+                "criu_check_fails",
+                format!(
+                    "`criu check` fails ({})",
+                    self.criu_check.as_deref().unwrap_or("no output")
+                ),
+                "run it there as root to see why",
+            );
+        }
+        if self.runtime.as_deref() == Some("crun") && !self.crun_criu {
+            return problem(
+                "crun_without_criu",
+                "podman uses crun, which is built without CRIU here".into(),
+                "set runtime = \"runc\" in /etc/containers/containers.conf",
+            );
+        }
+        None
+    }
+}
+
+/// True when a dotted version is at least major.minor.
+pub fn version_at_least(v: &str, major: u64, minor: u64) -> bool {
+    let mut parts = v.split('.').map(|p| p.trim().parse::<u64>().unwrap_or(0));
+    let (a, b) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    (a, b) >= (major, minor)
+}
+
+/// Runs the stack checks on this host.
+pub async fn stack_local() -> Facts {
+    let out = crate::exec::run(
+        "sh",
+        &["-c".to_string(), STACK_SCRIPT.to_string()],
+        Duration::from_secs(60),
+    )
+    .await;
+    match out {
+        Ok(o) => Facts::parse(&o.stdout),
+        Err(e) => Facts {
+            podman: Some(format!("check failed: {e}")),
+            ..Default::default()
+        },
+    }
+}
+
+/// How bad a finding is; a `Fail` stops a migration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Level {
+    Ok,
+    Info,
+    Warn,
+    Fail,
+}
+
+impl Level {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Level::Ok => "ok",
+            Level::Info => "info",
+            Level::Warn => "warn",
+            Level::Fail => "fail",
+        }
+    }
+}
+
+/// The host a finding is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Side {
+    Source,
+    Target,
+}
+
+impl std::fmt::Display for Side {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Side::Source => "source",
+            Side::Target => "target",
+        })
+    }
+}
+
+/// One result of a check: what was found, and for a failure what to do. `code` is a
+/// stable name for scripts (`check --format json`); `text` and `fix` are for humans and
+/// may be reworded.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Finding {
+    pub level: Level,
+    pub side: Side,
+    pub code: &'static str,
+    pub text: String,
+    pub fix: Option<String>,
+}
+
+impl Finding {
+    pub fn new(level: Level, side: Side, code: &'static str, text: impl Into<String>) -> Finding {
+        Finding {
+            level,
+            side,
+            code,
+            text: text.into(),
+            fix: None,
+        }
+    }
+    pub fn fix(mut self, fix: impl Into<String>) -> Finding {
+        self.fix = Some(fix.into());
+        self
+    }
+    /// "target: CRIU is not installed; install CRIU 4.2 or newer …"
+    pub fn one_line(&self) -> String {
+        match &self.fix {
+            Some(f) => format!("{}: {}; {f}", self.side, self.text),
+            None => format!("{}: {}", self.side, self.text),
+        }
+    }
+}
+
+/// Findings about podman, its runtime and CRIU on one side.
+pub fn stack_findings(f: &Facts, side: Side, out: &mut Vec<Finding>) {
+    match f.problem() {
+        Some(p) => out.push(Finding::new(Level::Fail, side, p.code, p.text).fix(p.fix)),
+        None => out.push(Finding::new(
+            Level::Ok,
+            side,
+            "stack_ready",
+            format!(
+                "podman {} with {}, CRIU {}: `criu check` passes",
+                f.podman.as_deref().unwrap_or("?"),
+                f.runtime.as_deref().unwrap_or("?"),
+                f.criu.as_deref().unwrap_or("?")
+            ),
+        )),
+    }
+    if f.runc_conf {
+        out.push(
+            Finding::new(
+                Level::Warn,
+                side,
+                "criu_runc_conf",
+                "/etc/criu/runc.conf exists: CRIU reads it last, so its options override what --tcp asks for on every checkpoint and restore here",
+            )
+            .fix("remove it (migrate gives CRIU its options per command), or make sure it sets nothing --tcp sets"),
+        );
+    }
+    if f.criu_kdat.as_deref() == Some("uncached") {
+        out.push(
+            Finding::new(
+                Level::Warn,
+                side,
+                "criu_kdat_uncached",
+                "CRIU cannot cache its kernel probe here (/run is not a tmpfs): every dump and restore probes the kernel again, ~50 ms more downtime each",
+            )
+            .fix("mount a tmpfs on /run, as systemd does"),
+        );
+    }
+    for (feature, code, what) in [
+        (
+            "mem_dirty_track",
+            "criu_dirty_tracking",
+            "dirty-memory tracking (iterative pre-copy)",
+        ),
+        (
+            "uffd-noncoop",
+            "criu_lazy_restore",
+            "userfaultfd (lazy restore)",
+        ),
+    ] {
+        match f.features.get(feature).map(String::as_str) {
+            Some("yes") => out.push(Finding::new(
+                Level::Info,
+                side,
+                code,
+                format!("{what}: available"),
+            )),
+            Some(_) => out.push(Finding::new(
+                Level::Info,
+                side,
+                code,
+                format!("{what}: not available on this kernel"),
+            )),
+            None => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn problem(facts: &str) -> Problem {
+        Facts::parse(facts).problem().expect("a problem")
+    }
+
+    #[test]
+    fn healthy_stack_has_no_problem() {
+        let f = Facts::parse("podman=4.3.1\nruntime=runc\ncriu=4.2\ncriu_check=ok\n");
+        assert_eq!(f.problem(), None);
+        let mut out = Vec::new();
+        stack_findings(&f, Side::Target, &mut out);
+        assert_eq!(out.len(), 1, "{out:#?}");
+        assert_eq!((out[0].level, out[0].code), (Level::Ok, "stack_ready"));
+        assert_eq!(
+            out[0].one_line(),
+            "target: podman 4.3.1 with runc, CRIU 4.2: `criu check` passes"
+        );
+    }
+
+    #[test]
+    fn each_missing_piece_is_named() {
+        let p = problem("podman=missing\n");
+        assert_eq!(p.code, "podman_missing");
+        assert!(p.text.contains("podman"), "{p:?}");
+        let p = problem("podman=4.3.1\nruntime=runc\ncriu=missing\n");
+        assert_eq!(p.code, "criu_missing");
+        assert_eq!(p.text, "CRIU is not installed");
+        let p = problem("podman=4.3.1\nruntime=runc\ncriu=3.17.1\ncriu_check=ok\n");
+        assert_eq!(p.code, "criu_too_old");
+        assert!(p.text.contains("too old"), "{p:?}");
+        let p = problem(
+            "podman=4.3.1\nruntime=runc\ncriu=4.2\ncriu_check=Error (criu/cr-check.c:1): boom\n",
+        );
+        assert_eq!(p.code, "criu_check_fails");
+        assert!(p.text.contains("boom"), "{p:?}");
+        let p = problem("podman=4.3.1\nruntime=crun\ncriu=4.2\ncriu_check=ok\n");
+        assert_eq!(p.code, "crun_without_criu");
+        assert!(p.fix.contains("runc"), "{p:?}");
+        // A crun built with CRIU is fine.
+        let f =
+            Facts::parse("podman=4.3.1\nruntime=crun\ncrun_criu=yes\ncriu=4.2\ncriu_check=ok\n");
+        assert_eq!(f.problem(), None);
+    }
+
+    #[test]
+    fn a_failure_carries_its_fix_and_warnings_follow() {
+        let f = Facts::parse(
+            "podman=4.3.1\nruntime=runc\ncriu=missing\nruntime_conf=x\nrunc_conf=present\ncriu_kdat=uncached\nfeature_mem_dirty_track=no\n",
+        );
+        let mut out = Vec::new();
+        stack_findings(&f, Side::Source, &mut out);
+        let got: Vec<_> = out.iter().map(|f| (f.level, f.code)).collect();
+        assert_eq!(
+            got,
+            [
+                (Level::Fail, "criu_missing"),
+                (Level::Warn, "criu_runc_conf"),
+                (Level::Warn, "criu_kdat_uncached"),
+                (Level::Info, "criu_dirty_tracking"),
+            ]
+        );
+        assert_eq!(
+            out[0].one_line(),
+            "source: CRIU is not installed; install CRIU 4.2 or newer (scripts/setup builds it)"
+        );
+    }
+
+    #[test]
+    fn an_uncached_criu_probe_is_a_warning_only() {
+        let healthy = "podman=4.3.1\nruntime=runc\ncriu=4.2.1\ncriu_check=ok\n";
+        for (kdat, warned) in [("cached", false), ("tmpfs", false), ("uncached", true)] {
+            let mut out = Vec::new();
+            let f = Facts::parse(&format!("{healthy}criu_kdat={kdat}\n"));
+            assert_eq!(f.problem(), None);
+            stack_findings(&f, Side::Source, &mut out);
+            let warn = out.iter().find(|x| x.level == Level::Warn);
+            assert_eq!(warn.is_some(), warned, "{kdat}: {out:?}");
+            if let Some(w) = warn {
+                assert!(w.text.contains("/run is not a tmpfs"), "{}", w.text);
+                assert!(w.fix.as_deref().unwrap().contains("tmpfs on /run"));
+            }
+        }
+    }
+
+    #[test]
+    fn versions() {
+        assert!(version_at_least("4.2", 4, 2));
+        assert!(version_at_least("4.2.1", 4, 2));
+        assert!(version_at_least("5.0", 4, 2));
+        assert!(!version_at_least("4.1.1", 4, 2));
+        assert!(!version_at_least("3.17", 4, 2));
+    }
+}
