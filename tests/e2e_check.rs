@@ -390,9 +390,64 @@ fn spawn_receiver_migrates_with_one_command() {
 fn dry_run_prints_the_plan_and_touches_nothing() {
     require_lab!();
     fresh_workload("a", 100);
-    let _rx = Receiver::start("b", &[]);
+    // Serving: each dry run says goodbye to it, and a second one follows.
+    let _rx = Receiver::start("b", &["--serve"]);
     let ids = identity("a", "db");
     let out = send(
+        "a",
+        &[
+            "--to",
+            "root@10.77.0.12",
+            "--data",
+            "/srv/app",
+            "--dry-run",
+            "--format",
+            "json",
+            "db",
+            "web",
+        ],
+    )
+    .ok();
+    // stdout is the plan as one JSON record; the words go to stderr.
+    let lines: Vec<&str> = out.stdout.lines().collect();
+    assert_eq!(lines.len(), 1, "{}", out.describe());
+    let plan: serde_json::Value = serde_json::from_str(lines[0]).expect("the plan is JSON");
+    let names: Vec<&str> = plan["containers"]
+        .as_array()
+        .expect("containers")
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["db", "web"], "{plan}");
+    assert!(
+        plan["containers"][0]["resident_bytes"].as_u64().unwrap() > 1 << 20,
+        "MariaDB holds more than a MiB: {plan}"
+    );
+    assert_eq!(plan["data"][0]["path"], "/srv/app", "{plan}");
+    assert!(plan["data"][0]["files"].as_u64().unwrap() > 0, "{plan}");
+    assert!(plan["link_bytes_per_s"].as_f64().unwrap() > 0.0, "{plan}");
+    let e = &plan["estimate"];
+    let sum = ["checkpoint_s", "transfer_s", "restore_s"]
+        .iter()
+        .map(|k| e[k].as_f64().unwrap())
+        .sum::<f64>();
+    assert!(
+        sum > 0.0 && (e["downtime_s"].as_f64().unwrap() - sum).abs() < 1e-9,
+        "{plan}"
+    );
+    for what in [
+        "pre-sync /srv/app",
+        "estimated downtime",
+        "restores db, web",
+    ] {
+        assert!(
+            out.stderr.contains(what),
+            "missing {what:?}: {}",
+            out.describe()
+        );
+    }
+    // CSV, the default, is a header and one row.
+    let csv = send(
         "a",
         &[
             "--to",
@@ -405,18 +460,14 @@ fn dry_run_prints_the_plan_and_touches_nothing() {
         ],
     )
     .ok();
-    for what in [
-        "pre-sync /srv/app",
-        "checkpoint in parallel",
-        "estimated downtime",
-        "restores db, web",
-    ] {
-        assert!(
-            out.stdout.contains(what),
-            "missing {what:?}: {}",
-            out.describe()
-        );
-    }
+    let rows: Vec<&str> = csv.stdout.lines().collect();
+    assert_eq!(rows.len(), 2, "{}", csv.describe());
+    assert!(
+        rows[0].starts_with("run_id,source,target,containers,"),
+        "{}",
+        rows[0]
+    );
+    assert!(rows[1].contains(",db web,"), "{}", rows[1]);
     assert_eq!(identity("a", "db"), ids);
     assert!(all_containers("b").is_empty());
 }
