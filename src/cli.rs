@@ -82,6 +82,13 @@ fn refusal_line(clap_text: &str, sub: Option<&str>) -> String {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Wait for migrations on this (target) host and restore what arrives.
+    ///
+    /// Exit status: 0 it restored the migration; 1 the migration ended without a restore
+    /// here (failed, aborted or dropped by the sender: the source keeps the service), or
+    /// none came within --idle-timeout; 2 it could not start (work folder, port): nothing
+    /// was touched; 130 stopped by a signal while no migration was in progress (one in
+    /// progress is finished first). With --serve it exits only on a signal or
+    /// --idle-timeout, with the status of the last migration when one was in progress.
     Receive(ReceiveArgs),
     /// Move running containers from this host to the target host.
     Send(SendArgs),

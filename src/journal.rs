@@ -175,6 +175,17 @@ impl Journal {
         dir(workdir).join(format!("{run_id}.json"))
     }
 
+    /// The log of the watchdog that guards the journal at `path`, next to it.
+    pub fn watchdog_log(path: &Path) -> PathBuf {
+        path.with_extension("watchdog.log")
+    }
+
+    /// Removes the journal at `path` and its watchdog's log: the run needs nobody any more.
+    pub fn remove(path: &Path) {
+        let _ = std::fs::remove_file(path);
+        let _ = std::fs::remove_file(Journal::watchdog_log(path));
+    }
+
     /// Replaces the journal file atomically.
     pub fn save(&self, path: &Path) -> Result<(), JournalError> {
         let parent = path.parent().unwrap_or(Path::new("."));

@@ -30,11 +30,12 @@ async fn dispatch(cli: Cli) -> u8 {
         Command::Receive(args) => {
             let ui = Arc::new(Ui::new("receive"));
             match receive::run(args, ui.clone()).await {
-                Ok(code) => code,
+                Ok(exit) => exit.code(),
                 Err(e) => {
+                    // It could not start (work folder, port): nothing was touched.
                     ui.finish();
                     say!("migrate receive: error: {e:#}");
-                    2
+                    Exit::Refused.code()
                 }
             }
         }

@@ -19,6 +19,7 @@ use crate::cli::OutputArgs;
 use crate::engine::podman::{Podman, PodmanError};
 use crate::journal::{Journal, Phase};
 use crate::progress::Ui;
+use crate::settle::Settled;
 use crate::timing::Format;
 use crate::transport::ssh::{Destination, Ssh};
 
@@ -312,58 +313,104 @@ fn base_report(j: &Journal) -> RunReport {
 /// Looks at what the run left here and repairs it (unless `mode` is [`Mode::List`]).
 pub async fn repair(j: &Journal, mode: Mode, ui: &Arc<Ui>) -> RunReport {
     let mut r = base_report(j);
-    if mode != Mode::Watchdog && (r.sender == "running" || r.watchdog == "running") {
+    if mode != Mode::Watchdog
+        && let Some(detail) = still_running(j, &r)
+    {
         r.result = Verdict::InProgress;
-        r.detail = format!(
-            "its {} (pid {}) still runs; nothing touched",
-            if r.sender == "running" {
-                "sender"
-            } else {
-                "watchdog"
-            },
-            if r.sender == "running" {
-                j.sender_pid
-            } else {
-                j.watchdog_pid.unwrap_or_default()
-            }
-        );
+        r.detail = detail;
         return r;
     }
     let podman = Podman;
-    let touch = mode != Mode::List;
-    // 1. Nothing stays frozen: from the freeze on, every cgroup `send` may have frozen is
-    //    thawed (before it, `send` froze nothing, and a freeze is somebody else's).
-    if touch && j.phase >= Phase::Checkpointing {
-        for c in &j.containers {
-            if let Some(f) = &c.freezer
-                && f.is_frozen()
-            {
-                match f.thaw() {
-                    Ok(()) => r.actions.push(format!("thawed {}", c.name)),
-                    Err(e) => r.actions.push(format!("thawing {} failed: {e}", c.name)),
-                }
-            }
-        }
+    if mode == Mode::List {
+        return list(&podman, j, r).await;
     }
-    // 2. podman checkpoints still exporting to a reader that died are let finish.
+    thaw(j, &mut r);
+    let_exports_finish(j, &mut r).await;
+    let states = look_here(&podman, j, &mut r).await;
+    settle(&podman, j, &states, &mut r, ui).await;
+    // Undetermined: what runs on the target is unknown, so everything stays as it is.
+    if r.result != Verdict::Undetermined {
+        remove_leftovers(j, &mut r).await;
+    }
+    r
+}
+
+/// Who of the run is still alive (its sender, or its watchdog), said so; `None` when
+/// both are gone.
+fn still_running(j: &Journal, r: &RunReport) -> Option<String> {
+    if r.sender == "running" {
+        Some(format!(
+            "its sender (pid {}) still runs; nothing touched",
+            j.sender_pid
+        ))
+    } else if r.watchdog == "running" {
+        Some(format!(
+            "its watchdog (pid {}) still runs; nothing touched",
+            j.watchdog_pid.unwrap_or_default()
+        ))
+    } else {
+        None
+    }
+}
+
+/// `--list`: what the run left here, and what its phase means; nothing changes.
+async fn list(podman: &Podman, j: &Journal, mut r: RunReport) -> RunReport {
+    r.result = Verdict::Listed;
     let fifos: Vec<PathBuf> = j.containers.iter().map(|c| c.fifo.clone()).collect();
-    if touch {
-        let waited = tokio::task::spawn_blocking(move || drain_exports(&fifos, PODMAN_DRAIN_LIMIT))
-            .await
-            .ok()
-            .flatten();
-        if let Some(w) = waited {
-            r.actions.push(w);
-        }
-    } else if !exporters(&fifos).is_empty() {
+    if !exporters(&fifos).is_empty() {
         r.found.push("podman-still-checkpointing".into());
-        r.result = Verdict::Listed;
         r.detail = "podman's checkpoint of this run still runs".into();
         return r;
     }
+    let states = look_here(podman, j, &mut r).await;
+    r.runs_on = where_from_local(&states);
+    r.detail = match j.phase {
+        Phase::Prepared => "died before the freeze".into(),
+        Phase::Checkpointing => {
+            "died after the freeze began, before \"OK\": the containers belong here".into()
+        }
+        Phase::OkSent => "died after \"OK\": the target's state decides".into(),
+        Phase::Committing => "died while removing the containers here; the target runs them".into(),
+        Phase::RollingBack => "died while restoring the containers here".into(),
+    };
+    r
+}
+
+/// Nothing stays frozen: from the freeze on, every cgroup `send` may have frozen is
+/// thawed (before it, `send` froze nothing, and a freeze is somebody else's).
+fn thaw(j: &Journal, r: &mut RunReport) {
+    if j.phase < Phase::Checkpointing {
+        return;
+    }
+    for c in &j.containers {
+        if let Some(f) = &c.freezer
+            && f.is_frozen()
+        {
+            match f.thaw() {
+                Ok(()) => r.actions.push(format!("thawed {}", c.name)),
+                Err(e) => r.actions.push(format!("thawing {} failed: {e}", c.name)),
+            }
+        }
+    }
+}
+
+/// podman checkpoints still exporting to a reader that died are let finish.
+async fn let_exports_finish(j: &Journal, r: &mut RunReport) {
+    let fifos: Vec<PathBuf> = j.containers.iter().map(|c| c.fifo.clone()).collect();
+    let waited = tokio::task::spawn_blocking(move || drain_exports(&fifos, PODMAN_DRAIN_LIMIT))
+        .await
+        .ok()
+        .flatten();
+    if let Some(w) = waited {
+        r.actions.push(w);
+    }
+}
+
+/// The state of each container here, also written into the report's `found`.
+async fn look_here(podman: &Podman, j: &Journal, r: &mut RunReport) -> Vec<Local> {
     let mut states = Vec::new();
     for i in 0..j.containers.len() {
-        states.push(local_state(&podman, j, i).await);
+        states.push(local_state(podman, j, i).await);
     }
     r.found = j
         .containers
@@ -371,86 +418,89 @@ pub async fn repair(j: &Journal, mode: Mode, ui: &Arc<Ui>) -> RunReport {
         .zip(&states)
         .map(|(c, s)| format!("{}={}", c.name, s.word()))
         .collect();
-    if mode == Mode::List {
-        r.result = Verdict::Listed;
-        r.runs_on = where_from_local(&states);
-        r.detail = match j.phase {
-            Phase::Prepared => "died before the freeze".into(),
-            Phase::Checkpointing => {
-                "died after the freeze began, before \"OK\": the containers belong here".into()
-            }
-            Phase::OkSent => "died after \"OK\": the target's state decides".into(),
-            Phase::Committing => {
-                "died while removing the containers here; the target runs them".into()
-            }
-            Phase::RollingBack => "died while restoring the containers here".into(),
-        };
-        return r;
-    }
+    states
+}
+
+/// Makes the service run on one host, by the journal's phase: before "OK" here; after
+/// it, where the target's state says.
+async fn settle(podman: &Podman, j: &Journal, states: &[Local], r: &mut RunReport, ui: &Arc<Ui>) {
     match j.phase {
         Phase::Prepared => {
             r.detail =
                 "the sender died before the freeze: nothing was frozen or checkpointed".into();
-            r.runs_on = where_from_local(&states);
+            r.runs_on = where_from_local(states);
         }
         Phase::Checkpointing | Phase::RollingBack => {
-            restore_here(&podman, j, &states, &mut r, ui).await;
+            restore_here(podman, j, states, r, ui).await;
         }
         Phase::Committing => {
-            remove_here(&podman, j, &states, &mut r).await;
+            remove_here(podman, j, states, r).await;
         }
         Phase::OkSent => {
-            let ssh = match Ssh::connect(&Destination::from(&j.target), SSH_TIMEOUT).await {
-                Ok(s) => s,
-                Err(e) => {
-                    r.result = Verdict::Undetermined;
-                    r.runs_on = "unknown".into();
-                    r.detail = undetermined(j, &states, &e.to_string());
-                    return r;
-                }
-            };
-            // A receiver still restoring gets the time a sender would give it; then the
-            // target's state decides.
-            let deadline = tokio::time::Instant::now() + crate::send::RESTORE_TIMEOUT;
-            match crate::settle::over_ssh(&ssh, &j.remote_dir, &r.containers.clone(), deadline, ui)
-                .await
-            {
-                Ok(crate::settle::Settled::Restored(_)) => {
-                    remove_here(&podman, j, &states, &mut r).await;
-                }
-                Ok(crate::settle::Settled::Clean(o)) => {
-                    restore_here(&podman, j, &states, &mut r, ui).await;
-                    r.detail = format!(
-                        "the target {} does not run them ({}); {}",
-                        r.target,
-                        o.error.unwrap_or_default(),
-                        r.detail
-                    );
-                }
-                Ok(crate::settle::Settled::NotClean(nc, _)) => {
-                    // Some of it may run there and cannot be removed: restoring here
-                    // could run the service twice.
-                    r.result = Verdict::Undetermined;
-                    r.detail = undetermined(j, &states, &format!("{nc:?}"));
-                    ssh.close().await;
-                    return r;
-                }
-                Err(e) => {
-                    r.result = Verdict::Undetermined;
-                    r.detail = undetermined(j, &states, &format!("{e:#}"));
-                    ssh.close().await;
-                    return r;
-                }
-            }
-            ssh.close().await;
+            ask_target(podman, j, states, r, ui).await;
         }
     }
-    // 3. Leftovers: the run folders on both hosts (the target's holds process memory),
-    //    once the service runs on one host.
-    if r.result != Verdict::Failed && j.phase != Phase::OkSent && j.phase != Phase::Committing {
-        remove_remote_dir(j, &mut r).await;
+}
+
+/// After "OK" only the target's state decides: asked over SSH, as a sender that lost the
+/// control connection would.
+async fn ask_target(
+    podman: &Podman,
+    j: &Journal,
+    states: &[Local],
+    r: &mut RunReport,
+    ui: &Arc<Ui>,
+) {
+    let ssh = match Ssh::connect(&Destination::from(&j.target), SSH_TIMEOUT).await {
+        Ok(s) => s,
+        Err(e) => {
+            r.result = Verdict::Undetermined;
+            r.runs_on = "unknown".into();
+            r.detail = undetermined(j, states, &e.to_string());
+            return;
+        }
+    };
+    // A receiver still restoring gets the time a sender would give it; then the
+    // target's state decides.
+    let deadline = tokio::time::Instant::now() + crate::send::RESTORE_TIMEOUT;
+    let names = r.containers.clone();
+    match crate::settle::over_ssh(&ssh, &j.remote_dir, &names, deadline, ui).await {
+        Ok(Settled::Restored(_)) => {
+            remove_here(podman, j, states, r).await;
+        }
+        Ok(Settled::Clean(o)) => {
+            restore_here(podman, j, states, r, ui).await;
+            r.detail = format!(
+                "the target {} does not run them ({}); {}",
+                r.target,
+                o.error.unwrap_or_default(),
+                r.detail
+            );
+        }
+        Ok(Settled::NotClean(nc, _)) => {
+            // Some of it may run there and cannot be removed: restoring here could run
+            // the service twice.
+            r.result = Verdict::Undetermined;
+            r.detail = undetermined(j, states, &format!("{nc:?}"));
+        }
+        Err(e) => {
+            r.result = Verdict::Undetermined;
+            r.detail = undetermined(j, states, &format!("{e:#}"));
+        }
     }
-    if r.result != Verdict::Failed && j.local_dir.exists() {
+    ssh.close().await;
+}
+
+/// Leftovers: the run folders on both hosts (the target's holds process memory), once
+/// the service runs on one host.
+async fn remove_leftovers(j: &Journal, r: &mut RunReport) {
+    if r.result == Verdict::Failed {
+        return;
+    }
+    if j.phase != Phase::OkSent && j.phase != Phase::Committing {
+        remove_remote_dir(j, r).await;
+    }
+    if j.local_dir.exists() {
         match std::fs::remove_dir_all(&j.local_dir) {
             Ok(()) => r.actions.push(format!("removed {}", j.local_dir.display())),
             Err(e) => r
@@ -458,7 +508,6 @@ pub async fn repair(j: &Journal, mode: Mode, ui: &Arc<Ui>) -> RunReport {
                 .push(format!("removing {} failed: {e}", j.local_dir.display())),
         }
     }
-    r
 }
 
 fn where_from_local(states: &[Local]) -> String {
@@ -677,8 +726,7 @@ pub async fn run(args: RecoverArgs) -> u8 {
             Verdict::Failed => code = code.max(1),
             Verdict::Clean | Verdict::Repaired => {
                 // Settled: the journal (and its watchdog's log) has been reported and goes.
-                let _ = std::fs::remove_file(&path);
-                let _ = std::fs::remove_file(path.with_extension("watchdog.log"));
+                Journal::remove(&path);
             }
             Verdict::InProgress | Verdict::Listed => {}
         }

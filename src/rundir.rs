@@ -21,9 +21,14 @@ pub const RESULT_FILE: &str = "result.json";
 /// The receiver's process id, for a sender that must stop it.
 pub const PID_FILE: &str = "receiver.pid";
 
+/// The folder that holds every run folder of a work folder.
+pub fn runs_dir(workdir: &Path) -> PathBuf {
+    workdir.join("runs")
+}
+
 /// Folder of one migration under a work folder.
 pub fn run_dir(workdir: &Path, run_id: &str) -> PathBuf {
-    workdir.join("runs").join(run_id)
+    runs_dir(workdir).join(run_id)
 }
 
 /// The same, as the text the sender puts into remote commands.
@@ -147,6 +152,36 @@ pub fn read_secret(dir: &Path) -> Result<Vec<u8>, RunDirError> {
         ));
     }
     Ok(secret)
+}
+
+/// Writes the receiver's pid, for a sender that must stop it.
+pub fn write_pid(dir: &Path) -> std::io::Result<()> {
+    write_private(dir, PID_FILE, std::process::id().to_string().as_bytes())
+}
+
+/// Writes the receiver's outcome, for a sender that lost the control connection and
+/// reads it over SSH. A partial file is removed on failure (a full disk).
+pub fn write_result(dir: &Path, outcome: &crate::protocol::TargetOutcome) -> std::io::Result<()> {
+    write_private(dir, RESULT_FILE, &serde_json::to_vec(outcome)?)
+}
+
+/// Removes the secret: nobody can authenticate for this run any more.
+pub fn remove_secret(dir: &Path) {
+    let _ = std::fs::remove_file(dir.join(SECRET_FILE));
+}
+
+/// Removes the archives (and the secret). Archives hold process memory, keys included:
+/// they go as soon as they are of no more use.
+pub fn remove_archives(dir: &Path) {
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            if name.contains(".tar") || name == SECRET_FILE {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
 }
 
 /// The shell script (run over SSH on the target) that creates the run folder `run_dir`

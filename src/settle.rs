@@ -297,81 +297,11 @@ pub async fn over_ssh(
     deadline: Instant,
     ui: &Ui,
 ) -> Result<Settled, SshError> {
-    let probe = probe_script(remote_dir);
-    let mut sent = Sent::Nothing;
-    let mut until = deadline;
-    let mut reported: Option<TargetOutcome> = None;
-    let mut stuck: Vec<String> = Vec::new();
-    loop {
-        let found = parse_probe(&ssh.sh(&probe, REMOTE_TIMEOUT).await?.stdout);
-        let (seen, alive) = match found {
-            Probe::Result(r) => {
-                reported = r;
-                (Seen::Result, None)
-            }
-            Probe::Alive { pid, argv } if is_receiver(&argv) => (Seen::Alive, Some((pid, argv))),
-            Probe::Alive { pid, argv } => {
-                ui.warn(&format!(
-                    "pid {pid} of the receiver's pid file is not a migrate receiver now ({}); not touched",
-                    argv.join(" ")
-                ));
-                (Seen::Gone, None)
-            }
-            Probe::Gone => (Seen::Gone, None),
-        };
-        match next_step(seen, sent, Instant::now() >= until) {
-            Next::Inspect => break,
-            Next::Wait => tokio::time::sleep(POLL).await,
-            Next::Term | Next::Kill => {
-                let (pid, argv) = alive.expect("only a live receiver is signalled");
-                let (signal, grace, now_sent) = if sent == Sent::Nothing {
-                    ("TERM", TERM_GRACE, Sent::Term)
-                } else {
-                    ("KILL", KILL_GRACE, Sent::Kill)
-                };
-                ui.warn(&format!(
-                    "the receiver (pid {pid} on {}) has not finished: sending it SIG{signal}",
-                    ssh.label()
-                ));
-                // Checked again right before the signal: the pid must still be the same
-                // receiver.
-                ssh.sh(&signal_script(pid, &argv, signal), REMOTE_TIMEOUT)
-                    .await?;
-                sent = now_sent;
-                until = Instant::now() + grace;
-            }
-            Next::Stuck => {
-                let (pid, argv) = alive.expect("stuck means alive");
-                stuck.push(format!("{pid} {} (the receiver)", argv.join(" ")));
-                break;
-            }
-        }
-    }
-    // A receiver that died may have left restores running (its podman children live on).
-    // They are let finish (a podman stopped half-way can leave a conmon holding the
-    // container's ports with no container podman knows of); one still running after a
-    // minute gets SIGTERM, then SIGKILL, and whatever survives that is reported.
-    let pattern = shell_quote(&self_excluding_pattern(remote_dir));
-    let out = ssh
-        .sh(
-            &format!(
-                "p={pattern}\n\
-                 w() {{ i=0; while pgrep -f -- \"$p\" >/dev/null && [ $i -lt $1 ]; do sleep 0.1; i=$((i+1)); done; }}\n\
-                 w 600; pkill -TERM -f -- \"$p\"; w 100; pkill -KILL -f -- \"$p\"; w 50\n\
-                 pgrep -a -f -- \"$p\"; true"
-            ),
-            REMOTE_TIMEOUT,
-        )
-        .await?;
-    stuck.extend(
-        out.stdout
-            .lines()
-            .filter(|l| {
-                l.split_once(' ')
-                    .is_some_and(|(p, _)| p.parse::<u32>().is_ok())
-            })
-            .map(str::to_string),
-    );
+    let Receiver {
+        reported,
+        mut stuck,
+    } = wait_for_receiver(ssh, remote_dir, deadline, ui).await?;
+    stuck.extend(stop_restores(ssh, remote_dir).await?);
     let states = inspect(ssh, names).await;
     let error = reported.as_ref().and_then(|o| o.error.clone());
     match decide_settle(&states) {
@@ -386,30 +316,150 @@ pub async fn over_ssh(
                     }),
             ))
         }
-        Settle::RollBack { remove_on_target } => {
-            if !stuck.is_empty() {
-                // Removing now could race with what is still alive there.
-                let containers = left_over(&states, &[]);
-                return Ok(Settled::NotClean(
-                    NotClean {
-                        containers,
-                        processes: stuck,
-                    },
-                    error,
-                ));
-            }
-            match clean(ssh, &remove_on_target, ui).await {
-                Ok(()) => Ok(Settled::Clean(TargetOutcome {
-                    restored: false,
-                    error: Some(error.unwrap_or_else(|| {
-                        "the receiver went away before every container ran on the target".into()
-                    })),
-                    ..Default::default()
+        Settle::RollBack { .. } if !stuck.is_empty() => {
+            // Removing now could race with what is still alive there.
+            let containers = left_over(&states, &[]);
+            Ok(Settled::NotClean(
+                NotClean {
+                    containers,
+                    processes: stuck,
+                },
+                error,
+            ))
+        }
+        Settle::RollBack { remove_on_target } => match clean(ssh, &remove_on_target, ui).await {
+            Ok(()) => Ok(Settled::Clean(TargetOutcome {
+                restored: false,
+                error: Some(error.unwrap_or_else(|| {
+                    "the receiver went away before every container ran on the target".into()
                 })),
-                Err(nc) => Ok(Settled::NotClean(nc, error)),
+                ..Default::default()
+            })),
+            Err(nc) => Ok(Settled::NotClean(nc, error)),
+        },
+    }
+}
+
+/// How the receiver ended, as far as its run folder and processes tell.
+struct Receiver {
+    /// Its result, when it wrote one (and it could be read).
+    reported: Option<TargetOutcome>,
+    /// It is still alive after SIGKILL: "PID command".
+    stuck: Vec<String>,
+}
+
+/// Waits for the receiver to write its result or to die until `deadline`, then stops it
+/// (SIGTERM, then SIGKILL after a grace each).
+async fn wait_for_receiver(
+    ssh: &Ssh,
+    remote_dir: &str,
+    deadline: Instant,
+    ui: &Ui,
+) -> Result<Receiver, SshError> {
+    let probe = probe_script(remote_dir);
+    let mut sent = Sent::Nothing;
+    let mut until = deadline;
+    let mut reported: Option<TargetOutcome> = None;
+    loop {
+        let found = parse_probe(&ssh.sh(&probe, REMOTE_TIMEOUT).await?.stdout);
+        let (seen, alive) = seen(found, &mut reported, ui);
+        match next_step(seen, sent, Instant::now() >= until) {
+            Next::Inspect => {
+                return Ok(Receiver {
+                    reported,
+                    stuck: Vec::new(),
+                });
+            }
+            Next::Wait => tokio::time::sleep(POLL).await,
+            Next::Term | Next::Kill => {
+                let (pid, argv) = alive.expect("only a live receiver is signalled");
+                let grace;
+                (sent, grace) = signal_receiver(ssh, pid, &argv, sent, ui).await?;
+                until = Instant::now() + grace;
+            }
+            Next::Stuck => {
+                let (pid, argv) = alive.expect("stuck means alive");
+                let stuck = vec![format!("{pid} {} (the receiver)", argv.join(" "))];
+                return Ok(Receiver { reported, stuck });
             }
         }
     }
+}
+
+/// What one probe of the run folder shows; a live receiver comes with its pid and
+/// command line. A result is kept in `reported`.
+fn seen(
+    found: Probe,
+    reported: &mut Option<TargetOutcome>,
+    ui: &Ui,
+) -> (Seen, Option<(u32, Vec<String>)>) {
+    match found {
+        Probe::Result(r) => {
+            *reported = r;
+            (Seen::Result, None)
+        }
+        Probe::Alive { pid, argv } if is_receiver(&argv) => (Seen::Alive, Some((pid, argv))),
+        Probe::Alive { pid, argv } => {
+            ui.warn(&format!(
+                "pid {pid} of the receiver's pid file is not a migrate receiver now ({}); not touched",
+                argv.join(" ")
+            ));
+            (Seen::Gone, None)
+        }
+        Probe::Gone => (Seen::Gone, None),
+    }
+}
+
+/// SIGTERM when nothing was sent yet, else SIGKILL; returns what was sent and how long
+/// the receiver has to go.
+async fn signal_receiver(
+    ssh: &Ssh,
+    pid: u32,
+    argv: &[String],
+    sent: Sent,
+    ui: &Ui,
+) -> Result<(Sent, Duration), SshError> {
+    let (signal, grace, now_sent) = if sent == Sent::Nothing {
+        ("TERM", TERM_GRACE, Sent::Term)
+    } else {
+        ("KILL", KILL_GRACE, Sent::Kill)
+    };
+    ui.warn(&format!(
+        "the receiver (pid {pid} on {}) has not finished: sending it SIG{signal}",
+        ssh.label()
+    ));
+    // Checked again right before the signal: the pid must still be the same receiver.
+    ssh.sh(&signal_script(pid, argv, signal), REMOTE_TIMEOUT)
+        .await?;
+    Ok((now_sent, grace))
+}
+
+/// A receiver that died may have left restores running (its podman children live on).
+/// They are let finish (a podman stopped half-way can leave a conmon holding the
+/// container's ports with no container podman knows of); one still running after a
+/// minute gets SIGTERM, then SIGKILL. Returns what survives that ("PID command").
+async fn stop_restores(ssh: &Ssh, remote_dir: &str) -> Result<Vec<String>, SshError> {
+    let pattern = shell_quote(&self_excluding_pattern(remote_dir));
+    let out = ssh
+        .sh(
+            &format!(
+                "p={pattern}\n\
+                 w() {{ i=0; while pgrep -f -- \"$p\" >/dev/null && [ $i -lt $1 ]; do sleep 0.1; i=$((i+1)); done; }}\n\
+                 w 600; pkill -TERM -f -- \"$p\"; w 100; pkill -KILL -f -- \"$p\"; w 50\n\
+                 pgrep -a -f -- \"$p\"; true"
+            ),
+            REMOTE_TIMEOUT,
+        )
+        .await?;
+    Ok(out
+        .stdout
+        .lines()
+        .filter(|l| {
+            l.split_once(' ')
+                .is_some_and(|(p, _)| p.parse::<u32>().is_ok())
+        })
+        .map(str::to_string)
+        .collect())
 }
 
 /// The states of `names` on the target; all unknown when SSH cannot tell.

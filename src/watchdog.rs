@@ -13,7 +13,7 @@
 
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -63,53 +63,15 @@ impl Guard {
         local_dir: &Path,
         remote_dir: &str,
     ) -> anyhow::Result<String> {
-        let me = std::process::id();
-        let j = Journal {
-            run_id: plan.run_id.clone(),
-            phase: Phase::Prepared,
-            sender_pid: me,
-            sender_start: crate::journal::start_time(me).unwrap_or_default(),
-            watchdog_pid: None,
-            watchdog_start: None,
-            started_us: now_us(),
-            source: crate::host::hostname(),
-            target: TargetRef::from(&plan.target.dest),
-            remote_dir: remote_dir.to_string(),
-            local_dir: local_dir.to_path_buf(),
-            containers,
-            watchdog: None,
-        };
+        let j = first_journal(plan, containers, local_dir, remote_dir);
         j.save(&self.path)
             .with_context(|| format!("cannot write the run journal {}", self.path.display()))?;
         self.journal = Some(j);
-        let log_path = self.path.with_extension("watchdog.log");
-        let log = crate::rundir::create_new_private(&log_path)
-            .with_context(|| format!("cannot create {}", log_path.display()))?;
-        // /proc/self/exe: this very binary, even if the file was replaced since.
-        let mut child = Command::new("/proc/self/exe")
-            .arg("watchdog")
-            .arg("--journal")
-            .arg(&self.path)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(log)
-            .spawn()
-            .context("cannot start the watchdog (`migrate watchdog`)")?;
-        let stdin = child.stdin.take().expect("piped");
-        let stdout = child.stdout.take().expect("piped");
+        let log_path = Journal::watchdog_log(&self.path);
+        let (child, stdin, stdout) = spawn(&self.path, &log_path)?;
         let pid = child.id();
         self.child = Some((child, stdin));
-        let ready = tokio::task::spawn_blocking(move || {
-            let mut line = String::new();
-            std::io::BufReader::new(stdout)
-                .read_line(&mut line)
-                .map(|_| line)
-        });
-        let line = match tokio::time::timeout(READY_TIMEOUT, ready).await {
-            Ok(Ok(Ok(l))) => l,
-            _ => String::new(),
-        };
-        if line.trim() != "ready" {
+        if !ready(stdout).await {
             if let Some((mut c, _)) = self.child.take() {
                 let _ = c.kill();
                 let _ = c.wait();
@@ -150,8 +112,7 @@ impl Guard {
     /// (`keep`), and the watchdog is released either way.
     pub fn end(mut self, keep: bool) {
         if self.journal.is_some() && !keep {
-            let _ = std::fs::remove_file(&self.path);
-            let _ = std::fs::remove_file(self.path.with_extension("watchdog.log"));
+            Journal::remove(&self.path);
         }
         if let Some((child, mut stdin)) = self.child.take() {
             let _ = writeln!(stdin, "{RELEASED}");
@@ -160,6 +121,65 @@ impl Guard {
             drop(child);
         }
     }
+}
+
+/// The journal of a run about to start: phase `prepared`, no watchdog yet.
+fn first_journal(
+    plan: &SendPlan,
+    containers: Vec<Entry>,
+    local_dir: &Path,
+    remote_dir: &str,
+) -> Journal {
+    let me = std::process::id();
+    Journal {
+        run_id: plan.run_id.clone(),
+        phase: Phase::Prepared,
+        sender_pid: me,
+        sender_start: crate::journal::start_time(me).unwrap_or_default(),
+        watchdog_pid: None,
+        watchdog_start: None,
+        started_us: now_us(),
+        source: crate::host::hostname(),
+        target: TargetRef::from(&plan.target.dest),
+        remote_dir: remote_dir.to_string(),
+        local_dir: local_dir.to_path_buf(),
+        containers,
+        watchdog: None,
+    }
+}
+
+/// Starts `migrate watchdog` for the journal at `journal`, its stderr into `log_path`
+/// (a new private file); returns it with the two ends of its pipe.
+fn spawn(journal: &Path, log_path: &Path) -> anyhow::Result<(Child, ChildStdin, ChildStdout)> {
+    let log = crate::rundir::create_new_private(log_path)
+        .with_context(|| format!("cannot create {}", log_path.display()))?;
+    // /proc/self/exe: this very binary, even if the file was replaced since.
+    let mut child = Command::new("/proc/self/exe")
+        .arg("watchdog")
+        .arg("--journal")
+        .arg(journal)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(log)
+        .spawn()
+        .context("cannot start the watchdog (`migrate watchdog`)")?;
+    let stdin = child.stdin.take().expect("piped");
+    let stdout = child.stdout.take().expect("piped");
+    Ok((child, stdin, stdout))
+}
+
+/// True once the watchdog said `ready` (within [`READY_TIMEOUT`]).
+async fn ready(stdout: ChildStdout) -> bool {
+    let line = tokio::task::spawn_blocking(move || {
+        let mut line = String::new();
+        std::io::BufReader::new(stdout)
+            .read_line(&mut line)
+            .map(|_| line)
+    });
+    matches!(
+        tokio::time::timeout(READY_TIMEOUT, line).await,
+        Ok(Ok(Ok(l))) if l.trim() == "ready"
+    )
 }
 
 /// `migrate watchdog --journal FILE`: waits for the sender to release it or to die.
@@ -178,7 +198,25 @@ pub async fn run(args: WatchdogArgs) -> u8 {
         "watching the sender of {}",
         args.journal.display()
     ));
-    let released = tokio::task::spawn_blocking(|| {
+    if released().await {
+        ui.info("released by the sender");
+        return 0;
+    }
+    let j = match Journal::load(&args.journal) {
+        Ok(j) => j,
+        Err(e) => {
+            // The sender removed its journal and died before it could say so.
+            ui.info(&format!("the sender went away; no journal to act on ({e})"));
+            return 0;
+        }
+    };
+    repair(j, &args.journal, &ui).await
+}
+
+/// Waits on the pipe: true when the sender wrote `released`, false when the pipe closed
+/// without it (the sender died).
+async fn released() -> bool {
+    tokio::task::spawn_blocking(|| {
         let mut line = String::new();
         let stdin = std::io::stdin();
         let mut lock = stdin.lock();
@@ -192,25 +230,18 @@ pub async fn run(args: WatchdogArgs) -> u8 {
         }
     })
     .await
-    .unwrap_or(false);
-    if released {
-        ui.info("released by the sender");
-        return 0;
-    }
-    let mut j = match Journal::load(&args.journal) {
-        Ok(j) => j,
-        Err(e) => {
-            // The sender removed its journal and died before it could say so.
-            ui.info(&format!("the sender went away; no journal to act on ({e})"));
-            return 0;
-        }
-    };
+    .unwrap_or(false)
+}
+
+/// Repairs the run of a sender that died, and writes what it found and did into the
+/// journal (at `path`) for `migrate recover` to report.
+async fn repair(mut j: Journal, path: &Path, ui: &Arc<Ui>) -> u8 {
     ui.warn(&format!(
         "the sender (pid {}) went away in phase {}: repairing",
         j.sender_pid,
         j.phase.as_str()
     ));
-    let report = crate::recover::repair(&j, crate::recover::Mode::Watchdog, &ui).await;
+    let report = crate::recover::repair(&j, crate::recover::Mode::Watchdog, ui).await;
     ui.info(&format!(
         "{}: found {}; did {}; {}",
         report.result.as_str(),
@@ -225,12 +256,12 @@ pub async fn run(args: WatchdogArgs) -> u8 {
     j.watchdog = Some(WatchdogNote {
         at_us: now_us(),
         result: report.result.as_str().to_string(),
-        runs_on: report.runs_on.clone(),
-        found: report.found.clone(),
-        actions: report.actions.clone(),
-        detail: report.detail.clone(),
+        runs_on: report.runs_on,
+        found: report.found,
+        actions: report.actions,
+        detail: report.detail,
     });
-    if let Err(e) = j.save(&args.journal) {
+    if let Err(e) = j.save(path) {
         ui.warn(&format!("cannot record what was done: {e}"));
         return 1;
     }

@@ -1,0 +1,241 @@
+//! Restoring what arrived: the archives are verified, then the containers restored in
+//! waves (dependencies first, each wave at once). A failed restore removes everything
+//! this migration brought up here, so nothing half-restored stays; what cannot be removed
+//! is reported, so the source does not restore it too.
+
+use std::path::Path;
+use std::time::Duration;
+
+use super::Ctx;
+use super::archives::verify_archives;
+use crate::engine::podman::{CriuOptions, Podman, PodmanError};
+use crate::progress::Ui;
+use crate::protocol::{ContainerEntry, LeftOnTarget, Manifest, TargetOutcome, restore_waves};
+use crate::timing::{Stopwatch, now_us};
+
+/// Attempts at removing a container of a failed restore (the last one after SIGKILL).
+const REMOVE_ATTEMPTS: u32 = 3;
+
+/// Verifies the shipped archives and restores the containers in manifest order; on a
+/// failure removes what it had restored.
+pub(super) async fn restore(
+    manifest: &Manifest,
+    run_id: &str,
+    dir: &Path,
+    ready_us: i64,
+    ctx: &Ctx,
+) -> TargetOutcome {
+    let mut out = TargetOutcome {
+        ready_us,
+        ..Default::default()
+    };
+    let verify = Stopwatch::start();
+    // Names were checked before the freeze (the sender's preflight); one taken since
+    // makes podman's restore fail, and that container, not ours, is left alone below.
+    if let Err(e) = verify_archives(manifest, run_id, dir, &ctx.ui).await {
+        ctx.ui.warn(&format!("{e:#}"));
+        out.error = Some(format!("{e:#}"));
+        return out;
+    }
+    out.verify_s = verify.secs();
+    let clock = Stopwatch::start();
+    let podman = Podman;
+    let waves = restore_waves(&manifest.containers).expect("validated: no cycle");
+    let mut restored: Vec<&str> = Vec::new();
+    for wave in waves {
+        if let Err(failed) = restore_wave(&podman, &wave, dir, ctx, &mut restored, &mut out).await {
+            out.error = Some(undo(&podman, &failed, &restored, ctx, &mut out.left_on_target).await);
+            out.restore_s = clock.secs();
+            return out;
+        }
+    }
+    out.restore_s = clock.secs();
+    out.up_us = Some(now_us());
+    out.restored = true;
+    ctx.ui.info(&format!("UP: {} running", restored.join(", ")));
+    out
+}
+
+/// The containers of a wave that did not come up, each with its message.
+struct WaveFailed<'m> {
+    /// Restores that failed.
+    failed: Vec<(&'m str, String)>,
+    /// Restores refused because somebody else's container holds the name.
+    taken: Vec<(&'m str, String)>,
+}
+
+impl WaveFailed<'_> {
+    fn message(&self) -> String {
+        self.taken
+            .iter()
+            .chain(&self.failed)
+            .map(|(_, m)| m.as_str())
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+}
+
+/// Restores one wave at once; what came up is added to `restored` and its times to
+/// `out`.
+async fn restore_wave<'m>(
+    podman: &Podman,
+    wave: &[&'m ContainerEntry],
+    dir: &Path,
+    ctx: &Ctx,
+    restored: &mut Vec<&'m str>,
+    out: &mut TargetOutcome,
+) -> Result<(), WaveFailed<'m>> {
+    let names: Vec<&str> = wave.iter().map(|c| c.name.as_str()).collect();
+    ctx.ui.phase(&format!("restoring {}", names.join(", ")));
+    let results = futures::future::join_all(wave.iter().map(|c| async move {
+        let sw = Stopwatch::start();
+        let opts = CriuOptions {
+            file_locks: c.file_locks,
+            tcp_established: c.tcp_established,
+            tcp_close: c.tcp_close,
+            skip_in_flight: false,
+        };
+        (
+            podman.restore_import(&dir.join(&c.archive), opts).await,
+            sw.secs(),
+        )
+    }))
+    .await;
+    let mut failed = WaveFailed {
+        failed: Vec::new(),
+        taken: Vec::new(),
+    };
+    for (c, (r, secs)) in wave.iter().zip(results) {
+        match r {
+            Ok(stats) => {
+                restored.push(&c.name);
+                out.container_restore_s.push((c.name.clone(), secs));
+                if let Some(criu) = stats.criu_s {
+                    out.criu_restore_s = Some(out.criu_restore_s.unwrap_or(0.0).max(criu));
+                }
+                ctx.ui.info(&format!("restored {} in {secs:.3}s", c.name));
+            }
+            Err(e) if name_taken(&c.name, &e) => failed.taken.push((
+                c.name.as_str(),
+                format!(
+                    "a container named {} already exists on {}; remove it there first",
+                    c.name, ctx.hostname
+                ),
+            )),
+            Err(e) => failed
+                .failed
+                .push((c.name.as_str(), format!("restoring {} failed: {e}", c.name))),
+        }
+    }
+    if failed.failed.is_empty() && failed.taken.is_empty() {
+        Ok(())
+    } else {
+        Err(failed)
+    }
+}
+
+/// podman refused to restore `name` because somebody else's container holds it here.
+fn name_taken(name: &str, e: &PodmanError) -> bool {
+    e.to_string()
+        .contains(&format!("container name \"{name}\" is already in use"))
+}
+
+/// After a failed wave: removes whatever podman left of the failed restores and all that
+/// came up, newest first (a taken name is somebody else's container: left alone). What
+/// cannot be removed goes into `left`. Returns the outcome's error.
+async fn undo(
+    podman: &Podman,
+    failed: &WaveFailed<'_>,
+    restored: &[&str],
+    ctx: &Ctx,
+    left: &mut Vec<LeftOnTarget>,
+) -> String {
+    let msg = failed.message();
+    ctx.ui.warn(&msg);
+    for name in failed
+        .failed
+        .iter()
+        .map(|(n, _)| *n)
+        .chain(restored.iter().rev().copied())
+    {
+        if let Some(l) = remove_restored(podman, name, &ctx.ui).await {
+            left.push(l);
+        }
+    }
+    if left.is_empty() {
+        return msg;
+    }
+    let names = left
+        .iter()
+        .map(|l| format!("{} ({}: {})", l.name, l.state, l.error))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let text = format!(
+        "NOT removed on {} after the failed restore, so it may still exist or run there: {names}",
+        ctx.hostname
+    );
+    ctx.ui.warn(&text);
+    format!("{msg}; {text}")
+}
+
+/// Removes a container this migration restored (or that podman half-created for it):
+/// `rm --force`, once more after a moment (a stopped restore's mounts can stay busy),
+/// then SIGKILL and `rm --force` again. Returns what is left of it when it is still
+/// there, or when that cannot be told.
+async fn remove_restored(podman: &Podman, name: &str, ui: &Ui) -> Option<LeftOnTarget> {
+    let mut last = match podman.exists(name).await {
+        Ok(false) => return None,
+        Ok(true) => String::new(),
+        // Unknown: try to remove it anyway, then look again.
+        Err(e) => format!("podman inspect: {e}"),
+    };
+    for attempt in 1..=REMOVE_ATTEMPTS {
+        if attempt == REMOVE_ATTEMPTS
+            && let Err(e) = podman.kill(name).await
+        {
+            ui.warn(&format!("killing {name} after the failed restore: {e}"));
+        }
+        match podman.remove(name).await {
+            Ok(()) => break,
+            Err(e) => {
+                ui.warn(&format!(
+                    "removing {name} after the failed restore (attempt {attempt} of {REMOVE_ATTEMPTS}): {e}"
+                ));
+                last = e.to_string();
+                if attempt < REMOVE_ATTEMPTS {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+    }
+    left_after_removal(podman, name, last).await
+}
+
+/// What podman shows of `name` after the attempts at removing it; `last` is the last
+/// removal error (empty when podman said it removed it).
+async fn left_after_removal(podman: &Podman, name: &str, last: String) -> Option<LeftOnTarget> {
+    match podman.inspect(&[name.to_string()]).await {
+        Err(PodmanError::NoSuchContainer(_)) => None,
+        Ok(found) => Some(LeftOnTarget {
+            name: name.to_string(),
+            state: found
+                .first()
+                .map(|c| c.status.clone())
+                .unwrap_or_else(|| "unknown".into()),
+            error: if last.is_empty() {
+                "podman rm reported success, yet it is still there".into()
+            } else {
+                last
+            },
+        }),
+        Err(e) => Some(LeftOnTarget {
+            name: name.to_string(),
+            state: "unknown".into(),
+            error: if last.is_empty() {
+                format!("podman inspect: {e}")
+            } else {
+                format!("{last}; podman inspect: {e}")
+            },
+        }),
+    }
+}
