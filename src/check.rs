@@ -6,11 +6,12 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::cli::{CheckArgs, CheckFormat};
 use crate::engine::stack::{Facts, Finding, Level, Side};
 use crate::exit::Exit;
+use crate::plan::TargetArgs;
 use crate::preflight::{self, Report, Want};
 use crate::progress::say;
+use clap::{Args, ValueEnum};
 
 /// The version of the JSON document's layout; a field is never renamed or reused
 /// without a new one.
@@ -260,12 +261,39 @@ impl<'a> CheckRecord<'a> {
     }
 }
 
+/// Options of `migrate check`.
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    #[command(flatten)]
+    pub target: TargetArgs,
+
+    /// What goes to stdout. `text`: nothing; the findings are listed on stderr, and the
+    /// exit status says whether a migration would start (0) or be refused (2). `json`:
+    /// also one JSON document on one line (format_version, migrate_version, verdict
+    /// `ready`/`refused`, counts, containers, source and target with their stacks, and
+    /// findings with severity, host, a stable code, text and advice; see
+    /// docs/user-guide.md).
+    #[arg(long, value_enum, default_value_t = CheckFormat::Text)]
+    pub format: CheckFormat,
+
+    /// Containers that would move.
+    #[arg(value_name = "CONTAINER")]
+    pub containers: Vec<String>,
+}
+
+/// What `check` prints on stdout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CheckFormat {
+    Text,
+    Json,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn plan() -> crate::plan::TargetPlan {
-        let args = crate::cli::TargetArgs {
+        let args = crate::plan::TargetArgs {
             to: "root@10.0.0.2".into(),
             ssh_port: None,
             identity: None,
@@ -275,7 +303,7 @@ mod tests {
             spawn_receiver: false,
             install_receiver: false,
             ship_image: false,
-            tcp: crate::cli::TcpPolicy::Close,
+            tcp: crate::plan::TcpPolicy::Close,
             tcp_established: false,
         };
         crate::plan::TargetPlan::resolve(&args, &["db".into(), "web".into()]).unwrap()

@@ -6,11 +6,12 @@ use std::path::{Component, Path, PathBuf};
 
 use std::time::Duration;
 
-use crate::cli::{CompressChoice, SendArgs, TargetArgs};
 use crate::hooks::{Hook, Place, parse_hook};
 use crate::protocol::valid_container_name;
 use crate::timing::Format;
+use crate::timing::OutputArgs;
 use crate::transport::ssh::Destination;
+use clap::{Args, ValueEnum};
 
 /// A bad argument, described in one line.
 #[derive(Debug, thiserror::Error)]
@@ -211,7 +212,7 @@ pub struct TargetPlan {
     pub containers: Vec<String>,
     pub ship_images: bool,
     /// What happens to the containers' TCP connections.
-    pub tcp: crate::cli::TcpPolicy,
+    pub tcp: crate::plan::TcpPolicy,
     pub spawn_receiver: bool,
     pub install_receiver: bool,
 }
@@ -277,7 +278,7 @@ impl TargetPlan {
             containers: containers.to_vec(),
             ship_images: a.ship_image,
             tcp: if a.tcp_established {
-                crate::cli::TcpPolicy::Established
+                crate::plan::TcpPolicy::Established
             } else {
                 a.tcp
             },
@@ -320,6 +321,181 @@ impl SendPlan {
             keep_zero_pages: a.keep_zero_pages,
         })
     }
+}
+
+/// `send --tcp`: what happens to the containers' TCP connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TcpPolicy {
+    /// Skip handshakes, restore established connections closed (clients reconnect).
+    Close,
+    /// Carry established connections over; skip handshakes.
+    Established,
+    /// Fail on any connection CRIU cannot take as it is (the behaviour of podman alone).
+    Refuse,
+}
+
+impl TcpPolicy {
+    /// The CRIU options of this policy, for both the dump and the restore.
+    pub fn criu(self, file_locks: bool) -> crate::engine::podman::CriuOptions {
+        crate::engine::podman::CriuOptions {
+            file_locks,
+            tcp_established: self == TcpPolicy::Established,
+            tcp_close: self == TcpPolicy::Close,
+            skip_in_flight: self != TcpPolicy::Refuse,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TcpPolicy::Close => "close",
+            TcpPolicy::Established => "established",
+            TcpPolicy::Refuse => "refuse",
+        }
+    }
+}
+
+/// Archive compression: `auto` picks from the measured link rate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CompressChoice {
+    Auto,
+    None,
+    Zstd,
+    Gzip,
+}
+
+/// Where the target is and what must be true there: shared by `send` and `check`.
+#[derive(Debug, Args)]
+pub struct TargetArgs {
+    /// Target host, reached over SSH as root (or a user allowed to run podman).
+    #[arg(long, value_name = "[USER@]HOST")]
+    pub to: String,
+
+    /// SSH port on the target.
+    #[arg(long, value_name = "N")]
+    pub ssh_port: Option<u16>,
+
+    /// SSH private key to use, and only that one (default: ssh's own choice, e.g.
+    /// ~/.ssh/id_ed25519).
+    #[arg(long, value_name = "FILE")]
+    pub identity: Option<PathBuf>,
+
+    /// TCP port of the receiver's control connection on the target.
+    #[arg(long, value_name = "N", default_value_t = 12345)]
+    pub control_port: u16,
+
+    /// The receiver's work folder on the target (its --workdir). The run folder and the
+    /// migration's secret are placed there over SSH before anything is said on the control
+    /// port, and the receiver must prove it read them.
+    #[arg(
+        long,
+        value_name = "DIR",
+        default_value = crate::rundir::DEFAULT_WORKDIR,
+        env = "MIGRATE_TARGET_WORKDIR"
+    )]
+    pub target_workdir: PathBuf,
+
+    /// Data folder to sync to the same path on the target (repeatable): synced while the
+    /// containers run, then again (only what changed) after the freeze.
+    #[arg(long, value_name = "PATH")]
+    pub data: Vec<PathBuf>,
+
+    /// Start the receiver on the target over the SSH connection (one command instead of
+    /// two terminals); uses the target's `migrate` of the same version.
+    #[arg(long)]
+    pub spawn_receiver: bool,
+
+    /// Copy this very binary to the target (/var/lib/migrate/bin) and start it there as the
+    /// receiver, so both ends are the same build. Implies --spawn-receiver.
+    #[arg(long)]
+    pub install_receiver: bool,
+
+    /// When a container's image is missing on the target, copy it there first (podman
+    /// save | podman load over SSH); without it, a missing image is refused.
+    #[arg(long)]
+    pub ship_image: bool,
+
+    /// What happens to the containers' TCP connections. `close` (default): connections
+    /// still in their handshake are left out (the client retries its SYN) and established
+    /// ones are dumped and restored closed, so their clients see a reset and reconnect at
+    /// once to wherever the service now is (right with published ports).
+    /// `established`: established connections are carried over (only where the
+    /// container's address moves with it); handshakes are left out. `refuse`: any
+    /// connection that CRIU cannot take as it is fails the checkpoint, and `check`/`send`
+    /// refuse established connections before the freeze. Set per migration: no CRIU
+    /// configuration file is written.
+    #[arg(long, value_enum, default_value_t = TcpPolicy::Close, value_name = "POLICY")]
+    pub tcp: TcpPolicy,
+
+    /// The same as `--tcp established`.
+    #[arg(long, hide = true, conflicts_with = "tcp")]
+    pub tcp_established: bool,
+}
+
+/// Options of `migrate send`.
+#[derive(Debug, Args)]
+pub struct SendArgs {
+    #[command(flatten)]
+    pub target: TargetArgs,
+
+    /// Local folder for checkpoint archives (kept until the target confirms).
+    #[arg(
+        long,
+        value_name = "DIR",
+        default_value = crate::rundir::DEFAULT_WORKDIR,
+        env = "MIGRATE_WORKDIR"
+    )]
+    pub workdir: PathBuf,
+
+    /// Check everything, measure the link, print the plan with an estimated downtime, and
+    /// exit without freezing anything.
+    #[arg(long)]
+    pub dry_run: bool,
+
+    /// Restore the containers one after the other in the order given, instead of all at
+    /// once (containers that join another's namespaces always wait for it).
+    #[arg(long)]
+    pub sequential_restore: bool,
+
+    /// Checkpoint archive compression.
+    #[arg(long, value_enum, default_value_t = CompressChoice::Auto)]
+    pub compress: CompressChoice,
+
+    /// Keep the zero-filled memory pages CRIU dumped in the archives written on the
+    /// target. By default the target leaves out the all-zero pages of a single-process
+    /// container's private anonymous memory (they read as zeros after the restore
+    /// anyway), so podman unpacks and CRIU restores less while the service is down.
+    #[arg(long)]
+    pub keep_zero_pages: bool,
+
+    #[command(flatten)]
+    pub output: OutputArgs,
+
+    /// Run a shell command at a point of the migration: WHEN is `pre-freeze` (after the
+    /// pre-sync, before the freeze; a failure stops the migration before anything is
+    /// frozen), `post-up` (after the target confirmed UP; a failure is only reported) or
+    /// `rollback` (after the containers run on this host again). The command sees
+    /// MIGRATE_PHASE, MIGRATE_RUN_ID, MIGRATE_SOURCE, MIGRATE_TARGET, MIGRATE_CONTAINERS.
+    /// Repeatable; hooks of one point run in order.
+    #[arg(long = "hook", value_name = "WHEN=CMD")]
+    pub hooks: Vec<String>,
+
+    /// Like --hook, but the command runs on the target over the migration's SSH connection.
+    #[arg(long = "target-hook", value_name = "WHEN=CMD")]
+    pub target_hooks: Vec<String>,
+
+    /// Seconds a hook may run before it is killed (and counts as failed).
+    #[arg(long, value_name = "SECS", default_value_t = 30)]
+    pub hook_timeout: u64,
+
+    /// Free text copied into the record's label column.
+    #[arg(long, value_name = "TEXT", default_value = "")]
+    pub label: String,
+
+    /// Containers to move. They are restored in parallel (a container that joins another's
+    /// namespaces waits for it); with --sequential-restore, in this order.
+    #[arg(value_name = "CONTAINER", required = true)]
+    pub containers: Vec<String>,
 }
 
 #[cfg(test)]

@@ -35,7 +35,7 @@ pub struct Want<'a> {
     pub data: &'a [PathBuf],
     pub ship_images: bool,
     /// What happens to the containers' TCP connections.
-    pub tcp: crate::cli::TcpPolicy,
+    pub tcp: crate::plan::TcpPolicy,
     pub run_id: &'a str,
     pub label: &'a str,
     /// `send` only: the run folder to create on the target (under the receiver's workdir).
@@ -416,9 +416,9 @@ async fn source_containers(want: &Want<'_>, r: &mut Report) {
 pub fn connection_finding(
     name: &str,
     n: crate::engine::tcp::Connections,
-    tcp: crate::cli::TcpPolicy,
+    tcp: crate::plan::TcpPolicy,
 ) -> Finding {
-    use crate::cli::TcpPolicy;
+    use crate::plan::TcpPolicy;
     let now = format!(
         "{name} has {} listening, {} established, {} in handshake TCP connections",
         n.listening, n.established, n.handshake
@@ -1545,7 +1545,7 @@ mod tests {
             containers: &[],
             data: &[],
             ship_images: false,
-            tcp: crate::cli::TcpPolicy::Close,
+            tcp: crate::plan::TcpPolicy::Close,
             run_id: "r1",
             label: "",
             create_run_dir: true,

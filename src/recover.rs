@@ -15,12 +15,12 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use serde::Serialize;
 
-use crate::cli::OutputArgs;
 use crate::engine::podman::{Podman, PodmanError};
 use crate::journal::{Journal, Phase};
 use crate::progress::Ui;
 use crate::settle::Settled;
 use crate::timing::Format;
+use crate::timing::OutputArgs;
 use crate::transport::ssh::{Destination, Ssh};
 
 /// Options of `migrate recover`.
@@ -462,7 +462,7 @@ async fn ask_target(
     };
     // A receiver still restoring gets the time a sender would give it; then the
     // target's state decides.
-    let deadline = tokio::time::Instant::now() + crate::send::RESTORE_TIMEOUT;
+    let deadline = tokio::time::Instant::now() + crate::settle::RESTORE_TIMEOUT;
     let names = r.containers.clone();
     match crate::settle::over_ssh(&ssh, &j.remote_dir, &names, deadline, ui).await {
         Ok(Settled::Restored(_)) => {

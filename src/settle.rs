@@ -13,6 +13,10 @@ use crate::protocol::{LeftOnTarget, TargetOutcome};
 use crate::rundir::{PID_FILE, RESULT_FILE};
 use crate::transport::ssh::{Ssh, SshError, remote_join};
 
+/// How long the target may take to restore once "OK" is sent: the sender waits that
+/// long for the receiver's verdict, the fallback and `recover` as long for its result.
+pub const RESTORE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(900);
+
 const REMOTE_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long a receiver may take to exit after SIGTERM: it finishes the restore in
 /// progress first, and writes its result.

@@ -4,6 +4,7 @@ use std::io::Write;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, SecondsFormat, TimeZone, Utc};
+use clap::Args;
 use serde::Serialize;
 
 /// Microseconds since the Unix epoch on this host's clock.
@@ -233,6 +234,18 @@ impl Record {
             }
         }
     }
+}
+
+/// How records are printed on stdout (`send` and `receive`).
+#[derive(Debug, Args)]
+pub struct OutputArgs {
+    /// Record format on stdout.
+    #[arg(long, value_enum, default_value_t = Format::Csv)]
+    pub format: Format,
+
+    /// Leave out the CSV header line (for appending to a file).
+    #[arg(long)]
+    pub no_header: bool,
 }
 
 #[cfg(test)]

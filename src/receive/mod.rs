@@ -32,12 +32,13 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Mutex, mpsc};
 use tokio::time::Instant;
 
-use crate::cli::ReceiveArgs;
 use crate::exit::Exit;
 use crate::progress::Ui;
 use crate::rundir;
 use crate::signals::Signals;
 use crate::timing::Format;
+use crate::timing::OutputArgs;
+use clap::Args;
 
 /// What every connection of this receiver shares.
 struct Ctx {
@@ -251,6 +252,51 @@ impl Server {
 
     fn rearm_idle(&mut self) {
         self.idle_deadline = self.idle.map(|d| Instant::now() + d);
+    }
+}
+
+/// Options of `migrate receive`.
+#[derive(Debug, Args)]
+pub struct ReceiveArgs {
+    /// Address and port of the control connection to listen on.
+    #[arg(
+        long,
+        value_name = "ADDR:PORT",
+        default_value = "0.0.0.0:12345",
+        env = "MIGRATE_LISTEN"
+    )]
+    pub listen: SocketAddr,
+
+    /// Folder for incoming archives (one sub-folder per migration, root-only).
+    #[arg(
+        long,
+        value_name = "DIR",
+        default_value = crate::rundir::DEFAULT_WORKDIR,
+        env = "MIGRATE_WORKDIR",
+        value_parser = absolute_path
+    )]
+    pub workdir: PathBuf,
+
+    /// Keep serving migrations one after another instead of exiting after one.
+    #[arg(long)]
+    pub serve: bool,
+
+    #[command(flatten)]
+    pub output: OutputArgs,
+
+    /// Exit (status 1) when no migration has started within this many seconds.
+    #[arg(long, value_name = "SECS")]
+    pub idle_timeout: Option<u64>,
+}
+
+/// A folder flag's value: absolute, because the sender names the same folder from
+/// another host (its --target-workdir).
+fn absolute_path(s: &str) -> Result<PathBuf, String> {
+    let p = PathBuf::from(s);
+    if p.is_absolute() {
+        Ok(p)
+    } else {
+        Err("must be an absolute path".to_string())
     }
 }
 

@@ -115,7 +115,7 @@ async fn restore_wave<'m>(
                 }
                 ctx.ui.info(&format!("restored {} in {secs:.3}s", c.name));
             }
-            Err(e) if name_taken(&c.name, &e) => failed.taken.push((
+            Err(e) if e.name_in_use(&c.name) => failed.taken.push((
                 c.name.as_str(),
                 format!(
                     "a container named {} already exists on {}; remove it there first",
@@ -132,12 +132,6 @@ async fn restore_wave<'m>(
     } else {
         Err(failed)
     }
-}
-
-/// podman refused to restore `name` because somebody else's container holds it here.
-fn name_taken(name: &str, e: &PodmanError) -> bool {
-    e.to_string()
-        .contains(&format!("container name \"{name}\" is already in use"))
 }
 
 /// After a failed wave: removes whatever podman left of the failed restores and all that

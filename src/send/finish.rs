@@ -18,7 +18,8 @@ use crate::settle::Settled;
 use crate::timing::{Record, Stopwatch};
 
 use super::seams::{Clock, Engine, Interrupts, Journal, Target};
-use super::{Item, RESTORE_TIMEOUT, SendFailure, stranded};
+use super::{Item, SendFailure, stranded};
+use crate::settle::RESTORE_TIMEOUT;
 
 /// What the freeze produced.
 pub enum Froze {

@@ -65,8 +65,6 @@ const SHIP_TIMEOUT: Duration = Duration::from_secs(3600);
 /// How long the target may take to write the pre-synced data to disk before the freeze
 /// goes ahead without it.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(300);
-/// How long the target may take to restore once "OK" is sent.
-pub(crate) const RESTORE_TIMEOUT: Duration = Duration::from_secs(900);
 const CLOCK_ROUNDS: usize = 8;
 /// Bytes sent to measure the link rate when `--compress auto` must choose.
 const PROBE_BYTES: usize = 8 << 20;

@@ -8,9 +8,9 @@ use std::sync::Arc;
 
 use anyhow::{Context, anyhow};
 
-use crate::cli::CompressChoice;
 use crate::engine::freezer::Freezer;
 use crate::engine::podman::{self, Compression, ContainerInfo};
+use crate::plan::CompressChoice;
 use crate::plan::SendPlan;
 use crate::preflight::{self, Control, Want, Welcome};
 use crate::progress::Ui;
