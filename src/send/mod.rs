@@ -211,15 +211,13 @@ impl<'a> Run<'a> {
     /// Refused before the freeze: the receiver forgets the run; nothing was touched.
     async fn refuse(self, stop: Stop) -> SendFailure {
         let plan = self.plan;
-        let mut target = LiveTarget {
-            control: self.control,
-            ssh: &self.ssh,
-            dest: &plan.target.dest,
-            remote_dir: &self.remote_dir,
-            hooks: &plan.hooks,
-            hook_env: &self.hook_env,
-            hook_timeout: plan.hook_timeout,
-        };
+        let mut target = LiveTarget::new(
+            plan,
+            self.control,
+            &self.ssh,
+            &self.remote_dir,
+            &self.hook_env,
+        );
         let failure = finish::refuse(&mut target, stop.why, stop.error).await;
         self.ssh.close().await;
         failure
@@ -288,15 +286,13 @@ impl<'a> Run<'a> {
         rec: &mut Record,
     ) -> Result<(), SendFailure> {
         let plan = self.plan;
-        let mut target = LiveTarget {
-            control: self.control,
-            ssh: &self.ssh,
-            dest: &plan.target.dest,
-            remote_dir: &self.remote_dir,
-            hooks: &plan.hooks,
-            hook_env: &self.hook_env,
-            hook_timeout: plan.hook_timeout,
-        };
+        let mut target = LiveTarget::new(
+            plan,
+            self.control,
+            &self.ssh,
+            &self.remote_dir,
+            &self.hook_env,
+        );
         let mut end = End {
             engine: &Podman,
             target: &mut target,

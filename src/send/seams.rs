@@ -103,6 +103,26 @@ pub struct LiveTarget<'a> {
     pub hook_timeout: Duration,
 }
 
+impl<'a> LiveTarget<'a> {
+    pub fn new(
+        plan: &'a crate::plan::SendPlan,
+        control: Control,
+        ssh: &'a Ssh,
+        remote_dir: &'a str,
+        hook_env: &'a [(String, String)],
+    ) -> LiveTarget<'a> {
+        LiveTarget {
+            control,
+            ssh,
+            dest: &plan.target.dest,
+            remote_dir,
+            hooks: &plan.hooks,
+            hook_env,
+            hook_timeout: plan.hook_timeout,
+        }
+    }
+}
+
 impl Target for LiveTarget<'_> {
     async fn send_ok(&mut self, manifest: &Manifest) -> anyhow::Result<()> {
         let frame = ToReceiver::Ready {

@@ -417,6 +417,40 @@ impl Case {
     }
 }
 
+/// `finish::conclude` against the doubles; the journal writes into the engine's log.
+async fn conclude(
+    engine: &FakeEngine,
+    target: &mut FakeTarget,
+    froze: Froze,
+    items: &[Item],
+    dir: &Path,
+    post_up_hooks: bool,
+    record: &mut Record,
+) -> Result<(), SendFailure> {
+    let ui = Ui::new("send");
+    let mut end = End {
+        engine,
+        target,
+        clock: &FixedClock,
+        ui: &ui,
+        items,
+        local_dir: dir,
+        offset_us: 0,
+        post_up_hooks,
+    };
+    let mut journal = FakeJournal(engine.log.clone());
+    let r = finish::conclude(&mut end, froze, &mut journal, &mut Quiet, record).await;
+    ui.finish();
+    r
+}
+
+fn shipped(items: &[Item]) -> Froze {
+    Froze::Shipped {
+        manifest: manifest(items),
+        checkpointed: items.to_vec(),
+    }
+}
+
 async fn run_case(point: Point, verdict: Verdict) -> Case {
     let log: Log = Rc::default();
     let dir = tempfile::tempdir().unwrap();
@@ -429,7 +463,6 @@ async fn run_case(point: Point, verdict: Verdict) -> Case {
     let mut engine = FakeEngine::new(&log, before);
     engine.remove_fails = point == Point::DuringCommit;
     let mut target = FakeTarget::new(&log, verdict);
-    let ui = Ui::new("send");
     let mut record = Record::default();
     let result = match point {
         Point::BeforeFreeze => {
@@ -442,26 +475,12 @@ async fn run_case(point: Point, verdict: Verdict) -> Case {
                     error: anyhow!("double: shipping failed"),
                 }
             } else {
-                Froze::Shipped {
-                    manifest: manifest(&items),
-                    checkpointed: items.clone(),
-                }
+                shipped(&items)
             };
-            let mut end = End {
-                engine: &engine,
-                target: &mut target,
-                clock: &FixedClock,
-                ui: &ui,
-                items: &items,
-                local_dir: dir.path(),
-                offset_us: 0,
-                post_up_hooks: true,
-            };
-            let mut journal = FakeJournal(log.clone());
-            finish::conclude(&mut end, froze, &mut journal, &mut Quiet, &mut record).await
+            let dir = dir.path();
+            conclude(&engine, &mut target, froze, &items, dir, true, &mut record).await
         }
     };
-    ui.finish();
     Case {
         log,
         engine,
@@ -608,25 +627,18 @@ async fn a_target_that_cannot_be_cleaned_is_never_joined_by_a_second_copy() {
             // Only half of it came up there before the connection broke.
             target.verdict = Verdict::Partial;
         }
-        let ui = Ui::new("send");
-        let mut end = End {
-            engine: &engine,
-            target: &mut target,
-            clock: &FixedClock,
-            ui: &ui,
-            items: &items,
-            local_dir: dir.path(),
-            offset_us: 0,
-            post_up_hooks: false,
-        };
-        let froze = Froze::Shipped {
-            manifest: manifest(&items),
-            checkpointed: items.clone(),
-        };
-        let mut journal = FakeJournal(log.clone());
         let mut record = Record::default();
-        let r = finish::conclude(&mut end, froze, &mut journal, &mut Quiet, &mut record).await;
-        ui.finish();
+        let froze = shipped(&items);
+        let r = conclude(
+            &engine,
+            &mut target,
+            froze,
+            &items,
+            dir.path(),
+            false,
+            &mut record,
+        )
+        .await;
         let f = r.expect_err("a target that cannot be cleaned is a failure");
         assert_eq!(f.exit, Exit::Failed, "{verdict:?}");
         // Nothing is restored here while a copy may run there; the message says how.
@@ -654,31 +666,18 @@ async fn a_rollback_without_the_kept_checkpoint_fetches_the_archive_back() {
     let mut engine = FakeEngine::new(&log, Here::Kept);
     engine.in_place_fails = true;
     let mut target = FakeTarget::new(&log, Verdict::Failed);
-    let ui = Ui::new("send");
-    let mut end = End {
-        engine: &engine,
-        target: &mut target,
-        clock: &FixedClock,
-        ui: &ui,
-        items: &items,
-        local_dir: dir.path(),
-        offset_us: 0,
-        post_up_hooks: false,
-    };
-    let froze = Froze::Shipped {
-        manifest: manifest(&items),
-        checkpointed: items.clone(),
-    };
-    let mut journal = FakeJournal(log.clone());
-    let r = finish::conclude(
-        &mut end,
+    let froze = shipped(&items);
+    let mut record = Record::default();
+    let r = conclude(
+        &engine,
+        &mut target,
         froze,
-        &mut journal,
-        &mut Quiet,
-        &mut Record::default(),
+        &items,
+        dir.path(),
+        false,
+        &mut record,
     )
     .await;
-    ui.finish();
     assert_eq!(r.expect_err("rolled back").exit, Exit::RolledBack);
     let events = log.borrow().clone();
     let at = |e: &str| events.iter().position(|x| x == e).unwrap_or(usize::MAX);
