@@ -116,8 +116,9 @@ pub enum Command {
     /// reported as `in_progress` and not touched. A settled run's journal is removed once
     /// reported.
     ///
-    /// Exit status: 0 nothing needs a human; 1 a repair failed (see `detail`); 2 the
-    /// journals cannot be read; 3 a target's state is unknown, nothing was restored.
+    /// Exit status: 0 nothing needs a human; 2 the journals cannot be read; 3 something
+    /// does: a repair failed, or a target's state is unknown and nothing was restored
+    /// (each record's `result` and `detail` say which).
     Recover(crate::recover::RecoverArgs),
     /// Print a shell completion script to stdout.
     Completions {

@@ -19,7 +19,7 @@ fn main() -> ExitCode {
         Ok(rt) => rt,
         Err(e) => {
             say!("migrate: cannot start: {e}");
-            return ExitCode::from(3);
+            return ExitCode::from(Exit::Failed.code());
         }
     };
     ExitCode::from(runtime.block_on(dispatch(cli)))
@@ -45,7 +45,7 @@ async fn dispatch(cli: Cli) -> u8 {
                 Ok(p) => p,
                 Err(e) => {
                     say!("migrate send: error: {e}");
-                    return Exit::Refused as u8;
+                    return Exit::Refused.code();
                 }
             };
             if plan.dry_run {
@@ -55,7 +55,7 @@ async fn dispatch(cli: Cli) -> u8 {
                 Ok(s) => s,
                 Err(e) => {
                     say!("migrate send: error: {e:#}");
-                    return Exit::Refused as u8;
+                    return Exit::Refused.code();
                 }
             };
             let (record, result) = send::run(&plan, &ui, &mut signals).await;
@@ -65,10 +65,10 @@ async fn dispatch(cli: Cli) -> u8 {
                 say!("migrate send: cannot write the record: {e}");
             }
             match result {
-                Ok(()) => Exit::Ok as u8,
+                Ok(()) => Exit::Ok.code(),
                 Err(f) => {
                     say!("migrate send: error: {:#}", f.error);
-                    f.exit as u8
+                    f.exit.code()
                 }
             }
         }
@@ -79,10 +79,10 @@ async fn dispatch(cli: Cli) -> u8 {
             let mut script = Vec::new();
             clap_complete::generate(shell, &mut Cli::command(), "migrate", &mut script);
             match std::io::stdout().write_all(&script) {
-                Ok(()) => 0,
+                Ok(()) => Exit::Ok.code(),
                 Err(e) => {
                     say!("migrate completions: {e}");
-                    3
+                    Exit::Failed.code()
                 }
             }
         }
@@ -91,10 +91,10 @@ async fn dispatch(cli: Cli) -> u8 {
         Command::Watchdog(args) => watchdog::run(args).await,
         Command::Man => {
             match clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout()) {
-                Ok(()) => 0,
+                Ok(()) => Exit::Ok.code(),
                 Err(e) => {
                     say!("migrate man: {e}");
-                    3
+                    Exit::Failed.code()
                 }
             }
         }

@@ -9,6 +9,7 @@ use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use crate::exit::Exit;
 use crate::progress::say;
 use crate::timing::{format_ts, now_us};
 
@@ -424,13 +425,14 @@ async fn probe_rounds(
     rounds
 }
 
-/// Runs the probe; returns the exit code (0 when it ran, 2 on bad arguments).
+/// Runs the probe; returns its exit status (`Ok` when it ran, `Refused` on bad arguments,
+/// `Failed` when the summary cannot be written).
 pub async fn run(args: ProbeArgs) -> u8 {
     if args.count.is_none() && args.duration.is_none() {
         say!(
             "migrate probe: error: give --count N or --duration TIME, so the probe stops by itself"
         );
-        return 2;
+        return Exit::Refused.code();
     }
     let mut targets = Vec::new();
     for t in &args.targets {
@@ -438,7 +440,7 @@ pub async fn run(args: ProbeArgs) -> u8 {
             Ok(x) => targets.push(x),
             Err(e) => {
                 say!("migrate probe: error: {e}");
-                return 2;
+                return Exit::Refused.code();
             }
         }
     }
@@ -446,7 +448,7 @@ pub async fn run(args: ProbeArgs) -> u8 {
         Ok(s) => s,
         Err(e) => {
             say!("migrate probe: error: {e}");
-            return 2;
+            return Exit::Refused.code();
         }
     };
     let deadline = args.duration.map(|d| tokio::time::Instant::now() + d);
@@ -479,9 +481,9 @@ pub async fn run(args: ProbeArgs) -> u8 {
     };
     if let Err(e) = res {
         say!("migrate probe: cannot write the summary: {e}");
-        return 3;
+        return Exit::Failed.code();
     }
-    0
+    Exit::Ok.code()
 }
 
 fn write_csv(out: &mut dyn std::io::Write, s: &Summary) -> std::io::Result<()> {

@@ -16,6 +16,7 @@ use clap::Args;
 use serde::Serialize;
 
 use crate::engine::podman::{Podman, PodmanError};
+use crate::exit::Exit;
 use crate::journal::{Journal, Phase};
 use crate::progress::Ui;
 use crate::settle::Settled;
@@ -657,10 +658,15 @@ async fn remove_remote_dir(j: &Journal, r: &mut RunReport) {
     }
 }
 
-/// `migrate recover`: one record per run on stdout, the story on stderr. Exit 0 when
-/// nothing needs a human, 1 when a repair failed, 3 when a target's state is unknown,
-/// 2 when the journals cannot be read.
+/// `migrate recover`: one record per run on stdout, the story on stderr. Its exit: `Ok`
+/// when nothing needs a human, `Refused` when the journals cannot be read, `Failed` when a
+/// repair failed, a journal could not be read, or a target's state is unknown (each
+/// record's `result` and `detail` say which).
 pub async fn run(args: RecoverArgs) -> u8 {
+    recover(args).await.code()
+}
+
+async fn recover(args: RecoverArgs) -> Exit {
     let ui = Arc::new(Ui::new("recover"));
     let paths = match crate::journal::Journal::list(&args.workdir) {
         Ok(p) => p,
@@ -668,11 +674,11 @@ pub async fn run(args: RecoverArgs) -> u8 {
             crate::progress::say!(
                 "migrate recover: error: cannot read the run journals: {e}; pass the --workdir `send` used"
             );
-            return 2;
+            return Exit::Refused;
         }
     };
     let mode = if args.list { Mode::List } else { Mode::Recover };
-    let mut code = 0u8;
+    let mut code = Exit::Ok;
     let mut header = !args.output.no_header;
     let mut seen = 0;
     for path in paths {
@@ -680,7 +686,7 @@ pub async fn run(args: RecoverArgs) -> u8 {
             Ok(j) => j,
             Err(e) => {
                 ui.warn(&format!("skipping {}: {e}", path.display()));
-                code = code.max(1);
+                code = Exit::Failed;
                 continue;
             }
         };
@@ -722,8 +728,7 @@ pub async fn run(args: RecoverArgs) -> u8 {
         }
         header = false;
         match report.result {
-            Verdict::Undetermined => code = 3,
-            Verdict::Failed => code = code.max(1),
+            Verdict::Undetermined | Verdict::Failed => code = Exit::Failed,
             Verdict::Clean | Verdict::Repaired => {
                 // Settled: the journal (and its watchdog's log) has been reported and goes.
                 Journal::remove(&path);

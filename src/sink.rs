@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 
+use crate::exit::Exit;
 use crate::progress::say;
 use crate::zeropages::ZeroPages;
 
@@ -150,7 +151,7 @@ pub fn run(args: SinkArgs) -> u8 {
     if args.check {
         // What this sink can do, for a sender of another version to see.
         let said = write!(std::io::stdout(), "{}", Readiness::ours().lines());
-        return if said.is_ok() { 0 } else { 1 };
+        return if said.is_ok() { Exit::Ok } else { Exit::Failed }.code();
     }
     let path = args.path.expect("clap requires PATH");
     let stdin = std::io::stdin().lock();
@@ -162,10 +163,10 @@ pub fn run(args: SinkArgs) -> u8 {
         write_archive(stdin, &path, args.drop_zero_pages)
     };
     match res {
-        Ok(_) => 0,
+        Ok(_) => Exit::Ok.code(),
         Err(e) => {
             say!("migrate sink: error: {e:#}");
-            1
+            Exit::Failed.code()
         }
     }
 }

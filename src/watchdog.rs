@@ -20,6 +20,7 @@ use std::time::Duration;
 use anyhow::{Context, anyhow};
 use clap::Args;
 
+use crate::exit::Exit;
 use crate::journal::{Entry, Journal, Phase, TargetRef, WatchdogNote};
 use crate::plan::SendPlan;
 use crate::progress::Ui;
@@ -190,7 +191,8 @@ pub async fn run(args: WatchdogArgs) -> u8 {
     {
         let mut out = std::io::stdout().lock();
         if writeln!(out, "ready").and_then(|()| out.flush()).is_err() {
-            return 1;
+            // The sender is gone before the watchdog started: it never relied on it.
+            return Exit::Refused.code();
         }
     }
     let ui = Arc::new(Ui::new("watchdog"));
@@ -200,14 +202,14 @@ pub async fn run(args: WatchdogArgs) -> u8 {
     ));
     if released().await {
         ui.info("released by the sender");
-        return 0;
+        return Exit::Ok.code();
     }
     let j = match Journal::load(&args.journal) {
         Ok(j) => j,
         Err(e) => {
             // The sender removed its journal and died before it could say so.
             ui.info(&format!("the sender went away; no journal to act on ({e})"));
-            return 0;
+            return Exit::Ok.code();
         }
     };
     repair(j, &args.journal, &ui).await
@@ -263,7 +265,7 @@ async fn repair(mut j: Journal, path: &Path, ui: &Arc<Ui>) -> u8 {
     });
     if let Err(e) = j.save(path) {
         ui.warn(&format!("cannot record what was done: {e}"));
-        return 1;
+        return Exit::Failed.code();
     }
-    0
+    Exit::Ok.code()
 }
