@@ -58,7 +58,8 @@ fn with_code(v: &serde_json::Value, code: &str) -> Vec<(String, String, String)>
 fn check_finds_the_lab_cpus_compatible_and_takes_the_override() {
     require_lab!();
     fresh_workload("a", 100);
-    let _rx = Receiver::start("b", &[]);
+    // Serving: the dry run at the end says goodbye to it too.
+    let _rx = Receiver::start("b", &["--serve"]);
     for extra in [&[][..], &["--ignore-cpu"][..]] {
         let mut args = extra.to_vec();
         args.extend(["--data", "/srv/app", "db", "web"]);
@@ -82,7 +83,6 @@ fn check_finds_the_lab_cpus_compatible_and_takes_the_override() {
     }
     // `send` takes the override too (a dry run: the checks, nothing moved).
     let ids = identity("a", "db");
-    let rx = Receiver::start("b", &["--serve"]);
     let out = send(
         "a",
         &[
@@ -98,7 +98,6 @@ fn check_finds_the_lab_cpus_compatible_and_takes_the_override() {
     )
     .ok();
     assert_eq!(out.stdout.lines().count(), 2, "{}", out.describe());
-    drop(rx);
     assert_eq!(identity("a", "db"), ids);
     assert!(all_containers("b").is_empty());
 }
