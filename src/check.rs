@@ -305,6 +305,7 @@ mod tests {
             ship_image: false,
             tcp: crate::plan::TcpPolicy::Close,
             tcp_established: false,
+            ignore_cpu: false,
         };
         crate::plan::TargetPlan::resolve(&args, &["db".into(), "web".into()]).unwrap()
     }

@@ -215,6 +215,8 @@ pub struct TargetPlan {
     pub tcp: crate::plan::TcpPolicy,
     pub spawn_receiver: bool,
     pub install_receiver: bool,
+    /// `--ignore-cpu`: missing CPU features warn instead of refusing.
+    pub ignore_cpu: bool,
 }
 
 impl TargetPlan {
@@ -284,6 +286,7 @@ impl TargetPlan {
             },
             spawn_receiver: a.spawn_receiver || a.install_receiver,
             install_receiver: a.install_receiver,
+            ignore_cpu: a.ignore_cpu,
         })
     }
 }
@@ -430,6 +433,13 @@ pub struct TargetArgs {
     /// The same as `--tcp established`.
     #[arg(long, hide = true, conflicts_with = "tcp")]
     pub tcp_established: bool,
+
+    /// Move even when the target's CPU lacks instruction sets the source's has (AVX-512,
+    /// SHA, TSX …); `check` and `send` then warn instead of refusing. A restored process
+    /// that uses a missing one dies of SIGILL (exit 132): use it only when the containers'
+    /// programs are known not to. A different CPU architecture is refused all the same.
+    #[arg(long)]
+    pub ignore_cpu: bool,
 }
 
 /// Options of `migrate send`.

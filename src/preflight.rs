@@ -10,7 +10,7 @@ use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
 use crate::engine::podman::{self, ContainerInfo, Podman, PodmanError};
-use crate::engine::stack::{self, Facts, Finding, Level, STACK_SCRIPT, Side};
+use crate::engine::stack::{self, Facts, Finding, Level, Side};
 use crate::exec::shell_quote;
 use crate::progress::Ui;
 use crate::protocol::{Channel, Direction, PROTOCOL_VERSION, ToReceiver, ToSender};
@@ -36,6 +36,8 @@ pub struct Want<'a> {
     pub ship_images: bool,
     /// What happens to the containers' TCP connections.
     pub tcp: crate::plan::TcpPolicy,
+    /// `--ignore-cpu`: a target CPU without some of the source's features only warns.
+    pub ignore_cpu: bool,
     pub run_id: &'a str,
     pub label: &'a str,
     /// `send` only: the run folder to create on the target (under the receiver's workdir).
@@ -61,6 +63,7 @@ impl<'a> Want<'a> {
             data: &target.data,
             ship_images: target.ship_images,
             tcp: target.tcp,
+            ignore_cpu: target.ignore_cpu,
             run_id,
             label,
             create_run_dir: act,
@@ -255,6 +258,13 @@ async fn check_target(
     };
     let facts = Facts::parse(&out);
     stack::stack_findings(&facts, Side::Target, &mut r.findings);
+    if let Some(here) = &r.source_stack {
+        r.push(crate::engine::cpu::cpu_finding(
+            here,
+            &facts,
+            want.ignore_cpu,
+        ));
+    }
     r.target_zstd = facts.zstd;
     r.target_stack = Some(facts);
     if let Some(ready) = crate::sink::Readiness::parse(&out) {
@@ -367,6 +377,9 @@ async fn source_containers(want: &Want<'_>, r: &mut Report) {
                             "container_file_locks",
                             format!("{} holds file locks: it is checkpointed and restored with --file-locks", c.name),
                         ));
+                    }
+                    if let Some(f) = crate::engine::privileges::dump_finding(&c.name, c.pid) {
+                        r.push(f);
                     }
                     match crate::engine::tcp::Connections::of_pid(c.pid) {
                         Ok(n) => r.push(connection_finding(&c.name, n, want.tcp)),
@@ -1032,7 +1045,7 @@ pub fn target_script(
     run_id: &str,
     run_dir: RunDirStep,
 ) -> String {
-    let mut s = String::from(STACK_SCRIPT);
+    let mut s = stack::probe_script();
     for c in infos {
         s.push_str(&format!(
             "podman container exists {n} && printf 'exists=%s\\n' {n}\n",
@@ -1546,6 +1559,7 @@ mod tests {
             data: &[],
             ship_images: false,
             tcp: crate::plan::TcpPolicy::Close,
+            ignore_cpu: false,
             run_id: "r1",
             label: "",
             create_run_dir: true,

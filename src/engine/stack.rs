@@ -34,7 +34,15 @@ else
 fi
 "#;
 
-/// What [`STACK_SCRIPT`] found.
+/// Prints `cpu_arch=`, `cpu_model=` and `cpu_flags=` (the first `flags` line, or
+/// `Features` on arm64). Part of the probe on both hosts;
+/// `engine::cpu` compares them.
+pub const CPU_SCRIPT: &str = r#"echo "cpu_arch=$(uname -m)"
+echo "cpu_model=$(sed -n 's/^\(model name\|Model\|cpu model\)[[:space:]]*:[[:space:]]*//p' /proc/cpuinfo 2>/dev/null | head -n 1)"
+echo "cpu_flags=$(sed -n 's/^\(flags\|Features\)[[:space:]]*:[[:space:]]*//p' /proc/cpuinfo 2>/dev/null | head -n 1)"
+"#;
+
+/// What [`probe_script`] found.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct Facts {
     pub podman: Option<String>,
@@ -51,6 +59,13 @@ pub struct Facts {
     pub runc_conf: bool,
     /// Optional CRIU features (`criu check --feature X`): "yes" or "no".
     pub features: BTreeMap<String, String>,
+    /// `uname -m`.
+    pub cpu_arch: Option<String>,
+    /// The CPU's model name, as `/proc/cpuinfo` gives it.
+    pub cpu_model: Option<String>,
+    /// Its flags (`/proc/cpuinfo`), compared by `engine::cpu`; left out of the JSON.
+    #[serde(skip)]
+    pub cpu_flags: Option<String>,
 }
 
 /// Something that stops a migration on one host's stack, with what to do about it.
@@ -78,6 +93,9 @@ impl Facts {
                 "crun_criu" => f.crun_criu = v.as_deref() == Some("yes"),
                 "zstd" => f.zstd = v.as_deref() == Some("yes"),
                 "runc_conf" => f.runc_conf = v.as_deref() == Some("present"),
+                "cpu_arch" => f.cpu_arch = v,
+                "cpu_model" => f.cpu_model = v,
+                "cpu_flags" => f.cpu_flags = v,
                 _ => {
                     if let (Some(feature), Some(v)) = (k.strip_prefix("feature_"), v) {
                         f.features.insert(feature.to_string(), v);
@@ -149,11 +167,16 @@ pub fn version_at_least(v: &str, major: u64, minor: u64) -> bool {
     (a, b) >= (major, minor)
 }
 
+/// The whole probe of a host: its stack and its CPU.
+pub fn probe_script() -> String {
+    format!("{STACK_SCRIPT}{}", CPU_SCRIPT)
+}
+
 /// Runs the stack checks on this host.
 pub async fn stack_local() -> Facts {
     let out = crate::exec::run(
         "sh",
-        &["-c".to_string(), STACK_SCRIPT.to_string()],
+        &["-c".to_string(), probe_script()],
         Duration::from_secs(60),
     )
     .await;

@@ -1,0 +1,197 @@
+//! What operators' hosts hold beyond the thesis pair, checked before the freeze on the
+//! lab: the two CPUs compared, and a container whose processes CRIU could not dump with
+//! the privileges migrate has.
+mod common;
+
+use common::*;
+
+/// `migrate check --format json` on a towards b; the exit status is left to the caller.
+fn check(args: &[&str]) -> Out {
+    let b = bin();
+    let mut cmd = vec![
+        b.as_str(),
+        "check",
+        "--format",
+        "json",
+        "--to",
+        "root@10.77.0.12",
+    ];
+    cmd.extend_from_slice(args);
+    on("a", &cmd)
+}
+
+/// The one JSON document on stdout; its verdict agrees with the exit status.
+fn report(out: &Out) -> serde_json::Value {
+    let lines: Vec<&str> = out.stdout.lines().collect();
+    assert_eq!(
+        lines.len(),
+        1,
+        "stdout is not one line:\n{}",
+        out.describe()
+    );
+    let v: serde_json::Value = serde_json::from_str(lines[0])
+        .unwrap_or_else(|e| panic!("stdout is not JSON ({e}):\n{}", out.describe()));
+    let verdict = if out.code == Some(0) {
+        "ready"
+    } else {
+        "refused"
+    };
+    assert_eq!(v["verdict"], verdict, "{}", out.describe());
+    v
+}
+
+/// The findings with `code`, as (severity, host, text).
+fn with_code(v: &serde_json::Value, code: &str) -> Vec<(String, String, String)> {
+    v["findings"]
+        .as_array()
+        .expect("findings")
+        .iter()
+        .filter(|f| f["code"] == code)
+        .map(|f| {
+            let s = |k: &str| f[k].as_str().unwrap_or_default().to_string();
+            (s("severity"), s("host"), s("text"))
+        })
+        .collect()
+}
+
+#[test]
+fn check_finds_the_lab_cpus_compatible_and_takes_the_override() {
+    require_lab!();
+    fresh_workload("a", 100);
+    // Serving: the dry run at the end says goodbye to it too.
+    let _rx = Receiver::start("b", &["--serve"]);
+    for extra in [&[][..], &["--ignore-cpu"][..]] {
+        let mut args = extra.to_vec();
+        args.extend(["--data", "/srv/app", "db", "web"]);
+        let out = check(&args).ok();
+        let v = report(&out);
+        let cpu = with_code(&v, "cpu_compatible");
+        assert_eq!(cpu.len(), 1, "{}", out.describe());
+        assert_eq!((cpu[0].0.as_str(), cpu[0].1.as_str()), ("ok", "target"));
+        // Both hosts said what they run on, and the model is named in the finding.
+        for host in ["source", "target"] {
+            let model = v[host]["stack"]["cpu_model"].as_str().unwrap_or_default();
+            assert!(!model.is_empty(), "{host}: {}", out.describe());
+            assert!(cpu[0].2.contains(model), "{}", cpu[0].2);
+            assert!(
+                v[host]["stack"]["cpu_arch"].is_string(),
+                "{}",
+                out.describe()
+            );
+        }
+        assert!(with_code(&v, "cpu_missing_features").is_empty());
+    }
+    // `send` takes the override too (a dry run: the checks, nothing moved).
+    let ids = identity("a", "db");
+    let out = send(
+        "a",
+        &[
+            "--to",
+            "root@10.77.0.12",
+            "--data",
+            "/srv/app",
+            "--ignore-cpu",
+            "--dry-run",
+            "db",
+            "web",
+        ],
+    )
+    .ok();
+    assert_eq!(out.stdout.lines().count(), 2, "{}", out.describe());
+    assert_eq!(identity("a", "db"), ids);
+    assert!(all_containers("b").is_empty());
+}
+
+/// Whether processes on `host` (where migrate, and so CRIU, runs) have CAP_SYS_RESOURCE.
+fn has_cap_sys_resource(host: &str) -> bool {
+    let out = on(
+        host,
+        &["sh", "-c", "sed -n 's/^CapEff:\\s*//p' /proc/self/status"],
+    )
+    .ok();
+    let caps = u64::from_str_radix(out.stdout.trim(), 16)
+        .unwrap_or_else(|e| panic!("CapEff ({e}): {}", out.describe()));
+    caps & (1 << 24) != 0
+}
+
+/// `{{.State.Pid}} {{.State.StartedAt}} {{.State.Checkpointed}}` of a container on a.
+fn state(name: &str) -> String {
+    on(
+        "a",
+        &[
+            "podman",
+            "inspect",
+            "--format",
+            "{{.State.Running}} {{.State.Pid}} {{.State.StartedAt}} {{.State.Checkpointed}}",
+            name,
+        ],
+    )
+    .ok()
+    .stdout
+    .trim()
+    .to_string()
+}
+
+#[test]
+fn a_container_running_as_another_user_is_refused_before_the_freeze() {
+    require_lab!();
+    fresh_workload("a", 100);
+    let _rx = Receiver::start("b", &[]);
+    let _ctr = OnHost::apply(
+        "a",
+        "podman rm -f -t0 nonroot >/dev/null 2>&1; podman run -d --name nonroot --user 1000 localhost/migrate-busybox:latest sleep 100000",
+        "podman rm -f -t0 nonroot",
+    );
+    let before = state("nonroot");
+    assert!(before.starts_with("true "), "{before}");
+    if has_cap_sys_resource("a") {
+        // A host where CRIU may read every process's rlimits: nothing to refuse.
+        let out = check(&["nonroot"]).ok();
+        let v = report(&out);
+        assert!(
+            with_code(&v, "container_needs_cap_sys_resource").is_empty(),
+            "{}",
+            out.describe()
+        );
+        eprintln!("the lab has CAP_SYS_RESOURCE: only the check's silence was tested");
+        return;
+    }
+    // This lab runs without CAP_SYS_RESOURCE: check names the container and what to do.
+    let out = check(&["nonroot"]).expect_code(2);
+    let v = report(&out);
+    let found = with_code(&v, "container_needs_cap_sys_resource");
+    assert_eq!(found.len(), 1, "{}", out.describe());
+    let (severity, host, text) = &found[0];
+    assert_eq!((severity.as_str(), host.as_str()), ("fail", "source"));
+    assert!(
+        text.starts_with("nonroot has 1 of 1 processes running as another user or group")
+            && text.contains("sleep as uid 1000 gid 0"),
+        "{text}"
+    );
+    assert!(
+        out.stderr
+            .contains("run migrate where it has CAP_SYS_RESOURCE"),
+        "{}",
+        out.describe()
+    );
+    // Every other check passes: that finding alone refuses.
+    assert_eq!(v["counts"]["fail"], 1, "{}", out.describe());
+    // The root pair is not affected.
+    let out = check(&["--data", "/srv/app", "db", "web"]).ok();
+    assert!(with_code(&report(&out), "container_needs_cap_sys_resource").is_empty());
+
+    // send refuses before the freeze: exit 2, the container untouched.
+    let out = send("a", &["--to", "root@10.77.0.12", "nonroot"]).expect_code(2);
+    assert!(
+        out.stderr.contains("CAP_SYS_RESOURCE"),
+        "{}",
+        out.describe()
+    );
+    assert_eq!(state("nonroot"), before, "the container was touched");
+    let there = on("b", &["podman", "ps", "-a", "--format", "{{.Names}}"]).ok();
+    assert!(
+        !there.stdout.lines().any(|n| n == "nonroot"),
+        "{}",
+        there.describe()
+    );
+}
