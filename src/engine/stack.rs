@@ -26,6 +26,10 @@ if command -v criu >/dev/null 2>&1; then
   else echo criu_kdat=uncached; fi
   # A host-wide CRIU file for runc, read last: it overrides migrate's per-command options.
   if [ -e /etc/criu/runc.conf ]; then echo runc_conf=present; fi
+  # Lazy pages: CRIU's page server grows its pipes to ~3.3 MB, beyond fs.pipe-max-size
+  # unless it holds CAP_SYS_RESOURCE (bit 24 of the capability set).
+  echo "pipe_max_size=$(cat /proc/sys/fs/pipe-max-size 2>/dev/null)"
+  echo "cap_eff=$(sed -n 's/^CapEff:[[:space:]]*//p' /proc/self/status)"
   for f in mem_dirty_track uffd-noncoop; do
     if criu check --feature "$f" >/dev/null 2>&1; then echo "feature_$f=yes"; else echo "feature_$f=no"; fi
   done
@@ -66,7 +70,16 @@ pub struct Facts {
     /// Its flags (`/proc/cpuinfo`), compared by `engine::cpu`; left out of the JSON.
     #[serde(skip)]
     pub cpu_flags: Option<String>,
+    /// `fs.pipe-max-size` in bytes.
+    pub pipe_max_size: Option<u64>,
+    /// The probe's effective capabilities hold CAP_SYS_RESOURCE (CRIU runs with the same).
+    pub cap_sys_resource: Option<bool>,
 }
+
+/// The pipe size CRIU's page server asks for (819 pages); without CAP_SYS_RESOURCE,
+/// `fs.pipe-max-size` must allow it, rounded up to a power of two.
+pub const LAZY_PIPE_BYTES: u64 = 4 << 20;
+const CAP_SYS_RESOURCE: u32 = 24;
 
 /// Something that stops a migration on one host's stack, with what to do about it.
 #[derive(Debug, Clone, PartialEq)]
@@ -96,6 +109,12 @@ impl Facts {
                 "cpu_arch" => f.cpu_arch = v,
                 "cpu_model" => f.cpu_model = v,
                 "cpu_flags" => f.cpu_flags = v,
+                "pipe_max_size" => f.pipe_max_size = v.and_then(|v| v.parse().ok()),
+                "cap_eff" => {
+                    f.cap_sys_resource = v
+                        .and_then(|v| u64::from_str_radix(&v, 16).ok())
+                        .map(|caps| caps & (1 << CAP_SYS_RESOURCE) != 0)
+                }
                 _ => {
                     if let (Some(feature), Some(v)) = (k.strip_prefix("feature_"), v) {
                         f.features.insert(feature.to_string(), v);
@@ -300,36 +319,54 @@ pub fn stack_findings(f: &Facts, side: Side, out: &mut Vec<Finding>) {
             .fix("mount a tmpfs on /run, as systemd does"),
         );
     }
-    for (feature, code, what) in [
-        (
-            "mem_dirty_track",
-            "criu_dirty_tracking",
-            "dirty-memory tracking (iterative pre-copy)",
-        ),
-        (
-            "uffd-noncoop",
-            "criu_lazy_restore",
-            "userfaultfd (lazy restore)",
-        ),
-    ] {
-        match f.features.get(feature).map(String::as_str) {
-            Some("yes") => out.push(Finding::new(
-                Level::Info,
-                side,
-                code,
-                format!("{what}: available"),
-            )),
-            Some(_) => out.push(Finding::new(
-                Level::Info,
-                side,
-                code,
-                format!("{what}: not available on this kernel"),
-            )),
-            None => {}
-        }
+    let dirty = f.features.get("mem_dirty_track").map(String::as_str);
+    if let Some(d) = dirty {
+        let text = if d == "yes" {
+            "dirty-memory tracking (iterative pre-copy): available"
+        } else {
+            "dirty-memory tracking (iterative pre-copy): not available on this kernel"
+        };
+        out.push(Finding::new(Level::Info, side, "criu_dirty_tracking", text));
+    }
+    if let Some(finding) = lazy_finding(f, side) {
+        out.push(finding);
     }
 }
 
+/// Whether this host can take part in a lazy (post-copy) migration: userfaultfd for the
+/// restore, and pipes as large as CRIU's page server makes them for the dump.
+pub fn lazy_finding(f: &Facts, side: Side) -> Option<Finding> {
+    let uffd = f.features.get("uffd-noncoop")?.as_str() == "yes";
+    let pipes_ok =
+        f.cap_sys_resource == Some(true) || f.pipe_max_size.is_some_and(|m| m >= LAZY_PIPE_BYTES);
+    let mut missing = Vec::new();
+    if !uffd {
+        missing.push("userfaultfd (non-cooperative) on this kernel".to_string());
+    }
+    if !pipes_ok {
+        missing.push(format!(
+            "pipes of {} MiB for CRIU's page server (fs.pipe-max-size is {}, and CRIU lacks CAP_SYS_RESOURCE)",
+            LAZY_PIPE_BYTES >> 20,
+            f.pipe_max_size
+                .map_or("unknown".to_string(), |m| format!("{m}"))
+        ));
+    }
+    if missing.is_empty() {
+        let text = "lazy (post-copy) migration: possible (userfaultfd, page-server pipes)";
+        return Some(Finding::new(Level::Info, side, "criu_lazy_pages", text));
+    }
+    let text = format!(
+        "lazy (post-copy) migration: not possible here: {}",
+        missing.join("; ")
+    );
+    let mut finding = Finding::new(Level::Info, side, "criu_lazy_pages", text);
+    if uffd {
+        finding = finding.fix(format!(
+            "`sysctl -w fs.pipe-max-size={LAZY_PIPE_BYTES}` (as root) allows it"
+        ));
+    }
+    Some(finding)
+}
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -398,6 +435,44 @@ mod tests {
             out[0].one_line(),
             "source: CRIU is not installed; install CRIU 4.2 or newer (scripts/setup builds it)"
         );
+    }
+
+    #[test]
+    fn lazy_migration_needs_userfaultfd_and_large_pipes() {
+        let base = "podman=4.3.1\nruntime=runc\ncriu=4.2.1\ncriu_check=ok\n";
+        // This sandbox: userfaultfd, no CAP_SYS_RESOURCE (CapEff 000001fffeffffff), 1 MiB pipes.
+        let sandbox = format!(
+            "{base}feature_uffd-noncoop=yes\npipe_max_size=1048576\ncap_eff=000001fffeffffff\n"
+        );
+        let f = Facts::parse(&sandbox);
+        assert_eq!(f.cap_sys_resource, Some(false));
+        let no = lazy_finding(&f, Side::Source).unwrap();
+        assert!(no.text.contains("not possible here"), "{}", no.text);
+        assert!(
+            no.text.contains("fs.pipe-max-size is 1048576"),
+            "{}",
+            no.text
+        );
+        assert!(
+            no.fix
+                .as_deref()
+                .unwrap()
+                .contains("fs.pipe-max-size=4194304")
+        );
+        // Raised pipes, or the capability: possible.
+        let raised = sandbox.replace("pipe_max_size=1048576", "pipe_max_size=4194304");
+        let yes = lazy_finding(&Facts::parse(&raised), Side::Target).unwrap();
+        assert!(yes.text.contains("possible (userfaultfd"), "{}", yes.text);
+        let capable = sandbox.replace("cap_eff=000001fffeffffff", "cap_eff=000001ffffffffff");
+        let yes = lazy_finding(&Facts::parse(&capable), Side::Target).unwrap();
+        assert!(yes.text.contains(": possible"), "{}", yes.text);
+        // No userfaultfd: nothing to raise.
+        let old = capable.replace("uffd-noncoop=yes", "uffd-noncoop=no");
+        let no = lazy_finding(&Facts::parse(&old), Side::Target).unwrap();
+        assert!(no.text.contains("userfaultfd"), "{}", no.text);
+        assert!(no.fix.is_none());
+        // A probe that did not ask CRIU says nothing.
+        assert!(lazy_finding(&Facts::parse(base), Side::Source).is_none());
     }
 
     #[test]
