@@ -306,6 +306,7 @@ mod tests {
             tcp: crate::plan::TcpPolicy::Close,
             tcp_established: false,
             ignore_cpu: false,
+            ignore_systemd_unit: false,
         };
         crate::plan::TargetPlan::resolve(&args, &["db".into(), "web".into()]).unwrap()
     }

@@ -217,6 +217,7 @@ pub struct TargetPlan {
     pub install_receiver: bool,
     /// `--ignore-cpu`: missing CPU features warn instead of refusing.
     pub ignore_cpu: bool,
+    pub ignore_systemd_unit: bool,
 }
 
 impl TargetPlan {
@@ -287,6 +288,7 @@ impl TargetPlan {
             spawn_receiver: a.spawn_receiver || a.install_receiver,
             install_receiver: a.install_receiver,
             ignore_cpu: a.ignore_cpu,
+            ignore_systemd_unit: a.ignore_systemd_unit,
         })
     }
 }
@@ -440,6 +442,13 @@ pub struct TargetArgs {
     /// programs are known not to. A different CPU architecture is refused all the same.
     #[arg(long)]
     pub ignore_cpu: bool,
+
+    /// Move containers that a systemd unit on this host runs (podman labels them
+    /// PODMAN_SYSTEMD_UNIT) although the unit is active or enabled; `check` and `send`
+    /// then warn instead of refusing. Whoever passes it makes sure the unit does not start
+    /// the service here again after the move.
+    #[arg(long)]
+    pub ignore_systemd_unit: bool,
 }
 
 /// Options of `migrate send`.

@@ -38,6 +38,8 @@ pub struct Want<'a> {
     pub tcp: crate::plan::TcpPolicy,
     /// `--ignore-cpu`: a target CPU without some of the source's features only warns.
     pub ignore_cpu: bool,
+    /// `--ignore-systemd-unit`: a container run by an active unit only warns.
+    pub ignore_systemd_unit: bool,
     pub run_id: &'a str,
     pub label: &'a str,
     /// `send` only: the run folder to create on the target (under the receiver's workdir).
@@ -64,6 +66,7 @@ impl<'a> Want<'a> {
             ship_images: target.ship_images,
             tcp: target.tcp,
             ignore_cpu: target.ignore_cpu,
+            ignore_systemd_unit: target.ignore_systemd_unit,
             run_id,
             label,
             create_run_dir: act,
@@ -410,6 +413,7 @@ async fn source_containers(want: &Want<'_>, r: &mut Report) {
             )),
         }
     }
+    keeper_findings(want, r).await;
     // podman finds out that it cannot export a container that depends on another only
     // after CRIU has dumped (and so stopped) it: that is checked here, before anything.
     match podman.all().await {
@@ -420,6 +424,35 @@ async fn source_containers(want: &Want<'_>, r: &mut Report) {
             "container_list_failed",
             format!("cannot list the containers here to check what shares their namespaces: {e}"),
         )),
+    }
+}
+
+/// Restart policies and systemd units: what could start a moved container here again.
+async fn keeper_findings(want: &Want<'_>, r: &mut Report) {
+    use crate::engine::units;
+    let names: Vec<String> = r.infos.iter().map(|c| c.name.clone()).collect();
+    if names.is_empty() {
+        return;
+    }
+    let keepers = match units::keepers(&names).await {
+        Ok(k) => k,
+        Err(e) => {
+            r.push(Finding::new(
+                Level::Warn,
+                Side::Source,
+                "container_keepers_unreadable",
+                format!("cannot read the containers' restart policies and units: {e}"),
+            ));
+            return;
+        }
+    };
+    for k in &keepers {
+        let state = match &k.unit {
+            Some(u) => Some(units::unit_state(u).await),
+            None => None,
+        };
+        r.findings
+            .extend(units::findings(k, state.as_ref(), want.ignore_systemd_unit));
     }
 }
 
@@ -1560,6 +1593,7 @@ mod tests {
             ship_images: false,
             tcp: crate::plan::TcpPolicy::Close,
             ignore_cpu: false,
+            ignore_systemd_unit: false,
             run_id: "r1",
             label: "",
             create_run_dir: true,

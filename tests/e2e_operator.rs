@@ -195,3 +195,76 @@ fn a_container_running_as_another_user_is_refused_before_the_freeze() {
         there.describe()
     );
 }
+
+#[test]
+fn a_restart_policy_moves_with_the_container_and_nothing_restarts_it_here() {
+    require_lab!();
+    fresh_workload("a", 100);
+    let _rx = Receiver::start("b", &["--serve"]);
+    // Labelled the way `podman generate systemd` units label their containers; the lab
+    // runs no systemd, so the label names a unit nothing can start.
+    let _ctr = OnHost::apply(
+        "a",
+        "podman rm -f -t0 keeper >/dev/null 2>&1; podman run -d --name keeper --restart=always --label PODMAN_SYSTEMD_UNIT=container-keeper.service localhost/migrate-busybox:latest sh -c 'i=0; while :; do i=$((i+1)); echo $i > /tmp/n; sleep 0.1; done'",
+        "podman rm -f -t0 keeper",
+    );
+    let _there = OnHost::apply("b", "true", "podman rm -f -t0 keeper >/dev/null 2>&1; true");
+    let out = check(&["keeper"]).ok();
+    let v = report(&out);
+    let policy = with_code(&v, "container_restart_policy");
+    assert_eq!(policy.len(), 1, "{}", out.describe());
+    assert!(
+        policy[0].2.contains("restart policy always"),
+        "{}",
+        policy[0].2
+    );
+    let idle = with_code(&v, "container_systemd_unit_idle");
+    assert_eq!(idle.len(), 1, "{}", out.describe());
+    assert!(
+        idle[0].2.contains("container-keeper.service")
+            && idle[0].2.contains("systemd does not run on this host"),
+        "{}",
+        idle[0].2
+    );
+    let count = |host: &str| -> u64 {
+        let o = on(host, &["podman", "exec", "keeper", "cat", "/tmp/n"]).ok();
+        o.stdout
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("{}", o.describe()))
+    };
+    let before = count("a");
+    send("a", &["--to", "root@10.77.0.12", "keeper"]).ok();
+    // The counter went on on b, and b's podman keeps the restart policy.
+    assert!(count("b") >= before, "the counter started over");
+    let policy = on(
+        "b",
+        &[
+            "podman",
+            "inspect",
+            "--format",
+            "{{.HostConfig.RestartPolicy.Name}}",
+            "keeper",
+        ],
+    )
+    .ok();
+    assert_eq!(policy.stdout.trim(), "always", "{}", policy.describe());
+    // What podman-restart.service runs at boot finds nothing of it on a.
+    on(
+        "a",
+        &[
+            "podman",
+            "start",
+            "--all",
+            "--filter",
+            "restart-policy=always",
+        ],
+    )
+    .ok();
+    let here = on("a", &["podman", "ps", "-a", "--format", "{{.Names}}"]).ok();
+    assert!(
+        !here.stdout.lines().any(|n| n == "keeper"),
+        "{}",
+        here.describe()
+    );
+}

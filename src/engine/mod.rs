@@ -5,3 +5,4 @@ pub mod podman;
 pub mod privileges;
 pub mod stack;
 pub mod tcp;
+pub mod units;
