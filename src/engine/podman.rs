@@ -19,10 +19,11 @@ const PODMAN_TIMEOUT: Duration = Duration::from_secs(600);
 pub enum PodmanError {
     #[error("no container named {0:?} exists here; `podman ps -a` lists the containers")]
     NoSuchContainer(String),
-    #[error("{source}{}", criu_hint(.criu_log))]
+    // The variants below say their cause in their own message (callers print `{e}`), so
+    // they do not also hand it on as a `source`: an error chain would print it twice.
+    #[error("{failed}{}", criu_hint(.criu_log))]
     Command {
-        #[source]
-        source: ExecError,
+        failed: ExecError,
         /// CRIU's own log and the lines of it that say why, when podman names one.
         criu_log: Option<(String, String)>,
     },
@@ -30,25 +31,16 @@ pub enum PodmanError {
     Parse(String),
     /// podman wrote the whole archive, then failed: the dump is done, the archive may be
     /// whole, but podman's own verdict is a failure, so it is not used.
-    #[error("podman failed after writing the whole archive of {name} ({bytes} bytes): {source}")]
+    #[error("podman failed after writing the whole archive of {name} ({bytes} bytes): {failed}")]
     FailedAfterExport {
         name: String,
         bytes: u64,
-        #[source]
-        source: Box<PodmanError>,
+        failed: Box<PodmanError>,
     },
-    #[error("cannot write the CRIU option wrapper in {dir}: {source}")]
-    Wrapper {
-        dir: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("streaming the checkpoint of {name}: {source}")]
-    Stream {
-        name: String,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error("cannot write the CRIU option wrapper in {dir}: {io}")]
+    Wrapper { dir: String, io: std::io::Error },
+    #[error("streaming the checkpoint of {name}: {io}")]
+    Stream { name: String, io: std::io::Error },
 }
 
 /// Why CRIU refused a dump, read from its own words (never from the command line, which
@@ -90,7 +82,7 @@ impl PodmanError {
     pub fn criu_refusal(&self) -> Option<CriuRefusal> {
         match self {
             PodmanError::Command { .. } => CriuRefusal::from_words(&self.to_string()),
-            PodmanError::FailedAfterExport { source, .. } => source.criu_refusal(),
+            PodmanError::FailedAfterExport { failed, .. } => failed.criu_refusal(),
             _ => None,
         }
     }
@@ -115,7 +107,10 @@ fn criu_hint(log: &Option<(String, String)>) -> String {
 impl From<ExecError> for PodmanError {
     fn from(source: ExecError) -> Self {
         let criu_log = criu_log_excerpt(source.stderr());
-        PodmanError::Command { source, criu_log }
+        PodmanError::Command {
+            failed: source,
+            criu_log,
+        }
     }
 }
 
@@ -661,7 +656,7 @@ impl Podman {
             .open_receiver(fifo)
             .map_err(|source| PodmanError::Stream {
                 name: name.to_string(),
-                source,
+                io: source,
             })?;
         let podman = exec::spawn("podman", &a)?;
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -698,7 +693,7 @@ impl Podman {
     ) -> Result<Streamed, PodmanError> {
         let io = |source: std::io::Error| PodmanError::Stream {
             name: name.to_string(),
-            source,
+            io: source,
         };
         widen_pipe(&rx);
         let hasher = spawn_hasher();
@@ -768,7 +763,7 @@ impl Podman {
                 return Err(PodmanError::FailedAfterExport {
                     name: name.to_string(),
                     bytes: total,
-                    source: Box::new(e),
+                    failed: Box::new(e),
                 });
             }
             Err(e) => return Err(e),
@@ -776,7 +771,7 @@ impl Podman {
         if !closed {
             return Err(PodmanError::Stream {
                 name: name.to_string(),
-                source: std::io::Error::other(format!(
+                io: std::io::Error::other(format!(
                     "podman succeeded, but the archive it wrote ({total} bytes) does not end with tar's closing blocks"
                 )),
             });
@@ -845,7 +840,7 @@ impl Podman {
 fn ensure_wrapper(opts: CriuOptions) -> Result<(), PodmanError> {
     opts.ensure_wrapper().map_err(|e| PodmanError::Wrapper {
         dir: CRIU_WRAPPER_DIR.into(),
-        source: e,
+        io: e,
     })
 }
 
