@@ -10,7 +10,9 @@ use super::Ctx;
 use super::archives::verify_archives;
 use crate::engine::podman::{CriuOptions, Podman, PodmanError};
 use crate::progress::Ui;
-use crate::protocol::{ContainerEntry, LeftOnTarget, Manifest, TargetOutcome, restore_waves};
+use crate::protocol::{
+    ContainerEntry, LeftOnTarget, Manifest, PodSpec, TargetOutcome, restore_waves,
+};
 use crate::timing::{Stopwatch, now_us};
 
 /// Attempts at removing a container of a failed restore (the last one after SIGKILL).
@@ -40,11 +42,36 @@ pub(super) async fn restore(
     out.verify_s = verify.secs();
     let clock = Stopwatch::start();
     let podman = Podman;
+    let pod = match &manifest.pod {
+        None => None,
+        Some(spec) => match create_pod(&podman, spec, ctx).await {
+            Ok(id) => Some(id),
+            Err(e) => {
+                out.error = Some(e);
+                out.restore_s = clock.secs();
+                return out;
+            }
+        },
+    };
     let waves = restore_waves(&manifest.containers).expect("validated: no cycle");
     let mut restored: Vec<&str> = Vec::new();
     for wave in waves {
-        if let Err(failed) = restore_wave(&podman, &wave, dir, ctx, &mut restored, &mut out).await {
-            out.error = Some(undo(&podman, &failed, &restored, ctx, &mut out.left_on_target).await);
+        let into = pod.as_deref();
+        if let Err(failed) =
+            restore_wave(&podman, &wave, dir, into, ctx, &mut restored, &mut out).await
+        {
+            let mut error = undo(&podman, &failed, &restored, ctx, &mut out.left_on_target).await;
+            if let Some(spec) = &manifest.pod {
+                remove_pod(
+                    &podman,
+                    &spec.name,
+                    ctx,
+                    &mut error,
+                    &mut out.left_on_target,
+                )
+                .await;
+            }
+            out.error = Some(error);
             out.restore_s = clock.secs();
             return out;
         }
@@ -54,6 +81,57 @@ pub(super) async fn restore(
     out.restored = true;
     ctx.ui.info(&format!("UP: {} running", restored.join(", ")));
     out
+}
+
+/// Creates the pod the members are restored into and starts its infra container; returns
+/// its ID (podman 4.3 restores into a pod only by ID). A pod that could not be created is
+/// not removed: one of that name may be somebody else's.
+async fn create_pod(podman: &Podman, spec: &PodSpec, ctx: &Ctx) -> Result<String, String> {
+    ctx.ui.phase(&format!("creating pod {}", spec.name));
+    let sw = Stopwatch::start();
+    match podman.pod_create(spec).await {
+        Ok(id) => {
+            ctx.ui
+                .info(&format!("pod {} created in {:.3}s", spec.name, sw.secs()));
+            Ok(id)
+        }
+        Err(e) => {
+            let msg = format!("creating pod {} failed: {e}", spec.name);
+            ctx.ui.warn(&msg);
+            if let Ok(Some(p)) = podman.pod(&spec.name).await
+                && p.members.is_empty()
+            {
+                // Created, then its infra failed to start: ours, and empty.
+                let _ = podman.pod_remove(&p.id).await;
+            }
+            Err(msg)
+        }
+    }
+}
+
+/// After a failed restore into the pod this run created: the pod goes too (its members
+/// went first). What cannot be removed is reported like a container.
+async fn remove_pod(
+    podman: &Podman,
+    name: &str,
+    ctx: &Ctx,
+    error: &mut String,
+    left: &mut Vec<LeftOnTarget>,
+) {
+    if let Err(e) = podman.pod_remove(name).await {
+        let text = format!(
+            "pod {name} NOT removed on {} after the failed restore: {e}",
+            ctx.hostname
+        );
+        ctx.ui.warn(&text);
+        error.push_str("; ");
+        error.push_str(&text);
+        left.push(LeftOnTarget {
+            name: name.to_string(),
+            state: "pod".into(),
+            error: e.to_string(),
+        });
+    }
 }
 
 /// The containers of a wave that did not come up, each with its message.
@@ -81,6 +159,7 @@ async fn restore_wave<'m>(
     podman: &Podman,
     wave: &[&'m ContainerEntry],
     dir: &Path,
+    pod: Option<&str>,
     ctx: &Ctx,
     restored: &mut Vec<&'m str>,
     out: &mut TargetOutcome,
@@ -96,7 +175,9 @@ async fn restore_wave<'m>(
             skip_in_flight: false,
         };
         (
-            podman.restore_import(&dir.join(&c.archive), opts).await,
+            podman
+                .restore_import(&dir.join(&c.archive), opts, pod)
+                .await,
             sw.secs(),
         )
     }))

@@ -33,6 +33,8 @@ pub(super) struct Prepared {
     pub local_dir: PathBuf,
     pub remote_dir: String,
     pub offset_us: i64,
+    /// The pod the containers move as: re-created on the target, removed here at commit.
+    pub pod: Option<crate::protocol::PodSpec>,
 }
 /// Everything before the freeze. Any failure here is a refusal: nothing was touched.
 pub(super) async fn preflight(
@@ -55,6 +57,7 @@ pub(super) async fn preflight(
         receiver,
         missing_images,
         remote_dir,
+        pod,
         ..
     } = report;
     let ssh = ssh.expect("no failure means SSH works");
@@ -90,6 +93,7 @@ pub(super) async fn preflight(
             local_dir,
             remote_dir,
             offset_us,
+            pod: pod.map(|(spec, _)| spec),
         }),
         Err(e) => {
             abort(&mut control, "refused in preflight", false).await;
