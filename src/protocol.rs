@@ -663,6 +663,29 @@ mod tests {
     }
 
     #[test]
+    fn a_pod_travels_only_when_there_is_one_and_is_checked() {
+        // Without a pod the manifest is what older receivers read.
+        let text = serde_json::to_string(&manifest()).unwrap();
+        assert!(!text.contains("pod"), "{text}");
+        let mut m = manifest();
+        m.pod = Some(Box::new(PodSpec {
+            name: "pp".into(),
+            share: vec!["ipc".into(), "net".into(), "uts".into()],
+            publish: vec!["8085:80/tcp".into()],
+            hostname: "pphost".into(),
+            labels: [("app".to_string(), "pp".to_string())].into(),
+            infra_image: "localhost/migrate-pause:latest".into(),
+        }));
+        m.validate("run-1").unwrap();
+        let back: Manifest = serde_json::from_str(&serde_json::to_string(&m).unwrap()).unwrap();
+        assert_eq!(back, m);
+        m.pod.as_mut().unwrap().infra_image = "--privileged".into();
+        assert!(
+            matches!(m.validate("run-1"), Err(ProtocolError::Manifest(e)) if e.contains("infra image"))
+        );
+    }
+
+    #[test]
     fn manifest_rejects_path_components_and_bad_fields() {
         for archive in ["../x", "a/b", "/etc/passwd", ".hidden", "", "a b"] {
             let mut m = manifest();

@@ -328,6 +328,14 @@ pub async fn source_pod(
             );
         }
     };
+    // A member left behind is refused by the dependency check, naming it.
+    if !pod
+        .members
+        .iter()
+        .all(|m| moved.iter().any(|c| &c.name == m))
+    {
+        return (Vec::new(), None);
+    }
     let mut out = Vec::new();
     let outside: Vec<&str> = moved
         .iter()

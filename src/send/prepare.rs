@@ -60,6 +60,12 @@ pub(super) async fn preflight(
         pod,
         ..
     } = report;
+    if let Some((spec, _)) = &pod {
+        ui.info(&format!(
+            "pod {} moves whole: re-created on the target, its members restored into it",
+            spec.name
+        ));
+    }
     let ssh = ssh.expect("no failure means SSH works");
     let Welcome { mut control, .. } = receiver.expect("no failure means a receiver answered");
     let remote_dir = remote_dir.expect("no failure means the run folder exists");
