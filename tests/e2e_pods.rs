@@ -120,3 +120,46 @@ fn a_pod_moves_a_to_b_and_back_with_state() {
     move_pod("b", "a");
     lab(&["pod", "down", "a"]).ok();
 }
+
+#[test]
+fn a_pod_the_target_cannot_create_comes_back_here_and_theirs_is_left_alone() {
+    require_lab!();
+    fresh_pod();
+    std::thread::sleep(Duration::from_secs(3));
+    let rx = Receiver::start("b", &[]);
+    let (_, before) = front("a");
+    // After the checks, somebody takes the pod's name on the target.
+    let out = send(
+        "a",
+        &[
+            "--to",
+            &to("b"),
+            "--target-hook",
+            "pre-freeze=podman pod create --name pp --label owner=someone-else --infra-image localhost/migrate-pause:latest",
+            POD,
+        ],
+    )
+    .expect_code(1);
+    let log = rx.log();
+    assert!(log.contains("creating pod pp failed"), "{log}");
+    let (code, _) = rx.wait(T);
+    assert_eq!(code, Some(1), "receiver exit; log:\n{log}");
+    // Back here, in the source's pod, with its memory.
+    assert_eq!(pod_containers("a"), MEMBERS, "{}", out.describe());
+    let (_, c1) = front("a");
+    assert!(c1 >= before, "counter on a went back: {c1} < {before}");
+    // Nothing of ours on b, and the other pod is still there.
+    assert!(pod_containers("b").is_empty(), "{:?}", pod_containers("b"));
+    let theirs = on(
+        "b",
+        &["podman", "pod", "inspect", "--format", "{{.Labels}}", POD],
+    )
+    .ok();
+    assert!(
+        theirs.stdout.contains("owner:someone-else"),
+        "{}",
+        theirs.describe()
+    );
+    lab(&["pod", "down", "b"]).ok();
+    lab(&["pod", "down", "a"]).ok();
+}

@@ -235,12 +235,19 @@ impl Podman {
         parse_pod_inspect(&out.stdout).map(Some)
     }
 
-    /// Creates the pod and starts its infra container; returns the pod's ID.
+    /// Creates the pod; returns its ID.
     pub async fn pod_create(&self, spec: &PodSpec) -> Result<String, PodmanError> {
         let out = exec::run("podman", &create_args(spec), POD_TIMEOUT).await?;
-        let id = out.stdout.trim().to_string();
-        exec::run("podman", &args(["pod", "start", &id]), POD_TIMEOUT).await?;
-        Ok(id)
+        Ok(out.stdout.trim().to_string())
+    }
+
+    /// Starts a pod's infra container (before any member is restored into it, so the
+    /// parallel restores do not race to start it).
+    pub async fn pod_start(&self, id: &str) -> Result<(), PodmanError> {
+        exec::run("podman", &args(["pod", "start", id]), POD_TIMEOUT)
+            .await
+            .map(drop)
+            .map_err(Into::into)
     }
 
     /// Removes a pod with everything in it (`podman pod rm --force`).

@@ -61,10 +61,10 @@ pub(super) async fn restore(
             restore_wave(&podman, &wave, dir, into, ctx, &mut restored, &mut out).await
         {
             let mut error = undo(&podman, &failed, &restored, ctx, &mut out.left_on_target).await;
-            if let Some(spec) = &manifest.pod {
+            if let (Some(spec), Some(id)) = (&manifest.pod, &pod) {
                 remove_pod(
                     &podman,
-                    &spec.name,
+                    (&spec.name, id),
                     ctx,
                     &mut error,
                     &mut out.left_on_target,
@@ -84,41 +84,46 @@ pub(super) async fn restore(
 }
 
 /// Creates the pod the members are restored into and starts its infra container; returns
-/// its ID (podman 4.3 restores into a pod only by ID). A pod that could not be created is
-/// not removed: one of that name may be somebody else's.
+/// its ID (podman 4.3 restores into a pod only by ID). When `pod create` fails nothing
+/// is removed (a pod of that name is somebody else's); when only the start fails, the pod
+/// it created goes, by its ID.
 async fn create_pod(podman: &Podman, spec: &PodSpec, ctx: &Ctx) -> Result<String, String> {
     ctx.ui.phase(&format!("creating pod {}", spec.name));
     let sw = Stopwatch::start();
-    match podman.pod_create(spec).await {
-        Ok(id) => {
-            ctx.ui
-                .info(&format!("pod {} created in {:.3}s", spec.name, sw.secs()));
-            Ok(id)
+    let failed = |what: &str, e: PodmanError| {
+        let msg = format!("{what} pod {} failed: {e}", spec.name);
+        ctx.ui.warn(&msg);
+        msg
+    };
+    let id = podman
+        .pod_create(spec)
+        .await
+        .map_err(|e| failed("creating", e))?;
+    if let Err(e) = podman.pod_start(&id).await {
+        let mut msg = failed("starting", e);
+        if let Err(e) = podman.pod_remove(&id).await {
+            msg.push_str(&format!(
+                "; pod {} ({id}) NOT removed on {}: {e}",
+                spec.name, ctx.hostname
+            ));
         }
-        Err(e) => {
-            let msg = format!("creating pod {} failed: {e}", spec.name);
-            ctx.ui.warn(&msg);
-            if let Ok(Some(p)) = podman.pod(&spec.name).await
-                && p.members.is_empty()
-            {
-                // Created, then its infra failed to start: ours, and empty.
-                let _ = podman.pod_remove(&p.id).await;
-            }
-            Err(msg)
-        }
+        return Err(msg);
     }
+    ctx.ui
+        .info(&format!("pod {} created in {:.3}s", spec.name, sw.secs()));
+    Ok(id)
 }
 
 /// After a failed restore into the pod this run created: the pod goes too (its members
 /// went first). What cannot be removed is reported like a container.
 async fn remove_pod(
     podman: &Podman,
-    name: &str,
+    (name, id): (&str, &str),
     ctx: &Ctx,
     error: &mut String,
     left: &mut Vec<LeftOnTarget>,
 ) {
-    if let Err(e) = podman.pod_remove(name).await {
+    if let Err(e) = podman.pod_remove(id).await {
         let text = format!(
             "pod {name} NOT removed on {} after the failed restore: {e}",
             ctx.hostname
