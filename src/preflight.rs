@@ -13,7 +13,7 @@ use crate::engine::podman::{self, ContainerInfo, Podman, PodmanError};
 use crate::engine::stack::{self, Facts, Finding, Level, Side};
 use crate::exec::shell_quote;
 use crate::progress::Ui;
-use crate::protocol::{Channel, Direction, PROTOCOL_VERSION, ToReceiver, ToSender};
+use crate::protocol::{Channel, Direction, PROTOCOL_VERSION, PodSpec, ToReceiver, ToSender};
 use crate::sink::SinkArgs;
 use crate::transport::ssh::{Destination, Ssh};
 
@@ -121,6 +121,8 @@ pub struct Report {
     pub source_stack: Option<Facts>,
     /// The stack on the target, when SSH got that far.
     pub target_stack: Option<Facts>,
+    /// The pod the containers move as, and its infra image's ID.
+    pub pod: Option<(PodSpec, String)>,
 }
 
 impl Report {
@@ -243,6 +245,9 @@ async fn check_target(
         (true, true) => RunDirStep::Create,
     };
     let mut script = target_script(&r.infos, want.data, want.target_workdir, want.run_id, step);
+    if let Some((pod, infra_id)) = &r.pod {
+        script.push_str(&crate::engine::pod::target_script(pod, infra_id));
+    }
     if let Some(exe) = &sink {
         script.push_str(&SinkArgs::probe().shell_command(exe));
         script.push_str(" 2>/dev/null\n");
@@ -287,6 +292,12 @@ async fn check_target(
     let (findings, missing) = target_findings(&out, &r.infos, want.data, &needs, want.ship_images);
     r.findings.extend(findings);
     r.missing_images = missing;
+    if let Some((pod, infra_id)) = &r.pod {
+        let (findings, ship) =
+            crate::engine::pod::target_findings(&out, pod, infra_id, want.ship_images);
+        r.findings.extend(findings);
+        r.missing_images.extend(ship);
+    }
     let run_dir = crate::rundir::remote_run_dir(want.target_workdir, want.run_id);
     let said = out.lines().find_map(|l| l.strip_prefix("run_dir="));
     match (said, step) {
@@ -352,7 +363,7 @@ fn receiver_answers(want: &Want<'_>, w: &Welcome) -> Finding {
 
 async fn source_containers(want: &Want<'_>, r: &mut Report) {
     let podman = Podman;
-    for name in want.containers {
+    for name in &crate::engine::pod::expand(&podman, want.containers).await {
         match podman.inspect(std::slice::from_ref(name)).await {
             Ok(mut v) if !v.is_empty() => {
                 let c = v.remove(0);
@@ -417,7 +428,12 @@ async fn source_containers(want: &Want<'_>, r: &mut Report) {
     // podman finds out that it cannot export a container that depends on another only
     // after CRIU has dumped (and so stopped) it: that is checked here, before anything.
     match podman.all().await {
-        Ok(all) => r.findings.extend(dependency_findings(&r.infos, &all)),
+        Ok(all) => {
+            r.findings.extend(dependency_findings(&r.infos, &all));
+            let (findings, pod) = crate::engine::pod::source_pod(&podman, &r.infos, &all).await;
+            r.findings.extend(findings);
+            r.pod = pod;
+        }
         Err(e) => r.push(Finding::new(
             Level::Fail,
             Side::Source,
@@ -503,8 +519,10 @@ pub fn connection_finding(
 /// - one that joins another's namespaces (`--network/--pid/--ipc/--uts container:X`) or
 ///   requires another (`--requires`): podman refuses to export it ("cannot export
 ///   checkpoints of containers with dependencies"), even when X is moved along;
-/// - one in a pod: podman restores it only into a pod (`restore --import --pod`), which
-///   runc cannot do;
+/// - one in a pod whose other members stay here: podman restores a pod's member only into
+///   a pod (`restore --import --pod`, which runc accepts as long as it knows
+///   `restore --lsm-mount-context` and CRIU is 3.16 or newer), and migrate moves a pod
+///   whole, re-creating it on the target;
 /// - one whose namespaces a container that stays here shares: that one would be left
 ///   with the namespaces of a container gone to the target, and podman would not remove
 ///   the moved one here.
@@ -523,25 +541,40 @@ pub fn dependency_findings(moved: &[ContainerInfo], all: &[ContainerInfo]) -> Ve
     let mut out = Vec::new();
     for c in moved {
         if !c.pod.is_empty() {
-            out.push(
-                Finding::new(
-                    Level::Fail,
-                    Side::Source,
-                    "container_in_pod",
-                    format!(
-                        "{} is in pod {} and shares the namespaces of its infra container: podman restores a pod's container only into a pod (`podman container restore --import --pod`), which runc cannot do, and migrate does not move pods",
-                        c.name,
-                        short(&c.pod)
-                    ),
-                )
-                .fix(format!(
-                    "run {} outside a pod (its own namespaces, published ports) to move it with migrate",
-                    c.name
-                )),
-            );
-            continue;
+            let left: Vec<&str> = all
+                .iter()
+                .filter(|o| o.pod == c.pod && !c.dependencies.contains(&o.id))
+                .filter(|o| !moved.iter().any(|m| m.id == o.id))
+                .map(|o| o.name.as_str())
+                .collect();
+            if !left.is_empty()
+                && !out
+                    .iter()
+                    .any(|f: &Finding| f.code == "pod_split" && f.text.contains(short(&c.pod)))
+            {
+                out.push(
+                    Finding::new(
+                        Level::Fail,
+                        Side::Source,
+                        "pod_split",
+                        format!(
+                            "{} is in pod {} and shares the namespaces of its infra container with {}, which {} not being moved: a pod moves whole",
+                            c.name,
+                            short(&c.pod),
+                            left.join(", "),
+                            if left.len() == 1 { "is" } else { "are" }
+                        ),
+                    )
+                    .fix(format!(
+                        "name the pod to move all of its members together (migrate send --to HOST POD), or run {} outside a pod",
+                        c.name
+                    )),
+                );
+            }
         }
-        for dep in &c.dependencies {
+        let pod_infra =
+            |dep: &String| !c.pod.is_empty() && all.iter().any(|o| is(o, dep) && o.pod == c.pod);
+        for dep in c.dependencies.iter().filter(|d| !pod_infra(d)) {
             let dep_name = name_of(dep);
             let kinds: Vec<&str> = c
                 .shares
@@ -1370,6 +1403,10 @@ mod tests {
         }
     }
 
+    const INFRA: &str = "1nfra0000000000000000000";
+    const FRONT: &str = "f0f0f0f0f0f0f0f0";
+    const COUNTER: &str = "c0c0c0c0c0c0c0c0";
+
     fn ctr(name: &str, id: &str, deps: &[&str], shares: &[(&'static str, &str)]) -> ContainerInfo {
         ContainerInfo {
             name: name.into(),
@@ -1440,18 +1477,36 @@ mod tests {
             "{}",
             f[0].text
         );
-        let member = ContainerInfo {
-            pod: "f00dfeedcafe0123".into(),
-            ..ctr("member", "77", &["1nfra"], &[("network", "1nfra")])
+    }
+
+    #[test]
+    fn a_pod_moves_whole_or_not_at_all() {
+        const POD: &str = "f00dfeedcafe0123";
+        let in_pod = |name: &str, id: &str| ContainerInfo {
+            pod: POD.into(),
+            ..ctr(name, id, &[INFRA], &[("network", INFRA), ("ipc", INFRA)])
         };
-        let f = dependency_findings(std::slice::from_ref(&member), std::slice::from_ref(&member));
+        let infra = ContainerInfo {
+            pod: POD.into(),
+            ..ctr("f00dfeedcafe-infra", INFRA, &[], &[])
+        };
+        let (front, counter) = (in_pod("front", FRONT), in_pod("counter", COUNTER));
+        let all = [infra, front.clone(), counter.clone()];
+        // Both members: the infra is no dependency that stops them, nothing else is said.
+        let f = dependency_findings(&[front.clone(), counter.clone()], &all);
+        assert!(f.is_empty(), "{f:#?}");
+        // One member alone: refused, naming the member left behind (not the infra).
+        let f = dependency_findings(std::slice::from_ref(&front), &all);
         assert_eq!(f.len(), 1, "{f:#?}");
+        assert_eq!(f[0].code, "pod_split");
         assert!(
-            f[0].text.contains("member is in pod f00dfeedcafe"),
+            f[0].text.contains("front is in pod f00dfeedcafe")
+                && f[0].text.contains("with counter, which is not being moved"),
             "{}",
             f[0].text
         );
-        assert!(f[0].fix.as_deref().unwrap().contains("outside a pod"));
+        assert!(!f[0].text.contains("runc"), "{}", f[0].text);
+        assert!(f[0].fix.as_deref().unwrap().contains("name the pod"));
     }
 
     #[test]

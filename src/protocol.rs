@@ -163,6 +163,69 @@ pub struct Manifest {
     pub down_us: i64,
     /// The sender's estimate of receiver clock minus sender clock (µs).
     pub clock_offset_us: i64,
+    /// The pod the containers are the members of: the receiver creates it and restores
+    /// them into it. Absent for containers of no pod; a receiver that predates it refuses
+    /// a manifest that carries one (unknown field), so nothing is restored outside a pod.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<Box<PodSpec>>,
+}
+
+/// What re-creates a pod on the target (`podman pod create`): everything else of the
+/// source's pod was checked to be podman's default before the freeze.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PodSpec {
+    pub name: String,
+    /// Namespaces the members share with the infra container (`--share`), sorted.
+    pub share: Vec<String>,
+    /// Published ports (`--publish`), as podman takes them: `[IP:]HOST:CONTAINER/PROTO`.
+    pub publish: Vec<String>,
+    /// `--hostname`; empty for podman's default (the pod's name).
+    pub hostname: String,
+    /// `--label KEY=VALUE`.
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// The infra container's image (`--infra-image`); its own command runs.
+    pub infra_image: String,
+}
+
+impl PodSpec {
+    /// Checks what podman would take as something other than a value.
+    pub fn validate(&self) -> Result<(), String> {
+        if !valid_container_name(&self.name) {
+            return Err(format!("invalid pod name {:?}", self.name));
+        }
+        let known = ["cgroup", "ipc", "net", "pid", "uts"];
+        if let Some(s) = self.share.iter().find(|s| !known.contains(&s.as_str())) {
+            return Err(format!(
+                "pod {} shares an unknown namespace {s:?}",
+                self.name
+            ));
+        }
+        let port = |p: &str| {
+            !p.is_empty()
+                && p.bytes().all(|b| {
+                    b.is_ascii_hexdigit() || b":./[]".contains(&b) || b"tcpudsx".contains(&b)
+                })
+        };
+        if let Some(p) = self.publish.iter().find(|p| !port(p)) {
+            return Err(format!("pod {} publishes an invalid port {p:?}", self.name));
+        }
+        let plain = |v: &str| !v.starts_with('-') && !v.contains('\n') && !v.contains('\0');
+        if !plain(&self.hostname) || self.infra_image.is_empty() || !plain(&self.infra_image) {
+            return Err(format!(
+                "pod {} has an invalid hostname or infra image",
+                self.name
+            ));
+        }
+        if let Some(k) = self
+            .labels
+            .keys()
+            .find(|k| k.is_empty() || !plain(k) || k.contains('='))
+        {
+            return Err(format!("pod {} has an invalid label {k:?}", self.name));
+        }
+        Ok(())
+    }
 }
 
 /// One checkpointed container.
@@ -274,6 +337,9 @@ impl Manifest {
             if !d.starts_with('/') || d.split('/').any(|p| p == "..") {
                 return bad(format!("data path {d:?} is not an absolute path"));
             }
+        }
+        if let Some(pod) = &self.pod {
+            pod.validate().map_err(ProtocolError::Manifest)?;
         }
         Ok(())
     }
@@ -587,12 +653,36 @@ mod tests {
             data: vec!["/srv/app".into()],
             down_us: 1,
             clock_offset_us: 0,
+            pod: None,
         }
     }
 
     #[test]
     fn manifest_accepts_a_good_one() {
         manifest().validate("run-1").unwrap();
+    }
+
+    #[test]
+    fn a_pod_travels_only_when_there_is_one_and_is_checked() {
+        // Without a pod the manifest is what older receivers read.
+        let text = serde_json::to_string(&manifest()).unwrap();
+        assert!(!text.contains("pod"), "{text}");
+        let mut m = manifest();
+        m.pod = Some(Box::new(PodSpec {
+            name: "pp".into(),
+            share: vec!["ipc".into(), "net".into(), "uts".into()],
+            publish: vec!["8085:80/tcp".into()],
+            hostname: "pphost".into(),
+            labels: [("app".to_string(), "pp".to_string())].into(),
+            infra_image: "localhost/migrate-pause:latest".into(),
+        }));
+        m.validate("run-1").unwrap();
+        let back: Manifest = serde_json::from_str(&serde_json::to_string(&m).unwrap()).unwrap();
+        assert_eq!(back, m);
+        m.pod.as_mut().unwrap().infra_image = "--privileged".into();
+        assert!(
+            matches!(m.validate("run-1"), Err(ProtocolError::Manifest(e)) if e.contains("infra image"))
+        );
     }
 
     #[test]

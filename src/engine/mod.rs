@@ -1,6 +1,7 @@
 //! The container engine: podman with CRIU underneath.
 pub mod cpu;
 pub mod freezer;
+pub mod pod;
 pub mod podman;
 pub mod privileges;
 pub mod stack;

@@ -421,11 +421,16 @@ pub fn checkpoint_args(
     a
 }
 
-/// `podman container restore --import` arguments.
-pub fn restore_import_args(archive: &Path, opts: CriuOptions) -> Vec<String> {
+/// `podman container restore --import` arguments; a pod's member goes into the pod of
+/// that ID (podman 4.3 takes only the ID there: it stores a name where the ID belongs).
+pub fn restore_import_args(archive: &Path, opts: CriuOptions, pod: Option<&str>) -> Vec<String> {
     let mut a = opts.global();
     a.extend(args(["container", "restore", "--print-stats", "--import"]));
     a.push(archive.display().to_string());
+    if let Some(pod) = pod {
+        a.push("--pod".into());
+        a.push(pod.into());
+    }
     opts.push(&mut a);
     a
 }
@@ -792,9 +797,10 @@ impl Podman {
         &self,
         archive: &Path,
         opts: CriuOptions,
+        pod: Option<&str>,
     ) -> Result<Stats, PodmanError> {
         ensure_wrapper(opts)?;
-        let out = self.run(restore_import_args(archive, opts)).await?;
+        let out = self.run(restore_import_args(archive, opts, pod)).await?;
         Ok(Stats::parse(&out))
     }
 
@@ -981,8 +987,13 @@ mod tests {
             a.join(" "),
             "container checkpoint --keep --print-stats --compress none --export /w/db.tar --file-locks db"
         );
-        let r = restore_import_args(Path::new("/w/db.tar"), opts);
+        let r = restore_import_args(Path::new("/w/db.tar"), opts, None);
         assert!(r.contains(&"--file-locks".to_string()));
+        let r = restore_import_args(Path::new("/w/db.tar"), opts, Some("0c72f4254fe7"));
+        assert_eq!(
+            r[4..8].join(" "),
+            "/w/db.tar --pod 0c72f4254fe7 --file-locks"
+        );
         // Options podman has no flag for go to runc as a wrapper for `criu`, on this
         // command only.
         let close = CriuOptions {
@@ -999,7 +1010,7 @@ mod tests {
         let r = restore_in_place_args("db", close);
         assert_eq!(r[1], "criu=/run/migrate/criu/tcp-close+skip-in-flight");
         assert_eq!(
-            restore_import_args(Path::new("/w/db.tar"), opts)[0],
+            restore_import_args(Path::new("/w/db.tar"), opts, None)[0],
             "container"
         );
     }

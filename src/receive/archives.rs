@@ -99,6 +99,7 @@ mod tests {
             data: vec![],
             down_us: 0,
             clock_offset_us: 0,
+            pod: None,
         }
     }
 

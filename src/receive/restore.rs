@@ -10,7 +10,9 @@ use super::Ctx;
 use super::archives::verify_archives;
 use crate::engine::podman::{CriuOptions, Podman, PodmanError};
 use crate::progress::Ui;
-use crate::protocol::{ContainerEntry, LeftOnTarget, Manifest, TargetOutcome, restore_waves};
+use crate::protocol::{
+    ContainerEntry, LeftOnTarget, Manifest, PodSpec, TargetOutcome, restore_waves,
+};
 use crate::timing::{Stopwatch, now_us};
 
 /// Attempts at removing a container of a failed restore (the last one after SIGKILL).
@@ -40,11 +42,36 @@ pub(super) async fn restore(
     out.verify_s = verify.secs();
     let clock = Stopwatch::start();
     let podman = Podman;
+    let pod = match &manifest.pod {
+        None => None,
+        Some(spec) => match create_pod(&podman, spec, ctx).await {
+            Ok(id) => Some(id),
+            Err(e) => {
+                out.error = Some(e);
+                out.restore_s = clock.secs();
+                return out;
+            }
+        },
+    };
     let waves = restore_waves(&manifest.containers).expect("validated: no cycle");
     let mut restored: Vec<&str> = Vec::new();
     for wave in waves {
-        if let Err(failed) = restore_wave(&podman, &wave, dir, ctx, &mut restored, &mut out).await {
-            out.error = Some(undo(&podman, &failed, &restored, ctx, &mut out.left_on_target).await);
+        let into = pod.as_deref();
+        if let Err(failed) =
+            restore_wave(&podman, &wave, dir, into, ctx, &mut restored, &mut out).await
+        {
+            let mut error = undo(&podman, &failed, &restored, ctx, &mut out.left_on_target).await;
+            if let (Some(spec), Some(id)) = (&manifest.pod, &pod) {
+                remove_pod(
+                    &podman,
+                    (&spec.name, id),
+                    ctx,
+                    &mut error,
+                    &mut out.left_on_target,
+                )
+                .await;
+            }
+            out.error = Some(error);
             out.restore_s = clock.secs();
             return out;
         }
@@ -54,6 +81,62 @@ pub(super) async fn restore(
     out.restored = true;
     ctx.ui.info(&format!("UP: {} running", restored.join(", ")));
     out
+}
+
+/// Creates the pod the members are restored into and starts its infra container; returns
+/// its ID (podman 4.3 restores into a pod only by ID). When `pod create` fails nothing
+/// is removed (a pod of that name is somebody else's); when only the start fails, the pod
+/// it created goes, by its ID.
+async fn create_pod(podman: &Podman, spec: &PodSpec, ctx: &Ctx) -> Result<String, String> {
+    ctx.ui.phase(&format!("creating pod {}", spec.name));
+    let sw = Stopwatch::start();
+    let failed = |what: &str, e: PodmanError| {
+        let msg = format!("{what} pod {} failed: {e}", spec.name);
+        ctx.ui.warn(&msg);
+        msg
+    };
+    let id = podman
+        .pod_create(spec)
+        .await
+        .map_err(|e| failed("creating", e))?;
+    if let Err(e) = podman.pod_start(&id).await {
+        let mut msg = failed("starting", e);
+        if let Err(e) = podman.pod_remove(&id).await {
+            msg.push_str(&format!(
+                "; pod {} ({id}) NOT removed on {}: {e}",
+                spec.name, ctx.hostname
+            ));
+        }
+        return Err(msg);
+    }
+    ctx.ui
+        .info(&format!("pod {} created in {:.3}s", spec.name, sw.secs()));
+    Ok(id)
+}
+
+/// After a failed restore into the pod this run created: the pod goes too (its members
+/// went first). What cannot be removed is reported like a container.
+async fn remove_pod(
+    podman: &Podman,
+    (name, id): (&str, &str),
+    ctx: &Ctx,
+    error: &mut String,
+    left: &mut Vec<LeftOnTarget>,
+) {
+    if let Err(e) = podman.pod_remove(id).await {
+        let text = format!(
+            "pod {name} NOT removed on {} after the failed restore: {e}",
+            ctx.hostname
+        );
+        ctx.ui.warn(&text);
+        error.push_str("; ");
+        error.push_str(&text);
+        left.push(LeftOnTarget {
+            name: name.to_string(),
+            state: "pod".into(),
+            error: e.to_string(),
+        });
+    }
 }
 
 /// The containers of a wave that did not come up, each with its message.
@@ -81,6 +164,7 @@ async fn restore_wave<'m>(
     podman: &Podman,
     wave: &[&'m ContainerEntry],
     dir: &Path,
+    pod: Option<&str>,
     ctx: &Ctx,
     restored: &mut Vec<&'m str>,
     out: &mut TargetOutcome,
@@ -96,7 +180,9 @@ async fn restore_wave<'m>(
             skip_in_flight: false,
         };
         (
-            podman.restore_import(&dir.join(&c.archive), opts).await,
+            podman
+                .restore_import(&dir.join(&c.archive), opts, pod)
+                .await,
             sw.secs(),
         )
     }))

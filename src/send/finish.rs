@@ -49,6 +49,8 @@ pub struct End<'a, E, T, C> {
     pub offset_us: i64,
     /// Whether post-up hooks are configured (they run before the source is retired).
     pub post_up_hooks: bool,
+    /// The pod the containers moved as: removed here with its infra at commit.
+    pub pod: Option<&'a str>,
 }
 
 /// A stop before the freeze: the receiver forgets the run, nothing here was touched.
@@ -248,6 +250,13 @@ impl<E: Engine, T: Target, C: Clock> End<'_, E, T, C> {
                     it.info.name
                 ));
             }
+        }
+        if let Some(pod) = self.pod
+            && let Err(e) = self.engine.remove_pod(pod).await
+        {
+            self.ui.warn(&format!(
+                "pod {pod} runs on the target now, but removing it here failed: {e}"
+            ));
         }
         let _ = std::fs::remove_dir_all(self.local_dir);
         self.target.release().await;

@@ -75,6 +75,7 @@ pub(super) async fn freeze(
             .collect(),
         down_us: clock.down_us,
         clock_offset_us: run.offset_us,
+        pod: run.pod.clone().map(Box::new),
     };
     Froze::Shipped {
         manifest,

@@ -185,6 +185,8 @@ struct Run<'a> {
     hook_env: Vec<(String, String)>,
     /// rsync compresses only where the archives are compressed too: on slow links.
     compress_sync: bool,
+    /// The pod the containers move as.
+    pod: Option<crate::protocol::PodSpec>,
 }
 
 impl<'a> Run<'a> {
@@ -205,6 +207,7 @@ impl<'a> Run<'a> {
             offset_us: p.offset_us,
             hook_env: hook_env(plan, rec),
             compress_sync,
+            pod: p.pod,
         }
     }
 
@@ -302,6 +305,7 @@ impl<'a> Run<'a> {
             local_dir: &self.local_dir,
             offset_us: self.offset_us,
             post_up_hooks: plan.hooks.iter().any(|h| h.when == When::PostUp),
+            pod: self.pod.as_ref().map(|p| p.name.as_str()),
         };
         let result = finish::conclude(&mut end, froze, guard, signals, rec).await;
         if result.is_ok() {

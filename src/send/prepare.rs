@@ -33,6 +33,8 @@ pub(super) struct Prepared {
     pub local_dir: PathBuf,
     pub remote_dir: String,
     pub offset_us: i64,
+    /// The pod the containers move as: re-created on the target, removed here at commit.
+    pub pod: Option<crate::protocol::PodSpec>,
 }
 /// Everything before the freeze. Any failure here is a refusal: nothing was touched.
 pub(super) async fn preflight(
@@ -55,8 +57,15 @@ pub(super) async fn preflight(
         receiver,
         missing_images,
         remote_dir,
+        pod,
         ..
     } = report;
+    if let Some((spec, _)) = &pod {
+        ui.info(&format!(
+            "pod {} moves whole: re-created on the target, its members restored into it",
+            spec.name
+        ));
+    }
     let ssh = ssh.expect("no failure means SSH works");
     let Welcome { mut control, .. } = receiver.expect("no failure means a receiver answered");
     let remote_dir = remote_dir.expect("no failure means the run folder exists");
@@ -90,6 +99,7 @@ pub(super) async fn preflight(
             local_dir,
             remote_dir,
             offset_us,
+            pod: pod.map(|(spec, _)| spec),
         }),
         Err(e) => {
             abort(&mut control, "refused in preflight", false).await;

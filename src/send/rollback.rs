@@ -105,7 +105,11 @@ impl<E: Engine, T: Target, C: Clock> End<'_, E, T, C> {
                 .await
                 .map_err(|e| (Stuck::Removing, anyhow!(e)))?;
             self.engine
-                .restore_import(&it.local_archive, it.opts)
+                .restore_import(
+                    &it.local_archive,
+                    it.opts,
+                    Some(it.info.pod.as_str()).filter(|p| !p.is_empty()),
+                )
                 .await
                 .map_err(|e| (Stuck::Importing, anyhow!(e)))?;
             Ok::<_, (Stuck, anyhow::Error)>(())
@@ -126,6 +130,7 @@ impl<E: Engine, T: Target, C: Clock> End<'_, E, T, C> {
                     local: &it.local_archive,
                     dest: self.target.dest(),
                     remote: &remote,
+                    pod: Some(it.info.pod.as_str()).filter(|p| !p.is_empty()),
                 };
                 Err(format!("{name}: {e:#} ({})", rollback_advice(stuck, &way)))
             }
@@ -210,6 +215,8 @@ struct WayBack<'a> {
     dest: &'a Destination,
     /// The archive on the target.
     remote: &'a str,
+    /// The ID of the pod here that the container belongs to.
+    pod: Option<&'a str>,
 }
 
 /// What the operator can run to bring a container back by hand after a failed rollback:
@@ -217,7 +224,7 @@ struct WayBack<'a> {
 fn rollback_advice(stuck: Stuck, w: &WayBack<'_>) -> String {
     use crate::exec::{display_command, shell_quote};
     let in_place = display_command("podman", &podman::restore_in_place_args(w.name, w.opts));
-    let import_args: Vec<String> = podman::restore_import_args(w.local, w.opts)
+    let import_args: Vec<String> = podman::restore_import_args(w.local, w.opts, w.pod)
         .into_iter()
         .filter(|a| a != "--print-stats")
         .collect();
@@ -270,6 +277,7 @@ mod tests {
             local,
             dest,
             remote: "/var/lib/migrate/runs/r1/db.tar",
+            pod: None,
         }
     }
 

@@ -32,10 +32,17 @@ pub trait Engine {
     async fn running(&self, name: &str) -> Result<bool, PodmanError>;
     /// Restores the container from the checkpoint the engine kept of it.
     async fn restore_in_place(&self, name: &str, opts: CriuOptions) -> Result<(), PodmanError>;
-    /// Restores a container from an archive.
-    async fn restore_import(&self, archive: &Path, opts: CriuOptions) -> Result<(), PodmanError>;
+    /// Restores a container from an archive (a pod's member into that pod, by ID).
+    async fn restore_import(
+        &self,
+        archive: &Path,
+        opts: CriuOptions,
+        pod: Option<&str>,
+    ) -> Result<(), PodmanError>;
     /// Removes the container (whatever its state).
     async fn remove(&self, name: &str) -> Result<(), PodmanError>;
+    /// Removes a pod with its infra container and whatever is left in it.
+    async fn remove_pod(&self, name: &str) -> Result<(), PodmanError>;
 }
 
 impl Engine for Podman {
@@ -50,12 +57,23 @@ impl Engine for Podman {
         Podman::restore_in_place(self, name, opts).await
     }
 
-    async fn restore_import(&self, archive: &Path, opts: CriuOptions) -> Result<(), PodmanError> {
-        Podman::restore_import(self, archive, opts).await.map(drop)
+    async fn restore_import(
+        &self,
+        archive: &Path,
+        opts: CriuOptions,
+        pod: Option<&str>,
+    ) -> Result<(), PodmanError> {
+        Podman::restore_import(self, archive, opts, pod)
+            .await
+            .map(drop)
     }
 
     async fn remove(&self, name: &str) -> Result<(), PodmanError> {
         Podman::remove(self, name).await
+    }
+
+    async fn remove_pod(&self, name: &str) -> Result<(), PodmanError> {
+        Podman::pod_remove(self, name).await
     }
 }
 

@@ -84,7 +84,12 @@ impl Engine for FakeEngine {
         Ok(())
     }
 
-    async fn restore_import(&self, archive: &Path, _: CriuOptions) -> Result<(), PodmanError> {
+    async fn restore_import(
+        &self,
+        archive: &Path,
+        _: CriuOptions,
+        _: Option<&str>,
+    ) -> Result<(), PodmanError> {
         let name = archive.file_stem().unwrap().to_str().unwrap().to_string();
         said(&self.log, format!("source: import {name}"));
         if self.here(&name) != Here::Gone {
@@ -100,6 +105,11 @@ impl Engine for FakeEngine {
             return Err(refused("remove"));
         }
         self.state.borrow_mut().insert(name.into(), Here::Gone);
+        Ok(())
+    }
+
+    async fn remove_pod(&self, name: &str) -> Result<(), PodmanError> {
+        said(&self.log, format!("source: remove pod {name}"));
         Ok(())
     }
 }
@@ -348,6 +358,7 @@ fn manifest(items: &[Item]) -> Manifest {
         data: vec![],
         down_us: 0,
         clock_offset_us: 0,
+        pod: None,
     }
 }
 
@@ -437,6 +448,7 @@ async fn conclude(
         local_dir: dir,
         offset_us: 0,
         post_up_hooks,
+        pod: None,
     };
     let mut journal = FakeJournal(engine.log.clone());
     let r = finish::conclude(&mut end, froze, &mut journal, &mut Quiet, record).await;

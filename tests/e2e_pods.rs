@@ -1,0 +1,165 @@
+//! A pod moved whole on the lab: `migrate send POD` re-creates the pod on the target,
+//! restores its members into it with their memory, and removes it from the source.
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+const T: Duration = Duration::from_secs(120);
+const POD: &str = "pp";
+const MEMBERS: [&str; 2] = ["pp-counter", "pp-front"];
+
+fn to(host: &str) -> String {
+    format!("root@{}", host_addr(host))
+}
+
+/// What the pod's published front answers on `host`: the hostname its CGI sees and the
+/// count pp-counter keeps in memory, fetched over the pod's localhost.
+fn front(host: &str) -> (String, u64) {
+    let out = lab(&["pod", "http", host]).ok();
+    let line = out.stdout.trim();
+    let field = |k: &str| {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(k))
+            .unwrap_or_else(|| panic!("no {k} in {line:?}"))
+            .to_string()
+    };
+    let count = field("counter=")
+        .parse()
+        .unwrap_or_else(|_| panic!("counter: {}", out.describe()));
+    (field("host="), count)
+}
+
+/// The pod's containers on `host` (any state), sorted.
+fn pod_containers(host: &str) -> Vec<String> {
+    let out = on(host, &["podman", "ps", "-a", "--format", "{{.Names}}"]).ok();
+    let mut v: Vec<String> = out
+        .stdout
+        .lines()
+        .filter(|n| n.starts_with("pp-"))
+        .map(str::to_string)
+        .collect();
+    v.sort();
+    v
+}
+
+/// Neither host holds the pod or a receiver; then the pod runs on a. Both hosts have the
+/// infra image (built from busybox: there is no registry).
+fn fresh_pod() {
+    assert_lab();
+    kill_receivers();
+    for h in ["a", "b"] {
+        lab(&["pod", "down", h]).ok();
+        lab(&["pod", "image", h]).ok();
+        on(h, &["sh", "-c", "rm -rf /var/lib/migrate/runs"]).ok();
+    }
+    lab(&["pod", "up", "a"]).ok();
+}
+
+/// Moves the pod from `from` to `dest` and checks that it runs there with its state and
+/// its options, and that nothing of it is left on `from`.
+fn move_pod(from: &str, dest: &str) {
+    let rx = Receiver::start(dest, &[]);
+    let (_, before) = front(from);
+    let out = send(from, &["--to", &to(dest), POD]).ok();
+    let rec = out.record();
+    assert_eq!(rec["outcome"], "ok", "{}", out.describe());
+    assert!(
+        out.stderr.contains("pod pp moves whole"),
+        "{}",
+        out.describe()
+    );
+    let log = rx.log();
+    assert!(log.contains("pod pp created"), "{log}");
+    let (code, rx_out) = rx.wait(T);
+    assert_eq!(code, Some(0), "receiver exit; stdout:\n{rx_out}");
+    assert_eq!(pod_containers(dest), MEMBERS, "members on {dest}");
+    let (hostname, c1) = front(dest);
+    assert_eq!(hostname, "pphost", "the pod's hostname on {dest}");
+    assert!(
+        c1 >= before,
+        "counter on {dest} went back: {c1} < {before} (memory lost)"
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    let (_, c2) = front(dest);
+    assert!(c2 > c1, "counter on {dest} stopped: {c1} then {c2}");
+    let labels = on(
+        dest,
+        &["podman", "pod", "inspect", "--format", "{{.Labels}}", POD],
+    )
+    .ok();
+    assert!(labels.stdout.contains("app:pp"), "{}", labels.describe());
+    on(from, &["podman", "pod", "exists", POD]).expect_code(1);
+    assert!(
+        pod_containers(from).is_empty(),
+        "left on {from}: {:?}",
+        pod_containers(from)
+    );
+}
+
+#[test]
+fn a_pod_moves_a_to_b_and_back_with_state() {
+    require_lab!();
+    fresh_pod();
+    // Let the count grow past what a fresh start would show within a second.
+    std::thread::sleep(Duration::from_secs(3));
+
+    // One member alone is refused before the freeze, naming the one left behind.
+    let before = identity("a", "pp-front");
+    let out = send("a", &["--to", &to("b"), "pp-front"]).expect_code(2);
+    assert!(
+        out.stderr
+            .contains("with pp-counter, which is not being moved: a pod moves whole"),
+        "{}",
+        out.describe()
+    );
+    assert_eq!(identity("a", "pp-front"), before, "pp-front was touched");
+
+    move_pod("a", "b");
+    move_pod("b", "a");
+    lab(&["pod", "down", "a"]).ok();
+}
+
+#[test]
+fn a_pod_the_target_cannot_create_comes_back_here_and_theirs_is_left_alone() {
+    require_lab!();
+    fresh_pod();
+    std::thread::sleep(Duration::from_secs(3));
+    let rx = Receiver::start("b", &[]);
+    let (_, before) = front("a");
+    // After the checks, somebody takes the pod's name on the target.
+    let out = send(
+        "a",
+        &[
+            "--to",
+            &to("b"),
+            "--target-hook",
+            "pre-freeze=podman pod create --name pp --label owner=someone-else --infra-image localhost/migrate-pause:latest",
+            POD,
+        ],
+    )
+    .expect_code(1);
+    let log = rx.log();
+    assert!(log.contains("creating pod pp failed"), "{log}");
+    let (code, _) = rx.wait(T);
+    assert_eq!(code, Some(1), "receiver exit; log:\n{log}");
+    // Back here, in the source's pod, with its memory.
+    assert_eq!(pod_containers("a"), MEMBERS, "{}", out.describe());
+    let (_, c1) = front("a");
+    assert!(c1 >= before, "counter on a went back: {c1} < {before}");
+    // Nothing of ours on b, and the other pod is still there.
+    assert!(pod_containers("b").is_empty(), "{:?}", pod_containers("b"));
+    let theirs = on(
+        "b",
+        &["podman", "pod", "inspect", "--format", "{{.Labels}}", POD],
+    )
+    .ok();
+    assert!(
+        theirs.stdout.contains("owner:someone-else"),
+        "{}",
+        theirs.describe()
+    );
+    lab(&["pod", "down", "b"]).ok();
+    lab(&["pod", "down", "a"]).ok();
+}
