@@ -117,6 +117,8 @@ pub struct Report {
     pub target_sink: Option<String>,
     /// That sink can leave CRIU's zero pages out (an older one cannot).
     pub target_zero_pages: bool,
+    /// The receiver's binary restores into pods (an older one rejects the manifest's pod).
+    pub target_pods: bool,
     /// The stack here, as probed.
     pub source_stack: Option<Facts>,
     /// The stack on the target, when SSH got that far.
@@ -278,6 +280,7 @@ async fn check_target(
     if let Some(ready) = crate::sink::Readiness::parse(&out) {
         r.target_sink = sink;
         r.target_zero_pages = ready.zero_pages;
+        r.target_pods = ready.pods;
     }
     let mut needs = vec![(
         "archives".to_string(),
@@ -297,6 +300,21 @@ async fn check_target(
             crate::engine::pod::target_findings(&out, pod, infra_id, want.ship_images);
         r.findings.extend(findings);
         r.missing_images.extend(ship);
+        if !r.target_pods {
+            // Its receiver would read the manifest's pod only after the freeze, and refuse.
+            r.push(
+                Finding::new(
+                    Level::Fail,
+                    Side::Target,
+                    "receiver_without_pods",
+                    format!(
+                        "the receiver's migrate on the target cannot restore into a pod (an older build): pod {} cannot move to it",
+                        pod.name
+                    ),
+                )
+                .fix("install this build there (`--install-receiver`) and start its receiver again"),
+            );
+        }
     }
     let run_dir = crate::rundir::remote_run_dir(want.target_workdir, want.run_id);
     let said = out.lines().find_map(|l| l.strip_prefix("run_dir="));

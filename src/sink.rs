@@ -103,6 +103,8 @@ pub struct Readiness {
     pub version: u32,
     /// It can leave CRIU's zero pages out (`--drop-zero-pages`).
     pub zero_pages: bool,
+    /// Its receiver restores containers into a pod it creates (the manifest's `pod`).
+    pub pods: bool,
 }
 
 impl Readiness {
@@ -111,6 +113,7 @@ impl Readiness {
         Readiness {
             version: CONTRACT_VERSION,
             zero_pages: true,
+            pods: true,
         }
     }
 
@@ -118,6 +121,9 @@ impl Readiness {
         let mut s = String::from("sink=ok\n");
         if self.zero_pages {
             s.push_str("sink_zero_pages=ok\n");
+        }
+        if self.pods {
+            s.push_str("receiver_pods=ok\n");
         }
         s.push_str(&format!("sink_contract={}\n", self.version));
         s
@@ -135,7 +141,8 @@ impl Readiness {
             .map_or(Some(1), |v| v.parse().ok())?;
         Some(Readiness {
             version,
-            zero_pages: lines.any(|l| l == "sink_zero_pages=ok"),
+            zero_pages: lines.clone().any(|l| l == "sink_zero_pages=ok"),
+            pods: lines.any(|l| l == "receiver_pods=ok"),
         })
     }
 }
@@ -326,19 +333,25 @@ mod tests {
         assert_eq!(ours.version, CONTRACT_VERSION);
         let among = format!("podman=4.3.1\n{}zstd=yes\n", ours.lines());
         assert_eq!(Readiness::parse(&among), Some(ours));
+        assert!(ours.pods, "this build's receiver restores into pods");
+        // One from before pods: it says so by leaving the line out.
+        let before_pods = "sink=ok\nsink_zero_pages=ok\nsink_contract=1\n";
+        assert_eq!(Readiness::parse(before_pods).map(|r| r.pods), Some(false));
         // A sink from before the contract had a version.
         assert_eq!(
             Readiness::parse("sink=ok\nsink_zero_pages=ok\n"),
             Some(Readiness {
                 version: 1,
-                zero_pages: true
+                zero_pages: true,
+                pods: false
             })
         );
         assert_eq!(
             Readiness::parse("sink=ok\n"),
             Some(Readiness {
                 version: 1,
-                zero_pages: false
+                zero_pages: false,
+                pods: false
             })
         );
         // No sink ran, or one that says something unreadable: not used.
