@@ -140,6 +140,10 @@ pub struct Journal {
     /// The run folder here (FIFOs).
     pub local_dir: PathBuf,
     pub containers: Vec<Entry>,
+    /// The pod the containers move as: removed here with its infra once the target runs
+    /// them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<String>,
     /// Set by the watchdog after the sender died.
     #[serde(default)]
     pub watchdog: Option<WatchdogNote>,
@@ -329,6 +333,7 @@ mod tests {
                 file_locks: true,
                 tcp_established: false,
             }],
+            pod: None,
             watchdog: None,
         }
     }

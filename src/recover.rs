@@ -611,6 +611,13 @@ async fn remove_here(podman: &Podman, j: &Journal, states: &[Local], r: &mut Run
             Err(e) => problems.push(format!("removing {} here failed: {e}", c.name)),
         }
     }
+    // The pod's infra container holds its published ports here: it goes too.
+    if let Some(pod) = &j.pod {
+        match podman.pod_remove(pod).await {
+            Ok(()) => r.actions.push(format!("removed pod {pod} here")),
+            Err(e) => problems.push(format!("removing pod {pod} here failed: {e}")),
+        }
+    }
     r.runs_on = "target".into();
     if problems.is_empty() {
         r.result = if r.actions.is_empty() {
@@ -807,6 +814,7 @@ mod tests {
             remote_dir: "/var/lib/migrate/runs/r".into(),
             local_dir: "/var/lib/migrate/runs/r".into(),
             containers: vec![],
+            pod: None,
             watchdog: None,
         };
         let t = undetermined(&j, &[], "SSH to root@10.0.0.2 failed");

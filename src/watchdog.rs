@@ -61,10 +61,12 @@ impl Guard {
         &mut self,
         plan: &SendPlan,
         containers: Vec<Entry>,
+        pod: Option<&str>,
         local_dir: &Path,
         remote_dir: &str,
     ) -> anyhow::Result<String> {
-        let j = first_journal(plan, containers, local_dir, remote_dir);
+        let mut j = first_journal(plan, containers, local_dir, remote_dir);
+        j.pod = pod.map(str::to_string);
         j.save(&self.path)
             .with_context(|| format!("cannot write the run journal {}", self.path.display()))?;
         self.journal = Some(j);
@@ -145,6 +147,7 @@ fn first_journal(
         remote_dir: remote_dir.to_string(),
         local_dir: local_dir.to_path_buf(),
         containers,
+        pod: None,
         watchdog: None,
     }
 }

@@ -163,3 +163,36 @@ fn a_pod_the_target_cannot_create_comes_back_here_and_theirs_is_left_alone() {
     lab(&["pod", "down", "b"]).ok();
     lab(&["pod", "down", "a"]).ok();
 }
+
+#[test]
+fn a_pod_whose_sender_dies_after_ok_ends_on_the_target_only_pod_and_all() {
+    require_lab!();
+    fresh_pod();
+    let rx = Receiver::start("b", &[]);
+    let (_, before) = front("a");
+    let mut sender = Sender::start("a", &["--to", &to("b"), POD]);
+    // "OK" is out: the target restores; the sender's watchdog finishes the commit.
+    sender.wait_for("OK sent; target restoring", T);
+    sender.kill9();
+    let (code, out) = rx.wait(T);
+    assert_eq!(code, Some(0), "the receiver did not restore:\n{out}");
+    // The watchdog asks the target, finds the pod's members there and retires the pod
+    // here, its infra (which holds the published port) included.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while on("a", &["podman", "pod", "exists", POD]).code == Some(0) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "pod {POD} still on a: {:?}",
+            pod_containers("a")
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert!(pod_containers("a").is_empty(), "{:?}", pod_containers("a"));
+    assert_eq!(pod_containers("b"), MEMBERS);
+    let (_, after) = front("b");
+    assert!(
+        after >= before,
+        "counter went back on b: {after} < {before}"
+    );
+    lab(&["pod", "down", "b"]).ok();
+}

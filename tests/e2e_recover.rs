@@ -4,9 +4,6 @@
 //! OpenSSH on the lab's hosts.
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -16,99 +13,12 @@ use common::*;
 /// dump CRIU had started, the podman export read away, and `podman container restore`.
 const BOUND: Duration = Duration::from_secs(10);
 
-/// A sender on host a whose stderr lines arrive on a channel.
-struct Sender {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-    log: Vec<String>,
-}
-
-impl Sender {
-    fn start(extra: &[&str]) -> Sender {
-        let b = bin();
-        let mut args = vec![
-            "exec",
-            "a",
-            b.as_str(),
-            "send",
-            "--to",
-            "root@10.77.0.12",
-            "--data",
-            "/srv/app",
-        ];
-        args.extend_from_slice(extra);
-        args.extend_from_slice(&["db", "web"]);
-        let mut child = Command::new(repo().join("scripts/lab"))
-            .args(&args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let err = BufReader::new(child.stderr.take().unwrap());
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in err.lines().map_while(Result::ok) {
-                eprintln!("[sender] {line}");
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Sender {
-            child,
-            lines,
-            log: Vec::new(),
-        }
-    }
-
-    /// Waits for a stderr line containing `needle`.
-    fn wait_for(&mut self, needle: &str, timeout: Duration) -> String {
-        let end = Instant::now() + timeout;
-        while let Some(left) = end.checked_duration_since(Instant::now()) {
-            match self.lines.recv_timeout(left) {
-                Ok(l) => {
-                    self.log.push(l.clone());
-                    if l.contains(needle) {
-                        return l;
-                    }
-                }
-                Err(_) => break,
-            }
-        }
-        panic!("the sender never said {needle:?}:\n{}", self.log.join("\n"));
-    }
-
-    /// The run id from the sender's "run ID: journal …" line.
-    fn run_id(&mut self) -> String {
-        let l = self.wait_for(
-            "journal /var/lib/migrate/source-runs/",
-            Duration::from_secs(60),
-        );
-        let after = l.split("run ").nth(1).expect("run id");
-        after.split(':').next().unwrap().to_string()
-    }
-
-    /// SIGKILL: the sender gets no chance to do anything.
-    fn kill9(&mut self) -> Instant {
-        // `lab exec` execs the sender: this pid is migrate's own.
-        run("kill", &["-KILL", &self.child.id().to_string()]).ok();
-        let at = Instant::now();
-        let st = self.child.wait().unwrap();
-        assert_eq!(
-            std::os::unix::process::ExitStatusExt::signal(&st),
-            Some(9),
-            "{st:?}"
-        );
-        at
-    }
-}
-
-impl Drop for Sender {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// The thesis pair's sender on host a, watched line by line.
+fn thesis_sender(extra: &[&str]) -> Sender {
+    let mut args = vec!["--to", "root@10.77.0.12", "--data", "/srv/app"];
+    args.extend_from_slice(extra);
+    args.extend_from_slice(&["db", "web"]);
+    Sender::start("a", &args)
 }
 
 /// Waits until the pair runs on a again; returns how long after `since` that was.
@@ -246,7 +156,7 @@ fn sender_killed_while_frozen_brings_the_service_back_on_the_source() {
     .trim()
     .to_string();
     let hold = hold_criu();
-    let mut sender = Sender::start(&[]);
+    let mut sender = thesis_sender(&[]);
     let run_id = sender.run_id();
     sender.wait_for("DOWN: checkpointing", Duration::from_secs(120));
     // runc has started CRIU (held, it has frozen nothing): `send` has frozen db.
@@ -284,7 +194,7 @@ fn sender_killed_after_the_dump_brings_the_service_back_on_the_source() {
     let _rx = Receiver::start("b", &[]);
     let before = counter("a");
     // 300 MB written after the pre-sync make the post-sync (after the dump) take a while.
-    let mut sender = Sender::start(&["--hook", SLOW_POSTSYNC_HOOK]);
+    let mut sender = thesis_sender(&["--hook", SLOW_POSTSYNC_HOOK]);
     let run_id = sender.run_id();
     // Every dump is over (the containers' processes are gone), archives still streaming.
     sender.wait_for(
@@ -314,7 +224,7 @@ fn sender_killed_before_the_freeze_leaves_the_service_untouched() {
     let ids: Vec<String> = ["db", "web"].iter().map(|c| identity("a", c)).collect();
     let _rx = Receiver::start("b", &[]);
     let before = counter("a");
-    let mut sender = Sender::start(&["--hook", "pre-freeze=sleep 21.5"]);
+    let mut sender = thesis_sender(&["--hook", "pre-freeze=sleep 21.5"]);
     let run_id = sender.run_id();
     sender.wait_for("pre-freeze hooks", Duration::from_secs(120));
     let end = Instant::now() + Duration::from_secs(30);
@@ -343,7 +253,7 @@ fn sender_killed_after_ok_leaves_the_service_on_the_target_only() {
     fresh_workload("a", 100);
     let rx = Receiver::start("b", &[]);
     let before = counter("a");
-    let mut sender = Sender::start(&[]);
+    let mut sender = thesis_sender(&[]);
     let run_id = sender.run_id();
     // "OK" is out: the target restores; only its state may decide now.
     sender.wait_for("OK sent; target restoring", Duration::from_secs(180));

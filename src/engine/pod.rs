@@ -250,11 +250,12 @@ impl Podman {
             .map_err(Into::into)
     }
 
-    /// Removes a pod with everything in it (`podman pod rm --force`).
+    /// Removes a pod with everything in it (`podman pod rm --force`); one already gone is
+    /// no error (a repair may run after the commit did it).
     pub async fn pod_remove(&self, name: &str) -> Result<(), PodmanError> {
         exec::run(
             "podman",
-            &args(["pod", "rm", "--force", "--time", "1", name]),
+            &args(["pod", "rm", "--force", "--ignore", "--time", "1", name]),
             POD_TIMEOUT,
         )
         .await

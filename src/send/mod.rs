@@ -230,7 +230,13 @@ impl<'a> Run<'a> {
     async fn start_watchdog(&self, guard: &mut crate::watchdog::Guard) -> Result<(), Stop> {
         let entries = self.items.iter().map(journal_entry).collect();
         let started = guard
-            .start(self.plan, entries, &self.local_dir, &self.remote_dir)
+            .start(
+                self.plan,
+                entries,
+                self.pod.as_ref().map(|p| p.name.as_str()),
+                &self.local_dir,
+                &self.remote_dir,
+            )
             .await;
         match started {
             Ok(said) => {

@@ -6,7 +6,7 @@
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex, Once, OnceLock};
+use std::sync::{Arc, Mutex, Once, OnceLock, mpsc};
 use std::time::{Duration, Instant};
 
 pub const A: &str = "10.77.0.11";
@@ -531,5 +531,93 @@ impl OnHost {
 impl Drop for OnHost {
     fn drop(&mut self) {
         on(self.host, &["sh", "-c", self.undo]);
+    }
+}
+
+/// A `migrate send` on a lab host whose stderr lines arrive on a channel, so a test can
+/// act at a given moment of the run (and kill it there).
+pub struct Sender {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    /// Every line read so far.
+    pub log: Vec<String>,
+}
+
+impl Sender {
+    /// Starts `migrate send ARGS…` on `host`.
+    pub fn start(host: &str, send_args: &[&str]) -> Sender {
+        let b = bin();
+        let mut args = vec!["exec", host, b.as_str(), "send"];
+        args.extend_from_slice(send_args);
+        let mut child = Command::new(repo().join("scripts/lab"))
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let err = BufReader::new(child.stderr.take().unwrap());
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in err.lines().map_while(Result::ok) {
+                eprintln!("[sender] {line}");
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Sender {
+            child,
+            lines,
+            log: Vec::new(),
+        }
+    }
+
+    /// Waits for a stderr line containing `needle`.
+    pub fn wait_for(&mut self, needle: &str, timeout: Duration) -> String {
+        let end = Instant::now() + timeout;
+        while let Some(left) = end.checked_duration_since(Instant::now()) {
+            match self.lines.recv_timeout(left) {
+                Ok(l) => {
+                    self.log.push(l.clone());
+                    if l.contains(needle) {
+                        return l;
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+        panic!("the sender never said {needle:?}:\n{}", self.log.join("\n"));
+    }
+
+    /// The run id from the sender's "run ID: journal …" line.
+    pub fn run_id(&mut self) -> String {
+        let l = self.wait_for(
+            "journal /var/lib/migrate/source-runs/",
+            Duration::from_secs(60),
+        );
+        let after = l.split("run ").nth(1).expect("run id");
+        after.split(':').next().unwrap().to_string()
+    }
+
+    /// SIGKILL: the sender gets no chance to do anything.
+    pub fn kill9(&mut self) -> Instant {
+        // `lab exec` execs the sender: this pid is migrate's own.
+        run("kill", &["-KILL", &self.child.id().to_string()]).ok();
+        let at = Instant::now();
+        let st = self.child.wait().unwrap();
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&st),
+            Some(9),
+            "{st:?}"
+        );
+        at
+    }
+}
+
+impl Drop for Sender {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
