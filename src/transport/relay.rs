@@ -681,13 +681,7 @@ impl RelayEnd {
                 Ok(Err(e)) => return lost(format!("tunnel read: {e}")),
                 Ok(Ok(f)) => f,
             };
-            let mut st = self.shared.lock();
-            let applied = st.apply(frame, self.limits.buffer);
-            let (peer_aborted, finished) = (
-                matches!(st.stop, Some(Stop::PeerAborted(_))),
-                st.bye_received && st.bye_sent,
-            );
-            drop(st);
+            let (applied, peer_aborted, finished) = self.take(frame);
             if let Err(why) = applied {
                 self.shared.stop(Stop::Protocol(why));
                 return std::future::pending().await;
@@ -700,6 +694,14 @@ impl RelayEnd {
                 return TunnelEnd::Finished;
             }
         }
+    }
+
+    /// Applies a frame; says whether the other end aborted and whether the relay is done.
+    fn take(&self, frame: Frame) -> (Result<(), String>, bool, bool) {
+        let mut st = self.shared.lock();
+        let applied = st.apply(frame, self.limits.buffer);
+        let peer_aborted = matches!(st.stop, Some(Stop::PeerAborted(_)));
+        (applied, peer_aborted, st.bye_received && st.bye_sent)
     }
 
     async fn write_frames<W: AsyncWrite + Unpin>(&self, w: &mut W) -> TunnelEnd {
@@ -876,7 +878,7 @@ mod tests {
     use tokio::io::DuplexStream;
     use tokio::task::JoinHandle;
 
-    const SESSION: u64 = 0x5eed_0f_7e1a_u64;
+    const SESSION: u64 = 0x5eed_7e1a_u64;
 
     /// Deterministic bytes that differ at every offset and between seeds.
     fn payload(seed: u64, len: usize) -> Vec<u8> {
