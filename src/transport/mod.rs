@@ -1,2 +1,3 @@
 //! How bytes and commands reach the other host.
+pub mod relay;
 pub mod ssh;
