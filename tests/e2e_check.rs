@@ -5,42 +5,6 @@ use std::time::Duration;
 
 use common::*;
 
-/// `migrate check --format json` on a towards b; the exit status is left to the caller.
-fn check(args: &[&str]) -> Out {
-    let b = bin();
-    let mut cmd = vec![
-        b.as_str(),
-        "check",
-        "--format",
-        "json",
-        "--to",
-        "root@10.77.0.12",
-    ];
-    cmd.extend_from_slice(args);
-    on("a", &cmd)
-}
-
-/// The one JSON document `check --format json` printed: stdout holds it alone, on one
-/// line, and its verdict agrees with the exit status.
-fn report(out: &Out) -> serde_json::Value {
-    let lines: Vec<&str> = out.stdout.lines().collect();
-    assert_eq!(
-        lines.len(),
-        1,
-        "stdout is not one line:\n{}",
-        out.describe()
-    );
-    let v: serde_json::Value = serde_json::from_str(lines[0])
-        .unwrap_or_else(|e| panic!("stdout is not JSON ({e}):\n{}", out.describe()));
-    let verdict = match out.code {
-        Some(0) => "ready",
-        _ => "refused",
-    };
-    assert_eq!(v["verdict"], verdict, "{}", out.describe());
-    assert_eq!(v["format_version"], 1, "{}", out.describe());
-    v
-}
-
 /// The findings of `severity` on `host` with `code` whose text contains `text`.
 fn findings<'a>(
     v: &'a serde_json::Value,

@@ -5,41 +5,6 @@ mod common;
 
 use common::*;
 
-/// `migrate check --format json` on a towards b; the exit status is left to the caller.
-fn check(args: &[&str]) -> Out {
-    let b = bin();
-    let mut cmd = vec![
-        b.as_str(),
-        "check",
-        "--format",
-        "json",
-        "--to",
-        "root@10.77.0.12",
-    ];
-    cmd.extend_from_slice(args);
-    on("a", &cmd)
-}
-
-/// The one JSON document on stdout; its verdict agrees with the exit status.
-fn report(out: &Out) -> serde_json::Value {
-    let lines: Vec<&str> = out.stdout.lines().collect();
-    assert_eq!(
-        lines.len(),
-        1,
-        "stdout is not one line:\n{}",
-        out.describe()
-    );
-    let v: serde_json::Value = serde_json::from_str(lines[0])
-        .unwrap_or_else(|e| panic!("stdout is not JSON ({e}):\n{}", out.describe()));
-    let verdict = if out.code == Some(0) {
-        "ready"
-    } else {
-        "refused"
-    };
-    assert_eq!(v["verdict"], verdict, "{}", out.describe());
-    v
-}
-
 /// The findings with `code`, as (severity, host, text).
 fn with_code(v: &serde_json::Value, code: &str) -> Vec<(String, String, String)> {
     v["findings"]
