@@ -129,10 +129,30 @@ pub struct Running {
 /// The program leads a process group of its own: a Ctrl-C at the terminal (sent to
 /// `migrate`'s group) does not reach it; `migrate` decides when it stops.
 pub fn spawn(program: &str, args: &[String]) -> Result<Running, ExecError> {
+    spawn_with(program, args, Stdio::null())
+}
+
+/// [`run`] with `input` on the program's stdin.
+pub async fn run_with_input(
+    program: &str,
+    args: &[String],
+    input: &[u8],
+    timeout: Duration,
+) -> Result<Output, ExecError> {
+    use tokio::io::AsyncWriteExt;
+    let mut running = spawn_with(program, args, Stdio::piped())?;
+    if let Some(mut stdin) = running.child.stdin.take() {
+        // A program that exits without reading says why in its status and stderr.
+        let _ = stdin.write_all(input).await;
+    }
+    running.finish(timeout).await
+}
+
+fn spawn_with(program: &str, args: &[String], stdin: Stdio) -> Result<Running, ExecError> {
     let cmd = display_command(program, args);
     let child = Command::new(program)
         .args(args)
-        .stdin(Stdio::null())
+        .stdin(stdin)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0)

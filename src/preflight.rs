@@ -125,6 +125,10 @@ pub struct Report {
     pub target_stack: Option<Facts>,
     /// The pod the containers move as, and its infra image's ID.
     pub pod: Option<(PodSpec, String)>,
+    /// The containers' addresses that move with them (macvlan/ipvlan networks).
+    pub moving: Vec<crate::engine::address::Moving>,
+    /// The receiver's binary guards and announces such addresses.
+    pub target_addresses: bool,
 }
 
 impl Report {
@@ -250,6 +254,7 @@ async fn check_target(
     if let Some((pod, infra_id)) = &r.pod {
         script.push_str(&crate::engine::pod::target_script(pod, infra_id));
     }
+    script.push_str(&crate::engine::address::target_script(&r.moving));
     if let Some(exe) = &sink {
         script.push_str(&SinkArgs::probe().shell_command(exe));
         script.push_str(" 2>/dev/null\n");
@@ -281,7 +286,14 @@ async fn check_target(
         r.target_sink = sink;
         r.target_zero_pages = ready.zero_pages;
         r.target_pods = ready.pods;
+        r.target_addresses = ready.addresses;
     }
+    r.findings.extend(crate::engine::address::target_findings(
+        &out,
+        &r.moving,
+        want.tcp == crate::plan::TcpPolicy::Established,
+        r.target_addresses,
+    ));
     let mut needs = vec![(
         "archives".to_string(),
         r.infos
@@ -443,6 +455,7 @@ async fn source_containers(want: &Want<'_>, r: &mut Report) {
         }
     }
     keeper_findings(want, r).await;
+    address_findings(want, r).await;
     // podman finds out that it cannot export a container that depends on another only
     // after CRIU has dumped (and so stopped) it: that is checked here, before anything.
     match podman.all().await {
@@ -457,6 +470,25 @@ async fn source_containers(want: &Want<'_>, r: &mut Report) {
             Side::Source,
             "container_list_failed",
             format!("cannot list the containers here to check what shares their namespaces: {e}"),
+        )),
+    }
+}
+
+/// Which addresses move with their containers, and which connections cannot be kept.
+async fn address_findings(want: &Want<'_>, r: &mut Report) {
+    use crate::engine::address;
+    match address::networks_of(&r.infos).await {
+        Ok(nets) => {
+            r.moving = address::moving(&r.infos, &nets);
+            let keep = want.tcp == crate::plan::TcpPolicy::Established;
+            let found = address::source_findings(&r.infos, &r.moving, keep);
+            r.findings.extend(found);
+        }
+        Err(e) => r.push(Finding::new(
+            Level::Fail,
+            Side::Source,
+            "address_networks_unreadable",
+            format!("cannot read the containers' podman networks: {e}"),
         )),
     }
 }
@@ -1418,6 +1450,8 @@ mod tests {
             shares: vec![],
             dependencies: vec![],
             pod: String::new(),
+            networks: Vec::new(),
+            published: false,
         }
     }
 

@@ -248,6 +248,19 @@ pub struct ContainerEntry {
     /// (it joins their namespaces, or the operator asked for sequential restores).
     /// Containers without such a link are restored in parallel.
     pub after: Vec<String>,
+    /// Its addresses on macvlan/ipvlan networks, which move with it: the receiver guards
+    /// them during the restore (with `tcp_established`) and announces them after it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub addresses: Vec<AddressEntry>,
+}
+
+/// A container's addresses on one network whose addresses move with the container.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AddressEntry {
+    /// The network's name, the same on both hosts (checked before the freeze).
+    pub network: String,
+    pub ips: Vec<std::net::IpAddr>,
 }
 
 /// A run id: what names the per-migration folder on both hosts.
@@ -296,6 +309,13 @@ impl Manifest {
         for c in &self.containers {
             if !valid_container_name(&c.name) {
                 return bad(format!("invalid container name {:?}", c.name));
+            }
+            if let Some(a) = c
+                .addresses
+                .iter()
+                .find(|a| !valid_container_name(&a.network) || a.ips.is_empty())
+            {
+                return bad(format!("invalid address entry of {}: {a:?}", c.name));
             }
             if !valid_archive_name(&c.archive) {
                 return bad(format!(
@@ -643,6 +663,7 @@ mod tests {
             tcp_established: false,
             tcp_close: false,
             after: vec![],
+            addresses: vec![],
         }
     }
 

@@ -105,6 +105,8 @@ pub struct Readiness {
     pub zero_pages: bool,
     /// Its receiver restores containers into a pod it creates (the manifest's `pod`).
     pub pods: bool,
+    /// Its receiver guards and announces addresses that move (the manifest's `addresses`).
+    pub addresses: bool,
 }
 
 impl Readiness {
@@ -114,6 +116,7 @@ impl Readiness {
             version: CONTRACT_VERSION,
             zero_pages: true,
             pods: true,
+            addresses: true,
         }
     }
 
@@ -124,6 +127,9 @@ impl Readiness {
         }
         if self.pods {
             s.push_str("receiver_pods=ok\n");
+        }
+        if self.addresses {
+            s.push_str("receiver_addresses=ok\n");
         }
         s.push_str(&format!("sink_contract={}\n", self.version));
         s
@@ -142,7 +148,8 @@ impl Readiness {
         Some(Readiness {
             version,
             zero_pages: lines.clone().any(|l| l == "sink_zero_pages=ok"),
-            pods: lines.any(|l| l == "receiver_pods=ok"),
+            pods: lines.clone().any(|l| l == "receiver_pods=ok"),
+            addresses: lines.any(|l| l == "receiver_addresses=ok"),
         })
     }
 }
@@ -337,13 +344,18 @@ mod tests {
         // One from before pods: it says so by leaving the line out.
         let before_pods = "sink=ok\nsink_zero_pages=ok\nsink_contract=1\n";
         assert_eq!(Readiness::parse(before_pods).map(|r| r.pods), Some(false));
+        assert!(
+            ours.addresses,
+            "this build's receiver guards moving addresses"
+        );
         // A sink from before the contract had a version.
         assert_eq!(
             Readiness::parse("sink=ok\nsink_zero_pages=ok\n"),
             Some(Readiness {
                 version: 1,
                 zero_pages: true,
-                pods: false
+                pods: false,
+                addresses: false
             })
         );
         assert_eq!(
@@ -351,7 +363,8 @@ mod tests {
             Some(Readiness {
                 version: 1,
                 zero_pages: false,
-                pods: false
+                pods: false,
+                addresses: false
             })
         );
         // No sink ran, or one that says something unreadable: not used.

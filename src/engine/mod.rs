@@ -1,4 +1,5 @@
 //! The container engine: podman with CRIU underneath.
+pub mod address;
 pub mod cpu;
 pub mod freezer;
 pub mod pod;

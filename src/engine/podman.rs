@@ -197,6 +197,36 @@ struct RawInspect {
     /// list, the one its checkpoint export refuses on.
     #[serde(rename = "Dependencies", default)]
     dependencies: Option<Vec<String>>,
+    #[serde(rename = "NetworkSettings", default)]
+    network_settings: RawNetworkSettings,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct RawNetworkSettings {
+    #[serde(rename = "Networks", default)]
+    networks: Option<std::collections::BTreeMap<String, RawAttachment>>,
+    /// Published ports (`-p`), by container port.
+    #[serde(rename = "Ports", default)]
+    ports: Option<std::collections::BTreeMap<String, serde_json::Value>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct RawAttachment {
+    #[serde(rename = "IPAddress", default)]
+    ip: String,
+    #[serde(rename = "GlobalIPv6Address", default)]
+    ipv6: String,
+    #[serde(rename = "MacAddress", default)]
+    mac: String,
+}
+
+/// A container's address on one podman network.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attachment {
+    pub network: String,
+    /// Its IPv4 and IPv6 addresses there (none while it is not running).
+    pub ips: Vec<std::net::IpAddr>,
+    pub mac: String,
 }
 
 /// What we need to know about a container.
@@ -221,6 +251,26 @@ pub struct ContainerInfo {
     pub dependencies: Vec<String>,
     /// The ID of the pod this container belongs to, if any.
     pub pod: String,
+    /// Its podman networks (none when it joins another's network namespace or uses the
+    /// host's).
+    pub networks: Vec<Attachment>,
+    /// It has ports published on the host's addresses (`-p`).
+    pub published: bool,
+}
+
+fn attachments(n: &RawNetworkSettings) -> Vec<Attachment> {
+    n.networks
+        .iter()
+        .flatten()
+        .map(|(name, a)| Attachment {
+            network: name.clone(),
+            ips: [&a.ip, &a.ipv6]
+                .into_iter()
+                .filter_map(|ip| ip.parse().ok())
+                .collect(),
+            mac: a.mac.clone(),
+        })
+        .collect()
 }
 
 /// Parses `podman container inspect` JSON.
@@ -247,6 +297,12 @@ pub fn parse_inspect(json: &str) -> Result<Vec<ContainerInfo>, PodmanError> {
             },
             shares: shares(&r.host_config),
             dependencies: r.dependencies.unwrap_or_default(),
+            networks: attachments(&r.network_settings),
+            published: r
+                .network_settings
+                .ports
+                .as_ref()
+                .is_some_and(|p| p.values().any(|v| !v.is_null())),
             pod: r.pod,
         })
         .collect())

@@ -95,6 +95,7 @@ mod tests {
                 tcp_established: false,
                 tcp_close: true,
                 after: vec![],
+                addresses: vec![],
             }],
             data: vec![],
             down_us: 0,

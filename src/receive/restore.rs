@@ -57,9 +57,10 @@ pub(super) async fn restore(
     let mut restored: Vec<&str> = Vec::new();
     for wave in waves {
         let into = pod.as_deref();
-        if let Err(failed) =
-            restore_wave(&podman, &wave, dir, into, ctx, &mut restored, &mut out).await
-        {
+        let guard = super::addresses::guard(&wave, run_id, ctx).await;
+        let done = restore_wave(&podman, &wave, dir, into, ctx, &mut restored, &mut out).await;
+        super::addresses::unguard(guard, ctx).await;
+        if let Err(failed) = done {
             let mut error = undo(&podman, &failed, &restored, ctx, &mut out.left_on_target).await;
             if let (Some(spec), Some(id)) = (&manifest.pod, &pod) {
                 remove_pod(
@@ -80,6 +81,7 @@ pub(super) async fn restore(
     out.up_us = Some(now_us());
     out.restored = true;
     ctx.ui.info(&format!("UP: {} running", restored.join(", ")));
+    super::addresses::announce(&manifest.containers, ctx).await;
     out
 }
 

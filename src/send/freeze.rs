@@ -255,6 +255,7 @@ impl Tally {
                 tcp_established: it.opts.tcp_established,
                 tcp_close: it.opts.tcp_close,
                 after: it.after.clone(),
+                addresses: it.addresses.clone(),
             }),
             Err(e) => {
                 self.first_error.get_or_insert(

@@ -88,6 +88,8 @@ struct Item {
     drop_zero_pages: bool,
     /// Containers of this migration to restore before this one.
     after: Vec<String>,
+    /// Its addresses that move with it (the receiver guards and announces them).
+    addresses: Vec<crate::protocol::AddressEntry>,
     /// The container's cgroup freezer: `send` freezes it when podman starts the runtime's
     /// checkpoint, before CRIU would.
     freezer: Option<Freezer>,

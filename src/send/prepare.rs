@@ -58,6 +58,7 @@ pub(super) async fn preflight(
         missing_images,
         remote_dir,
         pod,
+        moving,
         ..
     } = report;
     if let Some((spec, _)) = &pod {
@@ -87,6 +88,7 @@ pub(super) async fn preflight(
             zstd: target_zstd,
             sink: target_sink,
             zero_pages: target_zero_pages,
+            moving,
         };
         let items = items(plan, infos, compression, &target, &local_dir);
         anyhow::Ok((offset_us, local_dir, items))
@@ -194,6 +196,8 @@ struct TargetKit {
     sink: Option<String>,
     /// That sink can leave CRIU's zero pages out.
     zero_pages: bool,
+    /// The containers' addresses that move with them.
+    moving: Vec<crate::engine::address::Moving>,
 }
 
 /// Each container as it will be moved.
@@ -231,6 +235,15 @@ fn items(
                 archive_name,
                 // Without a usable freezer CRIU freezes the container itself.
                 freezer: Freezer::of_pid(info.pid).ok(),
+                addresses: target
+                    .moving
+                    .iter()
+                    .filter(|m| m.container == info.name)
+                    .map(|m| crate::protocol::AddressEntry {
+                        network: m.network.name.clone(),
+                        ips: m.ips.clone(),
+                    })
+                    .collect(),
                 info,
                 after,
             }
@@ -535,6 +548,8 @@ mod tests {
             shares: vec![],
             dependencies: vec![],
             pod: String::new(),
+            networks: Vec::new(),
+            published: false,
         }
     }
 

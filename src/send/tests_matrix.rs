@@ -325,6 +325,8 @@ fn item(name: &str, dir: &Path) -> Item {
             shares: vec![],
             dependencies: vec![],
             pod: String::new(),
+            networks: Vec::new(),
+            published: false,
         },
         opts: CriuOptions::default(),
         archive_name: format!("{name}.tar"),
@@ -334,6 +336,7 @@ fn item(name: &str, dir: &Path) -> Item {
         sink: None,
         drop_zero_pages: false,
         after: vec![],
+        addresses: vec![],
         freezer: None,
     }
 }
@@ -353,6 +356,7 @@ fn manifest(items: &[Item]) -> Manifest {
                 tcp_established: false,
                 tcp_close: true,
                 after: vec![],
+                addresses: vec![],
             })
             .collect(),
         data: vec![],
