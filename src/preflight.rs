@@ -127,8 +127,9 @@ pub struct Report {
     pub pod: Option<(PodSpec, String)>,
     /// The containers' addresses that move with them (macvlan/ipvlan networks).
     pub moving: Vec<crate::engine::address::Moving>,
-    /// The receiver's binary guards and announces such addresses.
-    pub target_addresses: bool,
+    /// The receiver's binary answered and does not guard and announce such addresses (an
+    /// older build).
+    pub target_lacks_addresses: bool,
 }
 
 impl Report {
@@ -286,13 +287,13 @@ async fn check_target(
         r.target_sink = sink;
         r.target_zero_pages = ready.zero_pages;
         r.target_pods = ready.pods;
-        r.target_addresses = ready.addresses;
+        r.target_lacks_addresses = !ready.addresses;
     }
     r.findings.extend(crate::engine::address::target_findings(
         &out,
         &r.moving,
         want.tcp == crate::plan::TcpPolicy::Established,
-        r.target_addresses,
+        !r.target_lacks_addresses,
     ));
     let mut needs = vec![(
         "archives".to_string(),

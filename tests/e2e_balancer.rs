@@ -367,7 +367,8 @@ fn move_and_watch(from: &str, dest: &str, extra: &[&str], allowance_s: f64, labe
         longest = longest.max(o["length_s"].as_f64().unwrap());
         assert!(
             !o["ongoing"].as_bool().unwrap(),
-            "still down at the end: {p}"
+            "[{label}] still down at the end: {p}\n{}",
+            lb_diagnostics()
         );
         // `start` is the first lost probe, `end` the first probe answered again.
         assert!(
@@ -378,9 +379,10 @@ fn move_and_watch(from: &str, dest: &str, extra: &[&str], allowance_s: f64, labe
         );
         assert!(
             e as f64 <= up as f64 + allowance_s * 1e6,
-            "[{label}] a probe failed {:.3}s after up_ts, more than the allowance {allowance_s}s: {o}\nrecord: {}",
+            "[{label}] a probe failed {:.3}s after up_ts, more than the allowance {allowance_s}s: {o}\nrecord: {}\n{}",
             (e - up) as f64 / 1e6,
-            out.stdout
+            out.stdout,
+            lb_diagnostics()
         );
         last_end = last_end.max(e);
     }
@@ -399,6 +401,23 @@ fn move_and_watch(from: &str, dest: &str, extra: &[&str], allowance_s: f64, labe
         sent,
         recovered_after_up_s: (last_end - up) as f64 / 1e6,
     }
+}
+
+/// What nginx on c says, for a failure's message: its upstream, and the ends of its
+/// error and access logs (which backend each request went to, and how it ended).
+fn lb_diagnostics() -> String {
+    let tail = |file: &str, n: usize| {
+        let text = std::fs::read_to_string(format!("/var/lib/migrate-lab/lb/{file}"))
+            .unwrap_or_else(|e| format!("({e})"));
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    };
+    format!(
+        "--- lb status\n{}\n--- error.log\n{}\n--- access.log\n{}",
+        lab(&["lb", "status"]).stdout,
+        tail("error.log", 20),
+        tail("access.log", 40)
+    )
 }
 
 fn hook_switch_to(host: &str) -> String {

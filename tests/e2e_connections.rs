@@ -365,3 +365,186 @@ fn connections_hand_checkpoint_after_a_migration_behaves_as_before() {
     let after = hand_checkpoint();
     assert_eq!(after, before, "hand checkpoint before vs after a migration");
 }
+
+/// The ledger's own address in the moving-address tests (macvlan network mlab-mv).
+const OWN_ADDRESS: &str = "10.77.0.201";
+
+/// Removes the macvlan network (and the ledger on it) from a and b, before and after.
+struct CleanAddress(Clean);
+
+impl CleanAddress {
+    fn new() -> CleanAddress {
+        let c = CleanAddress(Clean::new());
+        c.wipe();
+        c
+    }
+    fn wipe(&self) {
+        for h in ["a", "b"] {
+            lab(&["macvlan", "down", h]);
+        }
+    }
+}
+
+impl Drop for CleanAddress {
+    fn drop(&mut self) {
+        self.wipe();
+    }
+}
+
+/// Issue 19: a ledger with an address of its own on a macvlan network that a and b both
+/// have moves a → b with `--tcp established` while the client on c holds ONE connection
+/// to that address: the connection carries on (no reconnect, no error, writes
+/// acknowledged in order before and after the freeze on it), every acknowledged write is
+/// on b's disk, the target's guard is gone afterwards and the address was announced.
+#[test]
+fn connections_an_own_address_moves_and_the_open_connection_carries_on() {
+    require_lab!();
+    let _clean = CleanAddress::new();
+    lab(&["macvlan", "up", "a"]).ok();
+    lab(&["macvlan", "up", "b"]).ok();
+    lab(&["ledger", "up", "a", "--address", OWN_ADDRESS]).ok();
+    // `check` says the address moves and the target is ready for it.
+    let v = report(&check(&[
+        "--install-receiver",
+        "--tcp",
+        "established",
+        "--data",
+        "/srv/ledger",
+        "ledger",
+    ]));
+    let codes: Vec<&str> = v["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["code"].as_str().unwrap())
+        .collect();
+    assert!(
+        codes.contains(&"address_moves") && codes.contains(&"address_network_ready"),
+        "{v}"
+    );
+
+    // A client's connection waits out the move (as a real client does) rather than
+    // failing over: its timeout is longer than any downtime seen here.
+    let client = start_client_with(
+        "stream",
+        CLIENT_S,
+        &[
+            "--address",
+            OWN_ADDRESS,
+            "--interval-ms",
+            "20",
+            "--timeout",
+            "8",
+        ],
+    );
+    std::thread::sleep(LEAD);
+    let pattern = format!("{} receive --listen 10.77.0.1[0-9]:{CONTROL_PORT}", bin());
+    let _ = Command::new("pkill")
+        .args(["-KILL", "-f", &pattern])
+        .status();
+    let rx = Receiver::start_on("b", CONTROL_PORT, &[]);
+    let to = format!("root@{B}");
+    let port = CONTROL_PORT.to_string();
+    let out = send(
+        "a",
+        &[
+            "--to",
+            &to,
+            "--control-port",
+            &port,
+            "--tcp",
+            "established",
+            "--data",
+            "/srv/ledger",
+            "ledger",
+        ],
+    );
+    let s = finish_client(client);
+    let out = out.ok();
+    let rec = out.record();
+    assert_eq!(rec["outcome"], "ok", "{}", out.describe());
+    rx.wait_for_line(&format!("announced {OWN_ADDRESS}"), Duration::from_secs(30));
+    let rx_log = rx.log();
+    let (code, _) = rx.wait(Duration::from_secs(60));
+    assert_eq!(code, Some(0), "{rx_log}");
+    let downtime: f64 = rec["downtime_s"].parse().unwrap();
+
+    // One connection, never an error: the move was invisible to it but for the wait.
+    assert_eq!(s.f("connections"), 1.0, "{}\n{rx_log}", s.brief());
+    assert_eq!(s.v["errors"], serde_json::json!({}), "{}", s.brief());
+    // Its longest wait is the freeze: acknowledged on that connection up to the freeze,
+    // and again once the restored process runs (CRIU resumes it a little before podman's
+    // restore returns, which is up_ts), in order (the client checks the order).
+    let ts = |k: &str| {
+        chrono::DateTime::parse_from_rfc3339(&rec[k])
+            .unwrap()
+            .timestamp_micros() as f64
+            / 1e6
+    };
+    let (from, to_) = (s.f("max_gap_from"), s.f("max_gap_to"));
+    assert!(
+        from <= ts("down_ts") + 0.05 && to_ >= ts("down_ts") + 0.1,
+        "the longest gap {from}..{to_} is not the freeze at {} (up {}): {}",
+        rec["down_ts"],
+        rec["up_ts"],
+        s.brief()
+    );
+    let gap = s.f("max_gap_s");
+    assert!(
+        gap <= downtime + 2.0,
+        "longest gap {gap:.3} s > downtime {downtime:.3} s + 2 s: {}",
+        s.brief()
+    );
+    assert!(s.f("acked") >= 200.0, "{}", s.brief());
+    let disk = logged("b");
+    let acked = s.acked_ids();
+    let lost = acked.iter().filter(|id| !disk.contains(*id)).count();
+    assert_eq!(lost, 0, "acknowledged writes missing on b: {}", s.brief());
+    eprintln!(
+        "own address: {} acknowledged on one connection, 0 lost, longest gap {gap:.3} s, downtime {downtime:.3} s",
+        acked.len()
+    );
+    // No guard is left on b.
+    let tables = on("b", &["nft", "list", "tables"]).ok();
+    assert!(
+        !tables.stdout.contains("migrate_guard"),
+        "{}",
+        tables.describe()
+    );
+    let inspect = on(
+        "b",
+        &[
+            "podman",
+            "inspect",
+            "ledger",
+            "--format",
+            "{{range .NetworkSettings.Networks}}{{.IPAddress}} {{.MacAddress}}{{end}}",
+        ],
+    )
+    .ok();
+    assert_eq!(
+        inspect.stdout.trim(),
+        format!("{OWN_ADDRESS} 02:77:00:00:00:c9")
+    );
+}
+
+/// Issue 19: without the network on the target, a container with its own address is
+/// refused before anything is frozen, naming the network and how to create it.
+#[test]
+fn connections_an_own_address_without_its_network_on_the_target_is_refused() {
+    require_lab!();
+    let _clean = CleanAddress::new();
+    lab(&["macvlan", "up", "a"]).ok();
+    lab(&["ledger", "up", "a", "--address", OWN_ADDRESS]).ok();
+    let before = identity("a", "ledger");
+    let out = send_ledger(&["--tcp", "established"]).expect_code(2);
+    let rec = out.record();
+    assert!(
+        rec["error"].contains("network mlab-mv") && rec["error"].contains("does not exist there"),
+        "{}",
+        out.describe()
+    );
+    assert_eq!(identity("a", "ledger"), before, "{}", out.describe());
+    let on_b = on("b", &["podman", "container", "exists", "ledger"]);
+    assert_eq!(on_b.code, Some(1), "{}", on_b.describe());
+}

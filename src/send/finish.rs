@@ -237,10 +237,16 @@ impl<E: Engine, T: Target, C: Clock> End<'_, E, T, C> {
     async fn commit(&mut self, rec: &mut Record) {
         if self.post_up_hooks {
             self.ui.phase("post-up hooks");
-            if let Err(e) = self.target.hooks(When::PostUp).await {
-                self.ui
-                    .warn(&format!("{e}; the migration itself succeeded"));
-                rec.error = e.to_string();
+            let took = crate::timing::Stopwatch::start();
+            match self.target.hooks(When::PostUp).await {
+                Ok(()) => self
+                    .ui
+                    .info(&format!("post-up hooks done in {:.3}s", took.secs())),
+                Err(e) => {
+                    self.ui
+                        .warn(&format!("{e}; the migration itself succeeded"));
+                    rec.error = e.to_string();
+                }
             }
         }
         for it in self.items {
