@@ -29,11 +29,16 @@ const CONTROL_PORT: u16 = 12351;
 
 /// `migrate send` of `ledger` a → b with a receiver on b; `extra` before the name.
 fn send_ledger(extra: &[&str]) -> Out {
+    send_ledger_watched(extra).0
+}
+
+/// [`send_ledger`], also returning the receiver (its log, its exit).
+fn send_ledger_watched(extra: &[&str]) -> (Out, Receiver) {
     let pattern = format!("{} receive --listen 10.77.0.1[0-9]:{CONTROL_PORT}", bin());
     let _ = Command::new("pkill")
         .args(["-KILL", "-f", &pattern])
         .status();
-    let _rx = Receiver::start_on("b", CONTROL_PORT, &[]);
+    let rx = Receiver::start_on("b", CONTROL_PORT, &[]);
     let to = format!("root@{B}");
     let port = CONTROL_PORT.to_string();
     let mut args = vec![
@@ -46,7 +51,7 @@ fn send_ledger(extra: &[&str]) -> Out {
     ];
     args.extend_from_slice(extra);
     args.push("ledger");
-    send("a", &args)
+    (send("a", &args), rx)
 }
 
 /// Removes the test's containers and data on a and b, before and after (even on failure).
@@ -423,42 +428,7 @@ fn connections_an_own_address_moves_and_the_open_connection_carries_on() {
         "{v}"
     );
 
-    // A client's connection waits out the move (as a real client does) rather than
-    // failing over: its timeout is longer than any downtime seen here.
-    let client = start_client_with(
-        "stream",
-        CLIENT_S,
-        &[
-            "--address",
-            OWN_ADDRESS,
-            "--interval-ms",
-            "20",
-            "--timeout",
-            "8",
-        ],
-    );
-    std::thread::sleep(LEAD);
-    let pattern = format!("{} receive --listen 10.77.0.1[0-9]:{CONTROL_PORT}", bin());
-    let _ = Command::new("pkill")
-        .args(["-KILL", "-f", &pattern])
-        .status();
-    let rx = Receiver::start_on("b", CONTROL_PORT, &[]);
-    let to = format!("root@{B}");
-    let port = CONTROL_PORT.to_string();
-    let out = send(
-        "a",
-        &[
-            "--to",
-            &to,
-            "--control-port",
-            &port,
-            "--tcp",
-            "established",
-            "--data",
-            "/srv/ledger",
-            "ledger",
-        ],
-    );
+    let (client, out, rx) = send_under_own_address_client();
     let s = finish_client(client);
     let out = out.ok();
     let rec = out.record();
@@ -504,13 +474,7 @@ fn connections_an_own_address_moves_and_the_open_connection_carries_on() {
         "own address: {} acknowledged on one connection, 0 lost, longest gap {gap:.3} s, downtime {downtime:.3} s",
         acked.len()
     );
-    // No guard is left on b.
-    let tables = on("b", &["nft", "list", "tables"]).ok();
-    assert!(
-        !tables.stdout.contains("migrate_guard"),
-        "{}",
-        tables.describe()
-    );
+    assert_no_guard("b");
     let inspect = on(
         "b",
         &[
@@ -525,6 +489,81 @@ fn connections_an_own_address_moves_and_the_open_connection_carries_on() {
     assert_eq!(
         inspect.stdout.trim(),
         format!("{OWN_ADDRESS} 02:77:00:00:00:c9")
+    );
+}
+
+/// Starts a client holding ONE connection to the ledger's own address on c, then (after
+/// `LEAD`) `migrate send --tcp established` a → b with a receiver on b. The client's
+/// connection waits out the move (as a real client does) rather than failing over: its
+/// timeout is longer than any downtime seen here.
+fn send_under_own_address_client() -> (Child, Out, Receiver) {
+    let client = start_client_with(
+        "stream",
+        CLIENT_S,
+        &[
+            "--address",
+            OWN_ADDRESS,
+            "--interval-ms",
+            "20",
+            "--timeout",
+            "8",
+        ],
+    );
+    std::thread::sleep(LEAD);
+    let (out, rx) = send_ledger_watched(&["--tcp", "established"]);
+    (client, out, rx)
+}
+
+/// No nft table of a guard is left on `host`.
+fn assert_no_guard(host: &str) {
+    let tables = on(host, &["nft", "list", "tables"]).ok();
+    assert!(
+        !tables.stdout.contains("migrate_guard"),
+        "{}",
+        tables.describe()
+    );
+}
+
+/// Issue 19: the same, with the restore failing on b (CRIU broken there): the ledger is
+/// restored on a, its address guarded and announced there too, and the client's one
+/// connection carries on through the rollback; every acknowledged write is on a's disk.
+#[test]
+fn connections_an_own_address_rolled_back_keeps_the_open_connection() {
+    require_lab!();
+    let _clean = CleanAddress::new();
+    lab(&["macvlan", "up", "a"]).ok();
+    lab(&["macvlan", "up", "b"]).ok();
+    lab(&["ledger", "up", "a", "--address", OWN_ADDRESS]).ok();
+    let broken = BrokenCriu::install("b");
+    let (client, out, rx) = send_under_own_address_client();
+    let s = finish_client(client);
+    let out = out.expect_code(1);
+    drop(broken);
+    assert_eq!(out.record()["outcome"], "rolled_back", "{}", out.describe());
+    let _ = rx.wait(Duration::from_secs(60));
+    assert!(
+        out.stderr.contains(&format!("announced {OWN_ADDRESS}")),
+        "{}",
+        out.describe()
+    );
+    assert_eq!(s.f("connections"), 1.0, "{}\n{}", s.brief(), out.describe());
+    assert_eq!(s.v["errors"], serde_json::json!({}), "{}", s.brief());
+    assert!(s.f("acked") >= 200.0, "{}", s.brief());
+    let disk = logged("a");
+    let lost = s
+        .acked_ids()
+        .iter()
+        .filter(|id| !disk.contains(*id))
+        .count();
+    assert_eq!(lost, 0, "acknowledged writes missing on a: {}", s.brief());
+    assert_no_guard("a");
+    assert_no_guard("b");
+    let on_b = on("b", &["podman", "container", "exists", "ledger"]);
+    assert_eq!(on_b.code, Some(1), "{}", on_b.describe());
+    eprintln!(
+        "own address, rolled back: {} acknowledged on one connection, 0 lost, longest gap {:.3} s",
+        s.f("acked"),
+        s.f("max_gap_s")
     );
 }
 

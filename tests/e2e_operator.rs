@@ -67,6 +67,68 @@ fn check_finds_the_lab_cpus_compatible_and_takes_the_override() {
     assert!(all_containers("b").is_empty());
 }
 
+/// The instruction set the faked target CPU lacks: one every x86-64 CPU of the last
+/// fifteen years has, so the lab's source has it.
+const FAKED_MISSING: &str = "sse4_2";
+
+/// Issue 19, a faked CPU mismatch: host b's `/proc/cpuinfo` (in b's own mount namespace
+/// only) loses one instruction set. `check` and `send` name it and refuse before the
+/// freeze, the pair untouched; with `--ignore-cpu` the pair moves and carries on.
+#[test]
+fn a_target_cpu_without_an_instruction_set_is_refused_and_the_override_moves() {
+    require_lab!();
+    fresh_workload("a", 100);
+    let flags = on("a", &["grep", "-m1", "^flags", "/proc/cpuinfo"])
+        .ok()
+        .stdout;
+    if !flags.split_whitespace().any(|f| f == FAKED_MISSING) {
+        panic!("the source CPU lacks {FAKED_MISSING} itself: {flags}");
+    }
+    let _fake = OnHost::apply(
+        "b",
+        &format!(
+            "sed -E '/^flags/ s/ {FAKED_MISSING}( |$)/\\1/' /proc/cpuinfo > /tmp/cpuinfo.fake && mount --bind /tmp/cpuinfo.fake /proc/cpuinfo && ! grep -qw {FAKED_MISSING} /proc/cpuinfo"
+        ),
+        "umount /proc/cpuinfo",
+    );
+    let args = ["--data", "/srv/app", "db", "web"];
+    {
+        let _rx = Receiver::start("b", &["--serve"]);
+        let out = check(&args).expect_code(2);
+        let v = report(&out);
+        let cpu = with_code(&v, "cpu_missing_features");
+        assert_eq!(cpu.len(), 1, "{}", out.describe());
+        assert_eq!((cpu[0].0.as_str(), cpu[0].1.as_str()), ("fail", "target"));
+        assert!(cpu[0].2.contains(FAKED_MISSING), "{}", cpu[0].2);
+    }
+    let ids = (identity("a", "db"), identity("a", "web"));
+    let before = counter("a");
+    let to = ["--to", "root@10.77.0.12"];
+    {
+        let _rx = Receiver::start("b", &[]);
+        let out = send("a", &[&to[..], &args[..]].concat()).expect_code(2);
+        let rec = out.record();
+        assert!(
+            rec["error"].contains(FAKED_MISSING) && rec["error"].contains("--ignore-cpu"),
+            "{}",
+            out.describe()
+        );
+        assert_eq!((identity("a", "db"), identity("a", "web")), ids);
+        assert!(all_containers("b").is_empty(), "{:?}", all_containers("b"));
+    }
+    let rx = Receiver::start("b", &[]);
+    let out = send("a", &[&to[..], &["--ignore-cpu"][..], &args[..]].concat()).ok();
+    assert!(
+        out.stderr.contains(FAKED_MISSING) && out.stderr.contains("--ignore-cpu"),
+        "the override warns: {}",
+        out.describe()
+    );
+    assert_eq!(out.record()["outcome"], "ok", "{}", out.describe());
+    let (code, _) = rx.wait(std::time::Duration::from_secs(120));
+    assert_eq!(code, Some(0));
+    assert_pair_alive("b", 100, before);
+}
+
 /// Whether processes on `host` (where migrate, and so CRIU, runs) have CAP_SYS_RESOURCE.
 fn has_cap_sys_resource(host: &str) -> bool {
     let out = on(

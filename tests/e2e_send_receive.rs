@@ -325,32 +325,6 @@ fn strangers_on_the_control_port_do_not_trigger_a_restore() {
     assert_pair_alive("b", 100, before);
 }
 
-/// Makes CRIU on a host fail whenever it is asked to work (swrk: what runc uses for
-/// checkpoint and restore), while `criu check` still passes: a CRIU that fails only when
-/// it matters.
-struct BrokenCriu;
-
-impl BrokenCriu {
-    fn install(host: &'static str) -> OnHost {
-        Self::install_with(host, "")
-    }
-
-    /// The same, running `first` (a shell command) just before each injected failure.
-    fn install_with(host: &'static str, first: &str) -> OnHost {
-        let script = format!(
-            "cp /usr/local/sbin/criu /tmp/criu.real && cat > /tmp/criu.fake <<'FAKE'
-#!/bin/sh
-if [ \"$1\" = swrk ]; then {first}
-  echo 'injected CRIU failure' >&2; exit 1
-fi
-exec /tmp/criu.real \"$@\"
-FAKE
-chmod +x /tmp/criu.fake && mount --bind /tmp/criu.fake /usr/local/sbin/criu"
-        );
-        OnHost::apply(host, &script, "umount /usr/local/sbin/criu")
-    }
-}
-
 #[test]
 fn checkpoint_failing_on_the_source_leaves_the_service_running() {
     require_lab!();

@@ -28,15 +28,21 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::engine::podman::ContainerInfo;
+use crate::engine::podman::{ContainerInfo, Podman};
 use crate::engine::stack::{Finding, Level, Side};
 use crate::exec::{ExecError, args, shell_quote};
+use crate::progress::Ui;
+use crate::protocol::AddressEntry;
 
 /// Network drivers that put a container's own address on the hosts' segment.
 pub const MOVABLE_DRIVERS: &[&str] = &["macvlan", "ipvlan"];
 /// Prefix of the receiver's nft tables.
 const TABLE_PREFIX: &str = "migrate_guard_";
 const TIMEOUT: Duration = Duration::from_secs(20);
+/// How long a guard's addresses stay dropped if nobody removes them: longer than any one
+/// restore has taken here (seconds, tens for GiBs of memory), short enough that a
+/// migrate killed half-way does not cut an address off for long.
+pub const GUARD_EXPIRES: Duration = Duration::from_secs(120);
 
 /// Failures of the guard and the announcement.
 #[derive(Debug, thiserror::Error)]
@@ -508,6 +514,65 @@ impl Guard {
         )
         .await?;
         Ok(())
+    }
+}
+
+/// Installs a guard for `addresses` (of containers whose connections are kept) before
+/// they are restored here; `None` when there are none. A guard that cannot be set up is
+/// reported and the restore goes on: connections may then be reset, the service is not
+/// held back for them.
+pub async fn guard_for(tag: &str, addresses: &[&AddressEntry], ui: &Ui) -> Option<Guard> {
+    let mut by_parent: BTreeMap<String, Vec<IpAddr>> = BTreeMap::new();
+    for a in addresses {
+        match parent_here(&a.network).await {
+            Ok(parent) => by_parent.entry(parent).or_default().extend(&a.ips),
+            Err(e) => ui.warn(&format!("cannot guard {}: {e:#}", ip_list(&a.ips))),
+        }
+    }
+    if by_parent.is_empty() {
+        return None;
+    }
+    match Guard::install(tag, &by_parent, GUARD_EXPIRES).await {
+        Ok(g) => Some(g),
+        Err(e) => {
+            ui.warn(&format!(
+                "cannot hold TCP to the moving addresses back during the restore ({e:#}): their connections may be reset"
+            ));
+            None
+        }
+    }
+}
+
+/// Takes a guard away after the restore returned (its addresses would expire anyway).
+pub async fn unguard(guard: Option<Guard>, ui: &Ui) {
+    if let Some(g) = guard
+        && let Err(e) = g.remove().await
+    {
+        ui.warn(&format!(
+            "cannot remove the guard of the moving addresses ({e:#}); its addresses expire within {}s",
+            GUARD_EXPIRES.as_secs()
+        ));
+    }
+}
+
+/// Announces the addresses of container `name`, restored here.
+pub async fn announce_container(name: &str, addresses: &[AddressEntry], ui: &Ui) {
+    if addresses.is_empty() {
+        return;
+    }
+    let pid = match Podman.inspect(&[name.to_string()]).await {
+        Ok(v) if !v.is_empty() => v[0].pid,
+        Ok(_) => return,
+        Err(e) => {
+            ui.warn(&format!("cannot announce {name}'s address: {e}"));
+            return;
+        }
+    };
+    for ip in addresses.iter().flat_map(|a| &a.ips) {
+        match announce(pid, *ip).await {
+            Ok(()) => ui.info(&format!("announced {ip} ({name})")),
+            Err(e) => ui.warn(&format!("cannot announce {ip} ({name}): {e:#}")),
+        }
     }
 }
 

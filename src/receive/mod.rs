@@ -15,7 +15,6 @@
 //! start (work folder, port): nothing was touched; 130 stopped by a signal while no
 //! migration was in progress.
 
-mod addresses;
 mod archives;
 mod report;
 mod restore;

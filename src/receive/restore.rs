@@ -8,10 +8,11 @@ use std::time::Duration;
 
 use super::Ctx;
 use super::archives::verify_archives;
+use crate::engine::address;
 use crate::engine::podman::{CriuOptions, Podman, PodmanError};
 use crate::progress::Ui;
 use crate::protocol::{
-    ContainerEntry, LeftOnTarget, Manifest, PodSpec, TargetOutcome, restore_waves,
+    AddressEntry, ContainerEntry, LeftOnTarget, Manifest, PodSpec, TargetOutcome, restore_waves,
 };
 use crate::timing::{Stopwatch, now_us};
 
@@ -57,9 +58,14 @@ pub(super) async fn restore(
     let mut restored: Vec<&str> = Vec::new();
     for wave in waves {
         let into = pod.as_deref();
-        let guard = super::addresses::guard(&wave, run_id, ctx).await;
+        let kept: Vec<&AddressEntry> = wave
+            .iter()
+            .filter(|c| c.tcp_established)
+            .flat_map(|c| &c.addresses)
+            .collect();
+        let guard = address::guard_for(run_id, &kept, &ctx.ui).await;
         let done = restore_wave(&podman, &wave, dir, into, ctx, &mut restored, &mut out).await;
-        super::addresses::unguard(guard, ctx).await;
+        address::unguard(guard, &ctx.ui).await;
         if let Err(failed) = done {
             let mut error = undo(&podman, &failed, &restored, ctx, &mut out.left_on_target).await;
             if let (Some(spec), Some(id)) = (&manifest.pod, &pod) {
@@ -81,7 +87,9 @@ pub(super) async fn restore(
     out.up_us = Some(now_us());
     out.restored = true;
     ctx.ui.info(&format!("UP: {} running", restored.join(", ")));
-    super::addresses::announce(&manifest.containers, ctx).await;
+    for c in &manifest.containers {
+        address::announce_container(&c.name, &c.addresses, &ctx.ui).await;
+    }
     out
 }
 

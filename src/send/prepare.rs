@@ -10,6 +10,7 @@ use anyhow::{Context, anyhow};
 
 use crate::engine::freezer::Freezer;
 use crate::engine::podman::{self, Compression, ContainerInfo};
+use crate::engine::stack::Level;
 use crate::plan::CompressChoice;
 use crate::plan::SendPlan;
 use crate::preflight::{self, Control, Want, Welcome};
@@ -47,6 +48,11 @@ pub(super) async fn preflight(
     if let Some(f) = report.first_failure() {
         let e = anyhow!(f.one_line());
         return Err(refuse_report(report, e).await);
+    }
+    // What goes ahead despite a risk (an override, a connection that cannot be kept) is
+    // said before the freeze, as `check` would.
+    for f in report.findings.iter().filter(|f| f.level == Level::Warn) {
+        ui.warn(&f.one_line());
     }
     let preflight::Report {
         infos,

@@ -73,9 +73,27 @@ impl<E: Engine, T: Target, C: Clock> End<'_, E, T, C> {
         }
     }
 
-    /// A checkpointed container: from the checkpoint podman kept, failing that from its
-    /// archive fetched back from the target (complete there once it was shipped).
+    /// A checkpointed container, back here. With its connections kept and an address
+    /// of its own, that address is guarded during the restore and announced after it,
+    /// as on the target (this host's namespace for it is a new one too).
     async fn bring_back(&mut self, it: &Item) -> Result<(), String> {
+        let kept: Vec<&crate::protocol::AddressEntry> = match it.opts.tcp_established {
+            true => it.addresses.iter().collect(),
+            false => Vec::new(),
+        };
+        let tag = format!("rollback_{}", it.info.name);
+        let guard = crate::engine::address::guard_for(&tag, &kept, self.ui).await;
+        let back = self.restore_here(it).await;
+        crate::engine::address::unguard(guard, self.ui).await;
+        if back.is_ok() {
+            crate::engine::address::announce_container(&it.info.name, &it.addresses, self.ui).await;
+        }
+        back
+    }
+
+    /// From the checkpoint podman kept, failing that from its archive fetched back from
+    /// the target (complete there once it was shipped).
+    async fn restore_here(&mut self, it: &Item) -> Result<(), String> {
         let name = &it.info.name;
         self.ui
             .phase(&format!("rolling back: restoring {name} on this host"));

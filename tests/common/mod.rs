@@ -657,3 +657,29 @@ pub fn report(out: &Out) -> serde_json::Value {
     assert_eq!(v["format_version"], 1, "{}", out.describe());
     v
 }
+
+/// Makes CRIU on a host fail whenever it is asked to work (swrk: what runc uses for
+/// checkpoint and restore), while `criu check` still passes: a CRIU that fails only when
+/// it matters.
+pub struct BrokenCriu;
+
+impl BrokenCriu {
+    pub fn install(host: &'static str) -> OnHost {
+        Self::install_with(host, "")
+    }
+
+    /// The same, running `first` (a shell command) just before each injected failure.
+    pub fn install_with(host: &'static str, first: &str) -> OnHost {
+        let script = format!(
+            "cp /usr/local/sbin/criu /tmp/criu.real && cat > /tmp/criu.fake <<'FAKE'
+#!/bin/sh
+if [ \"$1\" = swrk ]; then {first}
+  echo 'injected CRIU failure' >&2; exit 1
+fi
+exec /tmp/criu.real \"$@\"
+FAKE
+chmod +x /tmp/criu.fake && mount --bind /tmp/criu.fake /usr/local/sbin/criu"
+        );
+        OnHost::apply(host, &script, "umount /usr/local/sbin/criu")
+    }
+}
