@@ -390,6 +390,15 @@ impl CleanAddress {
     }
 }
 
+/// The macvlan network on a and b, and the ledger on a with its own address there.
+fn own_address_ledger_on_a() -> CleanAddress {
+    let clean = CleanAddress::new();
+    lab(&["macvlan", "up", "a"]).ok();
+    lab(&["macvlan", "up", "b"]).ok();
+    lab(&["ledger", "up", "a", "--address", OWN_ADDRESS]).ok();
+    clean
+}
+
 impl Drop for CleanAddress {
     fn drop(&mut self) {
         self.wipe();
@@ -404,10 +413,7 @@ impl Drop for CleanAddress {
 #[test]
 fn connections_an_own_address_moves_and_the_open_connection_carries_on() {
     require_lab!();
-    let _clean = CleanAddress::new();
-    lab(&["macvlan", "up", "a"]).ok();
-    lab(&["macvlan", "up", "b"]).ok();
-    lab(&["ledger", "up", "a", "--address", OWN_ADDRESS]).ok();
+    let _clean = own_address_ledger_on_a();
     // `check` says the address moves and the target is ready for it.
     let v = report(&check(&[
         "--install-receiver",
@@ -530,10 +536,7 @@ fn assert_no_guard(host: &str) {
 #[test]
 fn connections_an_own_address_rolled_back_keeps_the_open_connection() {
     require_lab!();
-    let _clean = CleanAddress::new();
-    lab(&["macvlan", "up", "a"]).ok();
-    lab(&["macvlan", "up", "b"]).ok();
-    lab(&["ledger", "up", "a", "--address", OWN_ADDRESS]).ok();
+    let _clean = own_address_ledger_on_a();
     let broken = BrokenCriu::install("b");
     let (client, out, rx) = send_under_own_address_client();
     let s = finish_client(client);

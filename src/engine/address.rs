@@ -636,24 +636,15 @@ mod tests {
 
     fn ctr(name: &str, net: &str, ip: &str, published: bool) -> ContainerInfo {
         ContainerInfo {
-            id: format!("{name}-id"),
             name: name.into(),
-            image_id: String::new(),
-            image_name: String::new(),
-            status: "running".into(),
             running: true,
-            pid: 1,
-            mounts: vec![],
-            joins: vec![],
-            shares: vec![],
-            dependencies: vec![],
-            pod: String::new(),
             networks: vec![Attachment {
                 network: net.into(),
                 ips: vec![ip.parse().unwrap()],
                 mac: "02:77:00:00:00:c8".into(),
             }],
             published,
+            ..Default::default()
         }
     }
 

@@ -230,7 +230,7 @@ pub struct Attachment {
 }
 
 /// What we need to know about a container.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct ContainerInfo {
     pub id: String,
     pub name: String,
