@@ -424,8 +424,10 @@ pub struct TargetArgs {
     /// still in their handshake are left out (the client retries its SYN) and established
     /// ones are dumped and restored closed, so their clients see a reset and reconnect at
     /// once to wherever the service now is (right with published ports).
-    /// `established`: established connections are carried over (only where the
-    /// container's address moves with it); handshakes are left out. `refuse`: any
+    /// `established`: established connections are carried over; handshakes are left
+    /// out. Their clients keep them only where the container's address moves with it (its
+    /// own address on a macvlan/ipvlan network that both hosts have: the target then holds
+    /// TCP to that address back during the restore and announces it after). `refuse`: any
     /// connection that CRIU cannot take as it is fails the checkpoint, and `check`/`send`
     /// refuse established connections before the freeze. Set per migration: no CRIU
     /// configuration file is written.
