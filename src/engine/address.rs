@@ -108,22 +108,26 @@ pub fn parse_networks(json: &str) -> Result<Vec<Network>, serde_json::Error> {
     serde_json::from_str(json)
 }
 
-/// The networks the containers are attached to, as this host's podman defines them.
+/// The networks the containers are attached to, as this host's podman defines them. A
+/// name podman does not know as a network (a container on the host's network may show
+/// `host`) is left out: such a container has no address of its own to move.
 pub async fn networks_of(infos: &[ContainerInfo]) -> Result<Vec<Network>, AddressError> {
     let names: BTreeSet<&str> = infos
         .iter()
         .flat_map(|c| c.networks.iter().map(|n| n.network.as_str()))
         .collect();
-    if names.is_empty() {
-        return Ok(Vec::new());
+    let mut out = Vec::new();
+    for name in names {
+        let Ok(found) =
+            crate::exec::run("podman", &args(["network", "inspect", name]), TIMEOUT).await
+        else {
+            continue;
+        };
+        let nets = parse_networks(&found.stdout)
+            .map_err(|e| AddressError::Network(name.into(), e.to_string()))?;
+        out.extend(nets);
     }
-    let out = crate::exec::run(
-        "podman",
-        &args(["network", "inspect"].into_iter().chain(names)),
-        TIMEOUT,
-    )
-    .await?;
-    parse_networks(&out.stdout).map_err(|e| AddressError::Network("inspect".into(), e.to_string()))
+    Ok(out)
 }
 
 /// One container's address that moves with it.
