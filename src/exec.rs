@@ -13,12 +13,8 @@ const STDERR_TAIL_LINES: usize = 12;
 #[derive(Debug, thiserror::Error)]
 pub enum ExecError {
     /// The program could not be started at all (missing binary, permissions).
-    #[error("could not run `{cmd}`: {source}")]
-    Spawn {
-        cmd: String,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error("could not run `{cmd}`: {io}")]
+    Spawn { cmd: String, io: std::io::Error },
     /// The program ran and failed.
     #[error("`{cmd}` {status}{}", stderr_suffix(.stderr))]
     Failed {
@@ -160,7 +156,7 @@ fn spawn_with(program: &str, args: &[String], stdin: Stdio) -> Result<Running, E
         .spawn()
         .map_err(|source| ExecError::Spawn {
             cmd: cmd.clone(),
-            source,
+            io: source,
         })?;
     Ok(Running {
         cmd,
@@ -186,7 +182,7 @@ impl Running {
         let Some(err) = self.child.stderr.as_mut() else {
             return Err(ExecError::Spawn {
                 cmd: self.cmd.clone(),
-                source: std::io::Error::other("stderr is not captured"),
+                io: std::io::Error::other("stderr is not captured"),
             });
         };
         let found = tokio::time::timeout(
@@ -201,7 +197,7 @@ impl Running {
                 let cmd = self.cmd.clone();
                 let status = self.child.wait().await.map_err(|source| ExecError::Spawn {
                     cmd: cmd.clone(),
-                    source,
+                    io: source,
                 })?;
                 Err(ExecError::Failed {
                     cmd,
@@ -211,7 +207,7 @@ impl Running {
             }
             Ok(Err(source)) => Err(ExecError::Spawn {
                 cmd: self.cmd.clone(),
-                source,
+                io: source,
             }),
             Err(_) => Err(ExecError::Timeout {
                 cmd: format!("{} (starting)", self.cmd),
@@ -231,7 +227,7 @@ impl Running {
         let out = match tokio::time::timeout(timeout, child.wait_with_output()).await {
             Ok(res) => res.map_err(|source| ExecError::Spawn {
                 cmd: cmd.clone(),
-                source,
+                io: source,
             })?,
             Err(_) => {
                 return Err(ExecError::Timeout {
@@ -370,5 +366,8 @@ mod tests {
             .await
             .unwrap_err();
         assert!(matches!(err, ExecError::Spawn { .. }), "{err}");
+        // Said once, also in anyhow's full chain.
+        let chain = format!("{:#}", anyhow::Error::new(err).context("checking"));
+        assert_eq!(chain.matches("No such file").count(), 1, "{chain}");
     }
 }

@@ -152,12 +152,8 @@ pub struct Journal {
 /// Why a journal could not be read or written.
 #[derive(Debug, thiserror::Error)]
 pub enum JournalError {
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error("{path}: {io}")]
+    Io { path: PathBuf, io: std::io::Error },
     #[error(
         "{0} is not a folder owned by this user with mode 0700 (a symlink, or others can write to it)"
     )]
@@ -169,7 +165,7 @@ pub enum JournalError {
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> JournalError + '_ {
     move |source| JournalError::Io {
         path: path.to_path_buf(),
-        source,
+        io: source,
     }
 }
 
@@ -262,7 +258,7 @@ fn check_dir(d: &Path) -> Result<(), JournalError> {
     use crate::rundir::RunDirError;
     match crate::rundir::check_private_dir(d) {
         Ok(()) => Ok(()),
-        Err(RunDirError::Io { source, .. }) => Err(io(d)(source)),
+        Err(RunDirError::Io { error, .. }) => Err(io(d)(error)),
         Err(_) => Err(JournalError::UnsafeDir(d.to_path_buf())),
     }
 }

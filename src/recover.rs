@@ -846,7 +846,11 @@ mod tests {
         // The shell itself; for an instant also its child between fork and exec (which
         // still has the shell's command line), so "contains", not "equals".
         let found = exporters(std::slice::from_ref(&fifo));
-        assert!(found.contains(&child.id()), "{found:?} lacks {}", child.id());
+        assert!(
+            found.contains(&child.id()),
+            "{found:?} lacks {}",
+            child.id()
+        );
         assert!(exporters(&[d.path().join("other.fifo")]).is_empty());
         let note = drain_exports(std::slice::from_ref(&fifo), Duration::from_secs(20))
             .expect("there was an exporter");

@@ -39,11 +39,8 @@ pub fn remote_run_dir(workdir: &str, run_id: &str) -> String {
 /// Why a run folder or a file in it is not to be trusted.
 #[derive(Debug, thiserror::Error)]
 pub enum RunDirError {
-    #[error("{path}: {source}")]
-    Io {
-        path: String,
-        source: std::io::Error,
-    },
+    #[error("{path}: {error}")]
+    Io { path: String, error: std::io::Error },
     #[error("{path} is a symbolic link or not a {kind}; refusing it")]
     NotPlain { path: String, kind: &'static str },
     #[error("{path} belongs to uid {owner}, not to this receiver's uid {me}; refusing it")]
@@ -55,9 +52,9 @@ pub enum RunDirError {
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> RunDirError + '_ {
-    move |source| RunDirError::Io {
+    move |error| RunDirError::Io {
         path: path.display().to_string(),
-        source,
+        error,
     }
 }
 

@@ -14,18 +14,10 @@ use std::time::{Duration, Instant};
 /// Why a container's freezer cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum FreezerError {
-    #[error("reading {path}: {source}")]
-    Read {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("writing {path}: {source}")]
-    Write {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error("reading {path}: {io}")]
+    Read { path: PathBuf, io: std::io::Error },
+    #[error("writing {path}: {io}")]
+    Write { path: PathBuf, io: std::io::Error },
     #[error("process {0} is in no freezer cgroup that is mounted here")]
     NotFound(i64),
     #[error("the cgroup {0} did not freeze within {1:?}")]
@@ -230,14 +222,14 @@ impl Drop for FrozenCgroup {
 fn read(path: &Path) -> Result<String, FreezerError> {
     std::fs::read_to_string(path).map_err(|source| FreezerError::Read {
         path: path.to_path_buf(),
-        source,
+        io: source,
     })
 }
 
 fn write(path: &Path, value: &str) -> Result<(), FreezerError> {
     std::fs::write(path, value).map_err(|source| FreezerError::Write {
         path: path.to_path_buf(),
-        source,
+        io: source,
     })
 }
 

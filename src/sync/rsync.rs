@@ -67,7 +67,7 @@ pub struct Armed {
 pub fn arm(dir: &Path, ssh: &Ssh, compress: bool) -> Result<Armed, ExecError> {
     let spawn_err = |source: std::io::Error| ExecError::Spawn {
         cmd: "mkfifo (rsync file list)".into(),
-        source,
+        io: source,
     };
     let tmp = tempfile::Builder::new()
         .prefix("migrate-rsync-")
