@@ -93,6 +93,10 @@ pub enum Command {
     Send(SendArgs),
     /// Check both hosts for everything a migration needs, without touching anything.
     Check(CheckArgs),
+    /// Empty this host onto several targets: every running container (or those named),
+    /// unit by unit, each placed where there is room and moved with one `send`.
+    #[command(after_help = crate::drain::PLACEMENT_RULE)]
+    Drain(crate::drain::DrainArgs),
     /// Read a service like a client would, every interval, and report every outage.
     Probe(crate::probe::ProbeArgs),
     /// Show and repair what a `send` that died left on this (source) host.
