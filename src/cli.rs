@@ -174,6 +174,31 @@ mod tests {
         assert!(text.contains("receive"));
     }
 
+    #[test]
+    fn drain_help_states_the_placement_rule_and_the_exit() {
+        let mut cmd = Cli::command();
+        let drain = cmd.find_subcommand_mut("drain").unwrap();
+        let help = drain.render_long_help().to_string();
+        for want in [
+            "largest first",
+            "the most memory left",
+            "--ship-image",
+            "fits nowhere is refused",
+            "moved units are no longer here",
+            "Exit status: 0",
+        ] {
+            assert!(help.contains(want), "{want:?} missing:\n{help}");
+        }
+        let cli =
+            Cli::try_parse_from(["migrate", "drain", "--to", "b,c", "--to", "d", "pp"]).unwrap();
+        let Command::Drain(d) = cli.command else {
+            panic!()
+        };
+        assert_eq!(d.to, vec!["b", "c", "d"]);
+        assert_eq!((d.parallel, d.plan, d.keep_going), (1, false, false));
+        assert_eq!(d.names, vec!["pp"]);
+    }
+
     /// The one line a mistake clap finds becomes, from clap's own text for it.
     fn refusal(args: &[&str]) -> String {
         let e = Cli::try_parse_from(args).unwrap_err();
