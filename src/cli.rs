@@ -93,6 +93,10 @@ pub enum Command {
     Send(SendArgs),
     /// Check both hosts for everything a migration needs, without touching anything.
     Check(CheckArgs),
+    /// Empty this host onto several targets: every running container (or those named),
+    /// unit by unit, each placed where there is room and moved with one `send`.
+    #[command(after_help = crate::drain::PLACEMENT_RULE)]
+    Drain(crate::drain::DrainArgs),
     /// Read a service like a client would, every interval, and report every outage.
     Probe(crate::probe::ProbeArgs),
     /// Show and repair what a `send` that died left on this (source) host.
@@ -168,6 +172,31 @@ mod tests {
         let text = String::from_utf8(man).unwrap();
         assert!(text.contains(".TH migrate"), "{text}");
         assert!(text.contains("receive"));
+    }
+
+    #[test]
+    fn drain_help_states_the_placement_rule_and_the_exit() {
+        let mut cmd = Cli::command();
+        let drain = cmd.find_subcommand_mut("drain").unwrap();
+        let help = drain.render_long_help().to_string();
+        for want in [
+            "largest first",
+            "the most memory left",
+            "--ship-image",
+            "fits nowhere is refused",
+            "moved units are no longer here",
+            "Exit status: 0",
+        ] {
+            assert!(help.contains(want), "{want:?} missing:\n{help}");
+        }
+        let cli =
+            Cli::try_parse_from(["migrate", "drain", "--to", "b,c", "--to", "d", "pp"]).unwrap();
+        let Command::Drain(d) = cli.command else {
+            panic!()
+        };
+        assert_eq!(d.to, vec!["b", "c", "d"]);
+        assert_eq!((d.parallel, d.plan, d.keep_going), (1, false, false));
+        assert_eq!(d.names, vec!["pp"]);
     }
 
     /// The one line a mistake clap finds becomes, from clap's own text for it.

@@ -8,6 +8,7 @@
 pub mod check;
 pub mod cli;
 pub mod digest;
+pub mod drain;
 pub mod engine;
 pub mod exec;
 pub mod exit;

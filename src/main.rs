@@ -11,7 +11,7 @@ use migrate::cli::{Cli, Command};
 use migrate::exit::Exit;
 use migrate::progress::{Ui, say};
 use migrate::signals::Signals;
-use migrate::{check, plan, probe, receive, recover, send, sink, watchdog};
+use migrate::{check, drain, plan, probe, receive, recover, send, sink, watchdog};
 
 fn main() -> ExitCode {
     let cli = migrate::cli::parse_or_exit();
@@ -73,6 +73,7 @@ async fn dispatch(cli: Cli) -> u8 {
             }
         }
         Command::Check(args) => check::run(args).await,
+        Command::Drain(args) => drain::run(args).await,
         Command::Probe(args) => probe::run(args).await,
         Command::Completions { shell } => {
             // clap_complete panics when its writer fails: it writes into memory.
