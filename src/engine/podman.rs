@@ -365,6 +365,11 @@ impl CriuOptions {
         lines
     }
 
+    /// The CRIU options only the wrapper can give ("tcp-close", "skip-in-flight").
+    pub fn criu_config_lines(&self) -> Vec<&'static str> {
+        self.config()
+    }
+
     /// The wrapper runc runs instead of `criu` for these options: it points CRIU at a
     /// configuration file of these options only (`CRIU_CONFIG_FILE`), then becomes CRIU.
     /// Handed to runc with podman's `--runtime-flag criu=PATH` on this one command, so
