@@ -305,3 +305,157 @@ fn session_moves_debian13_to_debian12() {
     require_lab!();
     move_shop("t", "a", "carol");
 }
+
+// ------------------------------------------------------------------ crun
+
+const CRUN_CTR: &str = "d13-crun";
+
+/// The number a crun container on `host` counts in memory (written to /tmp/n).
+fn crun_count(host: &str) -> u64 {
+    let out = on(host, &["podman", "exec", CRUN_CTR, "cat", "/tmp/n"]).ok();
+    out.stdout
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("count: {}", out.describe()))
+}
+
+fn remove_crun_ctr() {
+    for h in HOSTS {
+        on(h, &["podman", "rm", "-f", "-t", "0", "--ignore", CRUN_CTR]).ok();
+    }
+}
+
+/// A container created with crun (built with CRIU on Debian 13): refused before the
+/// freeze towards Debian 12 (no crun there) and with `--tcp close` (crun takes no
+/// per-command CRIU options), left running as it was; moved t → u with `--tcp refuse`,
+/// restored there by crun, its count going on.
+#[test]
+fn a_crun_container_moves_only_where_crun_can_restore_it() {
+    require_lab!();
+    kill_own_receivers();
+    remove_crun_ctr();
+    on(
+        "t",
+        &[
+            "podman",
+            "--runtime",
+            "crun",
+            "run",
+            "-d",
+            "--name",
+            CRUN_CTR,
+            "localhost/migrate-busybox:latest",
+            "sh",
+            "-c",
+            "i=0; while :; do i=$((i+1)); echo $i > /tmp/n; sleep 0.1; done",
+        ],
+    )
+    .ok();
+    std::thread::sleep(Duration::from_millis(500));
+    let before = identity("t", CRUN_CTR);
+
+    // Towards a: whatever the --tcp policy, crun is not there.
+    let rx = Receiver::start_on("a", PORT, &["--serve"]);
+    let b = bin();
+    for tcp in ["close", "refuse"] {
+        let out = on(
+            "t",
+            &[
+                &b,
+                "check",
+                "--format",
+                "json",
+                "--to",
+                &to("a"),
+                "--control-port",
+                PORT_ARG,
+                "--tcp",
+                tcp,
+                CRUN_CTR,
+            ],
+        )
+        .expect_code(2);
+        let v = report(&out);
+        let fails: Vec<&str> = v["findings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|f| f["severity"] == "fail")
+            .map(|f| f["code"].as_str().unwrap())
+            .collect();
+        assert!(fails.contains(&"runtime_unavailable"), "{}", out.describe());
+        assert_eq!(
+            fails.contains(&"runtime_lacks_criu_options"),
+            tcp == "close",
+            "{}",
+            out.describe()
+        );
+        let out = send(
+            "t",
+            &[
+                "--to",
+                &to("a"),
+                "--control-port",
+                PORT_ARG,
+                "--tcp",
+                tcp,
+                CRUN_CTR,
+            ],
+        )
+        .expect_code(2);
+        assert!(out.stderr.contains("runs under crun"), "{}", out.describe());
+    }
+    drop(rx);
+    kill_own_receivers();
+    assert_eq!(identity("t", CRUN_CTR), before, "touched by a refusal");
+
+    // Towards u (Debian 13, crun with CRIU): --tcp close is refused, --tcp refuse moves.
+    let rx = Receiver::start_on("u", PORT, &["--serve"]);
+    let out = send(
+        "t",
+        &["--to", &to("u"), "--control-port", PORT_ARG, CRUN_CTR],
+    )
+    .expect_code(2);
+    assert!(
+        out.stderr.contains("cannot be given CRIU's tcp-close"),
+        "{}",
+        out.describe()
+    );
+    assert_eq!(identity("t", CRUN_CTR), before, "touched by a refusal");
+    let count = crun_count("t");
+    let out = send(
+        "t",
+        &[
+            "--to",
+            &to("u"),
+            "--control-port",
+            PORT_ARG,
+            "--tcp",
+            "refuse",
+            CRUN_CTR,
+        ],
+    )
+    .ok();
+    assert_eq!(out.record()["outcome"], "ok", "{}", out.describe());
+    assert!(
+        out.stderr
+            .contains(&format!("checkpointed {CRUN_CTR}: frozen in ")),
+        "{}",
+        out.describe()
+    );
+    drop(rx);
+    kill_own_receivers();
+    let runtime = on(
+        "u",
+        &["podman", "inspect", "--format", "{{.OCIRuntime}}", CRUN_CTR],
+    )
+    .ok();
+    assert_eq!(runtime.stdout.trim(), "crun");
+    let c1 = crun_count("u");
+    assert!(c1 >= count, "count went back: {c1} < {count}");
+    std::thread::sleep(Duration::from_millis(400));
+    assert!(crun_count("u") > c1, "count stopped on u");
+    let left = on("t", &["podman", "ps", "-a", "--format", "{{.Names}}"]).ok();
+    assert!(!left.stdout.lines().any(|l| l == CRUN_CTR), "left on t");
+    remove_crun_ctr();
+}
