@@ -123,6 +123,8 @@ pub struct Report {
     pub source_stack: Option<Facts>,
     /// The stack on the target, when SSH got that far.
     pub target_stack: Option<Facts>,
+    /// The OCI runtime of each container (what will checkpoint and restore it).
+    pub runtimes: Vec<crate::engine::runtime::Runtime>,
     /// The pod the containers move as, and its infra image's ID.
     pub pod: Option<(PodSpec, String)>,
     /// The containers' addresses that move with them (macvlan/ipvlan networks).
@@ -150,6 +152,7 @@ pub async fn run(want: &Want<'_>, ui: &Ui) -> Report {
     ui.phase("checking podman and CRIU here");
     let local = stack::stack_local().await;
     stack::stack_findings(&local, Side::Source, &mut r.findings);
+    runtime_findings(want, &local, &mut r).await;
     r.source_stack = Some(local);
 
     ui.phase(&format!("checking SSH to {}", want.dest.ssh_target()));
@@ -180,6 +183,31 @@ pub async fn run(want: &Want<'_>, ui: &Ui) -> Report {
     }
     r.ssh = Some(ssh);
     r
+}
+
+/// Which runtime will checkpoint each container here, and what stops it.
+async fn runtime_findings(want: &Want<'_>, here: &Facts, r: &mut Report) {
+    use crate::engine::runtime;
+    let names: Vec<String> = r
+        .infos
+        .iter()
+        .filter(|c| c.running)
+        .map(|c| c.name.clone())
+        .collect();
+    match runtime::of_containers(&names).await {
+        Ok(rts) => {
+            let opts = want.tcp.criu(false);
+            r.findings
+                .extend(runtime::source_findings(here, &rts, opts));
+            r.runtimes = rts;
+        }
+        Err(e) => r.push(Finding::new(
+            Level::Fail,
+            Side::Source,
+            "runtime_unreadable",
+            format!("cannot read the containers' OCI runtimes: {e}"),
+        )),
+    }
 }
 
 /// The SSH connection to the target, or its failure as a finding.
@@ -275,6 +303,11 @@ async fn check_target(
     let facts = Facts::parse(&out);
     stack::stack_findings(&facts, Side::Target, &mut r.findings);
     if let Some(here) = &r.source_stack {
+        r.findings.extend(crate::engine::runtime::pair_findings(
+            here,
+            &facts,
+            &r.runtimes,
+        ));
         r.push(crate::engine::cpu::cpu_finding(
             here,
             &facts,

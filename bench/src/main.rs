@@ -36,7 +36,8 @@ pub struct Opts {
     /// Output folder (created).
     #[arg(long)]
     pub out: Option<PathBuf>,
-    /// The two lab hosts A,B (run 1 goes A->B, run 2 B->A, ...).
+    /// The two lab hosts A,B (run 1 goes A->B, run 2 B->A, ...): a..e run Debian 12
+    /// (podman 4.3), t and u Debian 13 (podman 5.4).
     #[arg(long, default_value = "a,b")]
     pub hosts: String,
     /// Network profiles: lan, cloud, wan [default: all; lan with --quick].

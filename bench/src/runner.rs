@@ -40,11 +40,14 @@ const BULK_DIR: &str = "/srv/app/bulk";
 /// Size of one extra file of the data series, MiB.
 const BULK_FILE_MB: u64 = 16;
 
-/// Address of a lab host (scripts/lab: a=10.77.0.11 ... e=10.77.0.15).
+/// Address of a lab host (scripts/lab: a=10.77.0.11 ... e=10.77.0.15 on Debian 12;
+/// t=10.77.0.16, u=10.77.0.17 on Debian 13).
 pub fn host_addr(h: &str) -> Result<String> {
     match h {
         "a" | "b" | "c" | "d" | "e" => Ok(format!("10.77.0.{}", 11 + (h.as_bytes()[0] - b'a'))),
-        _ => bail!("unknown lab host '{h}' (a..e)"),
+        "t" => Ok("10.77.0.16".into()),
+        "u" => Ok("10.77.0.17".into()),
+        _ => bail!("unknown lab host '{h}' (a..e, t, u)"),
     }
 }
 

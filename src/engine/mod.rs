@@ -5,6 +5,7 @@ pub mod freezer;
 pub mod pod;
 pub mod podman;
 pub mod privileges;
+pub mod runtime;
 pub mod stack;
 pub mod tcp;
 pub mod units;

@@ -365,6 +365,11 @@ impl CriuOptions {
         lines
     }
 
+    /// The CRIU options only the wrapper can give ("tcp-close", "skip-in-flight").
+    pub fn criu_config_lines(&self) -> Vec<&'static str> {
+        self.config()
+    }
+
     /// The wrapper runc runs instead of `criu` for these options: it points CRIU at a
     /// configuration file of these options only (`CRIU_CONFIG_FILE`), then becomes CRIU.
     /// Handed to runc with podman's `--runtime-flag criu=PATH` on this one command, so
@@ -509,7 +514,7 @@ pub struct Stats {
 }
 
 impl Stats {
-    /// Parses podman 4's `--print-stats` JSON (durations in µs); missing parts stay
+    /// Parses podman 4's and 5's `--print-stats` JSON (durations in µs); missing parts stay
     /// `None`.
     pub fn parse(stdout: &str) -> Stats {
         let Some(v) = stdout
@@ -1119,6 +1124,25 @@ mod tests {
         assert_eq!(s.podman_s, Some(0.71));
         assert_eq!(s.criu_s, Some(0.12));
         assert_eq!(Stats::parse("not json"), Stats::default());
+    }
+
+    #[test]
+    fn reads_podman_5_print_stats() {
+        // podman 5.4.2 (Debian 13) with CRIU 4.2.1: no "RawInput", CRIU's newer keys,
+        // pretty-printed after the cgroups-v1 warning line podman 5 may print first.
+        let cp = "time=\"2026-12-03T07:12:16Z\" level=warning msg=\"Using cgroups-v1 which is deprecated\"\n{\n    \"podman_checkpoint_duration\": 587743,\n    \"container_statistics\": [\n        {\n            \"Id\": \"fa16a430a56b\",\n            \"runtime_checkpoint_duration\": 236011,\n            \"criu_statistics\": {\n                \"freezing_time\": 102,\n                \"frozen_time\": 75426,\n                \"memdump_time\": 1130,\n                \"memwrite_time\": 806,\n                \"pages_scanned\": 1206,\n                \"pages_written\": 47\n            }\n        }\n    ]\n}\n";
+        let s = Stats::parse(cp);
+        assert_eq!(s.podman_s, Some(0.587743));
+        assert_eq!(s.criu_s, Some(0.075426));
+        let rs = r#"{"podman_restore_duration":313277,"container_statistics":[{"Id":"x","runtime_restore_duration":200000,"criu_statistics":{"forking_time":900,"restore_time":119048,"pages_restored":47,"pages_compared":0,"pages_skipped_cow":0}}]}"#;
+        let s = Stats::parse(rs);
+        assert_eq!(s.podman_s, Some(0.313277));
+        assert_eq!(s.criu_s, Some(0.119048));
+        // A failed checkpoint: statistics null, podman's duration still read.
+        let failed = r#"{"podman_checkpoint_duration":402311,"container_statistics":null}"#;
+        let s = Stats::parse(failed);
+        assert_eq!(s.podman_s, Some(0.402311));
+        assert_eq!(s.criu_s, None);
     }
 
     #[test]

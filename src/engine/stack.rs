@@ -14,6 +14,14 @@ if command -v podman >/dev/null 2>&1; then
   echo "runtime=$(podman info --format '{{.Host.OCIRuntime.Name}}' 2>/dev/null)"
   if command -v zstd >/dev/null 2>&1; then echo zstd=yes; else echo zstd=no; fi
   if command -v crun >/dev/null 2>&1 && crun --version 2>/dev/null | grep -q '+CRIU'; then echo crun_criu=yes; else echo crun_criu=no; fi
+  # The runtimes' own versions (first line: "runc version 1.1.15+ds1", "crun version 1.21").
+  for rt in runc crun; do
+    if command -v "$rt" >/dev/null 2>&1; then echo "${rt}_version=$("$rt" --version 2>/dev/null | sed -n "1s/^$rt version *//p")"; fi
+  done
+  # podman's own CRIU flags, as its --help lists them (podman 5.7 added --tcp-close).
+  for sub in checkpoint restore; do
+    if podman container "$sub" --help 2>/dev/null | grep -q -- '--tcp-close'; then echo "${sub}_tcp_close=yes"; else echo "${sub}_tcp_close=no"; fi
+  done
 else
   echo podman=missing
 fi
@@ -55,6 +63,14 @@ pub struct Facts {
     pub criu_check: Option<String>,
     /// crun reports `+CRIU` (built with checkpoint support).
     pub crun_criu: bool,
+    /// `runc --version` (absent: no runc on PATH).
+    pub runc_version: Option<String>,
+    /// `crun --version` (absent: no crun on PATH).
+    pub crun_version: Option<String>,
+    /// podman's `container checkpoint` has its own `--tcp-close` (podman 5.7 and later).
+    pub checkpoint_tcp_close: bool,
+    /// podman's `container restore` has its own `--tcp-close`.
+    pub restore_tcp_close: bool,
     /// The `zstd` command is there (archives can be decompressed as they arrive).
     pub zstd: bool,
     /// `uncached` when CRIU cannot keep its kernel probe (`/run` is not a tmpfs).
@@ -104,6 +120,10 @@ impl Facts {
                 "criu_check" => f.criu_check = v,
                 "criu_kdat" => f.criu_kdat = v,
                 "crun_criu" => f.crun_criu = v.as_deref() == Some("yes"),
+                "runc_version" => f.runc_version = v,
+                "crun_version" => f.crun_version = v,
+                "checkpoint_tcp_close" => f.checkpoint_tcp_close = v.as_deref() == Some("yes"),
+                "restore_tcp_close" => f.restore_tcp_close = v.as_deref() == Some("yes"),
                 "zstd" => f.zstd = v.as_deref() == Some("yes"),
                 "runc_conf" => f.runc_conf = v.as_deref() == Some("present"),
                 "cpu_arch" => f.cpu_arch = v,
@@ -176,6 +196,42 @@ impl Facts {
             );
         }
         None
+    }
+}
+
+impl Facts {
+    /// The version of OCI runtime `name` here (`runc`, `crun`), when it is on PATH.
+    pub fn runtime_version(&self, name: &str) -> Option<&str> {
+        match name {
+            "runc" => self.runc_version.as_deref(),
+            "crun" => self.crun_version.as_deref(),
+            _ => None,
+        }
+    }
+
+    /// Whether runtime `name` is here and can checkpoint and restore (runc always drives
+    /// CRIU; crun only when built with it, `+CRIU`). Unknown runtimes: no.
+    pub fn runtime_has_criu(&self, name: &str) -> bool {
+        match name {
+            "runc" => self.runc_version.is_some(),
+            "crun" => self.crun_version.is_some() && self.crun_criu,
+            _ => false,
+        }
+    }
+
+    /// "runc 1.1.15" (or just the name when its version is unknown).
+    pub fn runtime_label(&self, name: &str) -> String {
+        match self.runtime_version(name) {
+            Some(v) => format!("{name} {v}"),
+            None => name.to_string(),
+        }
+    }
+
+    /// podman's major.minor ("5.4"), when known.
+    pub fn podman_minor(&self) -> Option<(u64, u64)> {
+        let v = self.podman.as_deref().filter(|v| *v != "missing")?;
+        let mut parts = v.split('.').map(|p| p.trim().parse::<u64>().ok());
+        Some((parts.next()??, parts.next()??))
     }
 }
 
@@ -292,7 +348,7 @@ pub fn stack_findings(f: &Facts, side: Side, out: &mut Vec<Finding>) {
             format!(
                 "podman {} with {}, CRIU {}: `criu check` passes",
                 f.podman.as_deref().unwrap_or("?"),
-                f.runtime.as_deref().unwrap_or("?"),
+                f.runtime_label(f.runtime.as_deref().unwrap_or("?")),
                 f.criu.as_deref().unwrap_or("?")
             ),
         )),

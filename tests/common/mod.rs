@@ -13,11 +13,19 @@ pub const A: &str = "10.77.0.11";
 pub const B: &str = "10.77.0.12";
 pub const C: &str = "10.77.0.13";
 
+/// Debian 13 hosts (podman 5.4, a root filesystem of their own; docs/design/debian13-host.md).
+pub const LAB_T: &str = "10.77.0.16";
+pub const LAB_U: &str = "10.77.0.17";
+
 pub fn host_addr(h: &str) -> &'static str {
     match h {
         "a" => A,
         "b" => B,
         "c" => C,
+        "d" => "10.77.0.14",
+        "e" => "10.77.0.15",
+        "t" => LAB_T,
+        "u" => LAB_U,
         _ => panic!("unknown lab host {h}"),
     }
 }
@@ -211,7 +219,14 @@ pub fn assert_lab() {
 pub fn fresh_workload(host: &str, rows: u32) {
     assert_lab();
     kill_receivers();
-    for h in ["a", "b"] {
+    fresh_workload_on(&["a", "b"], host, rows);
+}
+
+/// `hosts` empty of the thesis pair (and of run folders), then the pair on `host` with
+/// `rows` rows. Leaves receivers alone: for suites with their own hosts and port.
+pub fn fresh_workload_on(hosts: &[&str], host: &str, rows: u32) {
+    assert_lab();
+    for h in hosts {
         lab(&["workload", "down", h]).ok();
         on(h, &["sh", "-c", "rm -rf /var/lib/migrate/runs"]).ok();
     }
