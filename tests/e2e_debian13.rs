@@ -48,23 +48,12 @@ fn podman_version(host: &str) -> String {
 
 /// `check --format json` on `from` towards `dest` (a receiver must listen there).
 fn check_pair(from: &str, dest: &str, containers: &[&str], data: bool) -> serde_json::Value {
-    let b = bin();
-    let target = to(dest);
-    let mut cmd = vec![
-        b.as_str(),
-        "check",
-        "--format",
-        "json",
-        "--to",
-        &target,
-        "--control-port",
-        PORT_ARG,
-    ];
+    let mut args = vec!["--control-port", PORT_ARG];
     if data {
-        cmd.extend_from_slice(&["--data", "/srv/app"]);
+        args.extend_from_slice(&["--data", "/srv/app"]);
     }
-    cmd.extend_from_slice(containers);
-    let out = on(from, &cmd).ok();
+    args.extend_from_slice(containers);
+    let out = check_from(from, dest, &args).ok();
     let v = report(&out);
     // Both stacks, with the versions of each host.
     for (side, host) in [("source", from), ("target", dest)] {

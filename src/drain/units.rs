@@ -231,13 +231,7 @@ pub(super) mod tests {
             status: "running".into(),
             running: true,
             pid: 1,
-            mounts: vec![],
-            joins: vec![],
-            shares: vec![],
-            dependencies: vec![],
-            pod: String::new(),
-            networks: vec![],
-            published: false,
+            ..Default::default()
         }
     }
 

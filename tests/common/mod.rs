@@ -639,17 +639,16 @@ impl Drop for Sender {
 
 /// `migrate check --format json` on a towards b; the exit status is left to the caller.
 pub fn check(args: &[&str]) -> Out {
+    check_from("a", "b", args)
+}
+
+/// `migrate check --format json` on `from` towards root@`dest`.
+pub fn check_from(from: &str, dest: &str, args: &[&str]) -> Out {
     let b = bin();
-    let mut cmd = vec![
-        b.as_str(),
-        "check",
-        "--format",
-        "json",
-        "--to",
-        "root@10.77.0.12",
-    ];
+    let target = format!("root@{}", host_addr(dest));
+    let mut cmd = vec![b.as_str(), "check", "--format", "json", "--to", &target];
     cmd.extend_from_slice(args);
-    on("a", &cmd)
+    on(from, &cmd)
 }
 
 /// The one JSON document `check --format json` printed: stdout holds it alone, on one
