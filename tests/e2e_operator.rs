@@ -229,10 +229,11 @@ fn a_restart_policy_moves_with_the_container_and_nothing_restarts_it_here() {
     fresh_workload("a", 100);
     let _rx = Receiver::start("b", &["--serve"]);
     // Labelled the way `podman generate systemd` units label their containers; the lab
-    // runs no systemd, so the label names a unit nothing can start.
+    // runs no systemd, so the label names a unit nothing can start. The count is replaced
+    // whole (written aside, then renamed), so a reader never finds the file empty.
     let _ctr = OnHost::apply(
         "a",
-        "podman rm -f -t0 keeper >/dev/null 2>&1; podman run -d --name keeper --restart=always --label PODMAN_SYSTEMD_UNIT=container-keeper.service localhost/migrate-busybox:latest sh -c 'i=0; while :; do i=$((i+1)); echo $i > /tmp/n; sleep 0.1; done'",
+        "podman rm -f -t0 keeper >/dev/null 2>&1; podman run -d --name keeper --restart=always --label PODMAN_SYSTEMD_UNIT=container-keeper.service localhost/migrate-busybox:latest sh -c 'i=0; while :; do i=$((i+1)); echo $i > /tmp/n.new; mv /tmp/n.new /tmp/n; sleep 0.1; done'",
         "podman rm -f -t0 keeper",
     );
     let _there = OnHost::apply("b", "true", "podman rm -f -t0 keeper >/dev/null 2>&1; true");
