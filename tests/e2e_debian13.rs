@@ -336,7 +336,7 @@ fn a_crun_container_moves_only_where_crun_can_restore_it() {
             "localhost/migrate-busybox:latest",
             "sh",
             "-c",
-            "i=0; while :; do i=$((i+1)); echo $i > /tmp/n; sleep 0.1; done",
+            "i=0; while :; do i=$((i+1)); echo $i > /tmp/n.new; mv /tmp/n.new /tmp/n; sleep 0.1; done",
         ],
     )
     .ok();
