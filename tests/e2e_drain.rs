@@ -69,16 +69,6 @@ fn host_of(addr: &str) -> &'static str {
     }
 }
 
-/// The pod's count, as its front answers on `host`.
-fn pod_count(host: &str) -> u64 {
-    let out = lab(&["pod", "http", host]).ok();
-    out.stdout
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("counter="))
-        .and_then(|c| c.parse().ok())
-        .unwrap_or_else(|| panic!("pod counter: {}", out.describe()))
-}
-
 /// Logs in at the shop on `host` from c; returns the session id.
 fn login(host: &str) -> String {
     let url = format!("http://{}:8081/login?user=drainer", host_addr(host));

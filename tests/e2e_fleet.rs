@@ -128,15 +128,6 @@ fn shop_get(host: &str, path: &str, sid: Option<&str>) -> String {
     on("c", &cmd).ok().stdout
 }
 
-fn pod_count(host: &str) -> u64 {
-    let out = lab(&["pod", "http", host]).ok();
-    out.stdout
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("counter="))
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("{}", out.describe()))
-}
-
 #[test]
 fn fleet_drain_playbook_empties_a_onto_b_and_c_and_a_second_run_changes_nothing() {
     require_lab!();

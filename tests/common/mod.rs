@@ -697,3 +697,13 @@ chmod +x /tmp/criu.fake && mount --bind /tmp/criu.fake /usr/local/sbin/criu"
         OnHost::apply(host, &script, "umount /usr/local/sbin/criu")
     }
 }
+
+/// The count pod pp's front answers on `host` (`scripts/lab pod http`).
+pub fn pod_count(host: &str) -> u64 {
+    let out = lab(&["pod", "http", host]).ok();
+    out.stdout
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("counter="))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("pod counter: {}", out.describe()))
+}
