@@ -134,6 +134,10 @@ pub enum Command {
     /// Internal: the target end of an archive upload (started by `migrate send`).
     #[command(hide = true)]
     Sink(crate::sink::SinkArgs),
+    /// Internal: one tunnel of a lazy migration's page relay (started by `migrate send`
+    /// over SSH).
+    #[command(hide = true)]
+    RelayAttach(crate::transport::relay::AttachArgs),
     /// Internal: guards a `send` in progress and repairs its run if the sender dies.
     #[command(hide = true)]
     Watchdog(crate::watchdog::WatchdogArgs),

@@ -31,7 +31,6 @@ impl Digest {
 }
 
 /// The digest of `bytes`.
-#[cfg(test)]
 pub fn of_bytes(bytes: &[u8]) -> String {
     let mut d = Digest::new();
     d.update(bytes);

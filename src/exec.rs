@@ -171,6 +171,11 @@ impl Running {
         self.child.id()
     }
 
+    /// The exit status when the program has ended, without waiting.
+    pub fn try_status(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
     /// Waits until the program prints the line `marker` on stderr. Whatever else it
     /// printed stays part of its stderr; the marker line does not. An error when the
     /// program closes stderr (ends) first, or when `timeout` passes.

@@ -90,6 +90,7 @@ async fn dispatch(cli: Cli) -> u8 {
         Command::Sink(args) => sink::run(args),
         Command::Recover(args) => recover::run(args).await,
         Command::Watchdog(args) => watchdog::run(args).await,
+        Command::RelayAttach(args) => migrate::transport::relay::attach(args).await,
         Command::Man => {
             match clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout()) {
                 Ok(()) => Exit::Ok.code(),

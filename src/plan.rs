@@ -38,6 +38,7 @@ pub struct SendPlan {
     pub dry_run: bool,
     pub sequential_restore: bool,
     pub keep_zero_pages: bool,
+    pub memory: MemoryChoice,
 }
 
 /// Splits `[user@]host`.
@@ -324,6 +325,7 @@ impl SendPlan {
             dry_run: a.dry_run,
             sequential_restore: a.sequential_restore,
             keep_zero_pages: a.keep_zero_pages,
+            memory: a.memory,
         })
     }
 }
@@ -359,6 +361,32 @@ impl TcpPolicy {
         }
     }
 }
+
+/// How the containers' memory moves (`--memory`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum MemoryChoice {
+    /// `lazy` where both hosts can do it and the containers hold at least
+    /// [`LAZY_AUTO_BYTES`] of resident memory together; `copy` otherwise.
+    Auto,
+    /// All of it inside the archive, while the containers are frozen.
+    Copy,
+    /// Post-copy: the containers run on the target before their memory is there.
+    Lazy,
+}
+
+impl MemoryChoice {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MemoryChoice::Auto => "auto",
+            MemoryChoice::Copy => "copy",
+            MemoryChoice::Lazy => "lazy",
+        }
+    }
+}
+
+/// Resident memory from which `--memory auto` moves it lazily: below it, copying inside
+/// the archive is as fast as setting up the page server and the target's daemon.
+pub const LAZY_AUTO_BYTES: u64 = 256 << 20;
 
 /// Archive compression: `auto` picks from the measured link rate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -488,6 +516,18 @@ pub struct SendArgs {
     /// anyway), so podman unpacks and CRIU restores less while the service is down.
     #[arg(long)]
     pub keep_zero_pages: bool,
+
+    /// How the memory moves. `copy`: inside the checkpoint archive, while the containers
+    /// are frozen (downtime grows with the memory). `lazy` (post-copy): the archive
+    /// holds everything but the memory; the containers run on the target at once and
+    /// their pages follow through SSH, on demand when touched and in the background
+    /// until all are there; only then is the source released. Until UP a failure rolls
+    /// back as with `copy`; after UP the target is the service (see the user guide,
+    /// "Lazy memory"). `auto`: `lazy` when `check` finds it possible on both hosts, no
+    /// container is in a pod, and the containers hold at least 256 MiB of resident
+    /// memory together; `copy` otherwise.
+    #[arg(long, value_enum, default_value_t = MemoryChoice::Auto)]
+    pub memory: MemoryChoice,
 
     #[command(flatten)]
     pub output: OutputArgs,

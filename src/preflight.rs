@@ -132,6 +132,8 @@ pub struct Report {
     /// The receiver's binary answered and does not guard and announce such addresses (an
     /// older build).
     pub target_lacks_addresses: bool,
+    /// The receiver's binary restores lazily (post-copy memory).
+    pub target_lazy: bool,
 }
 
 impl Report {
@@ -321,6 +323,7 @@ async fn check_target(
         r.target_zero_pages = ready.zero_pages;
         r.target_pods = ready.pods;
         r.target_lacks_addresses = !ready.addresses;
+        r.target_lazy = ready.lazy;
     }
     r.findings.extend(crate::engine::address::target_findings(
         &out,

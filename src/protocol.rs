@@ -252,6 +252,25 @@ pub struct ContainerEntry {
     /// them during the restore (with `tcp_established`) and announces them after it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub addresses: Vec<AddressEntry>,
+    /// Its memory moves lazily (post-copy): the archive holds no pages; the receiver
+    /// restores it through CRIU's lazy-pages daemon, whose page requests reach the
+    /// source through the relay of this session (`migrate relay-attach`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lazy: Option<LazyEntry>,
+}
+
+/// How a container's pages follow it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LazyEntry {
+    /// The relay session both ends must name (a random number of this migration).
+    pub session: u64,
+}
+
+/// The file in the run folder on the target through which the relay of `container`'s
+/// pages is reached (a Unix socket the receiver listens on).
+pub fn relay_socket_name(container: &str) -> String {
+    format!("relay-{container}.sock")
 }
 
 /// A container's addresses on one network whose addresses move with the container.
@@ -664,6 +683,7 @@ mod tests {
             tcp_close: false,
             after: vec![],
             addresses: vec![],
+            lazy: None,
         }
     }
 

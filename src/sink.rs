@@ -107,6 +107,9 @@ pub struct Readiness {
     pub pods: bool,
     /// Its receiver guards and announces addresses that move (the manifest's `addresses`).
     pub addresses: bool,
+    /// Its receiver restores lazily (the manifest's `lazy`: CRIU's lazy-pages daemon,
+    /// the relay's target end).
+    pub lazy: bool,
 }
 
 impl Readiness {
@@ -117,6 +120,7 @@ impl Readiness {
             zero_pages: true,
             pods: true,
             addresses: true,
+            lazy: true,
         }
     }
 
@@ -130,6 +134,9 @@ impl Readiness {
         }
         if self.addresses {
             s.push_str("receiver_addresses=ok\n");
+        }
+        if self.lazy {
+            s.push_str("receiver_lazy=ok\n");
         }
         s.push_str(&format!("sink_contract={}\n", self.version));
         s
@@ -149,7 +156,8 @@ impl Readiness {
             version,
             zero_pages: lines.clone().any(|l| l == "sink_zero_pages=ok"),
             pods: lines.clone().any(|l| l == "receiver_pods=ok"),
-            addresses: lines.any(|l| l == "receiver_addresses=ok"),
+            addresses: lines.clone().any(|l| l == "receiver_addresses=ok"),
+            lazy: lines.any(|l| l == "receiver_lazy=ok"),
         })
     }
 }
@@ -348,6 +356,7 @@ mod tests {
             ours.addresses,
             "this build's receiver guards moving addresses"
         );
+        assert!(ours.lazy, "this build's receiver restores lazily");
         // A sink from before the contract had a version.
         assert_eq!(
             Readiness::parse("sink=ok\nsink_zero_pages=ok\n"),
@@ -355,7 +364,8 @@ mod tests {
                 version: 1,
                 zero_pages: true,
                 pods: false,
-                addresses: false
+                addresses: false,
+                lazy: false
             })
         );
         assert_eq!(
@@ -364,7 +374,8 @@ mod tests {
                 version: 1,
                 zero_pages: false,
                 pods: false,
-                addresses: false
+                addresses: false,
+                lazy: false
             })
         );
         // No sink ran, or one that says something unreadable: not used.

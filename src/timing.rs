@@ -115,6 +115,17 @@ pub struct Record {
     pub dump_s: Option<f64>,
     /// Bytes sent while the service was down: archives on the wire and the post-sync.
     pub frozen_bytes: Option<u64>,
+    /// How the memory moved: "copy" (in the archives) or "lazy" (post-copy).
+    pub memory: &'static str,
+    /// Lazy: from UP until the last page was on the target (the post-copy window).
+    pub postcopy_s: Option<f64>,
+    /// Bytes sent before UP (pre-sync, archives, post-sync) and after it (pages).
+    pub bytes_before_up: Option<u64>,
+    pub bytes_after_up: Option<u64>,
+    /// Lazy: pages the target's tasks faulted on and fetched one by one, and pages
+    /// pushed in the background.
+    pub demand_pages: Option<u64>,
+    pub pushed_pages: Option<u64>,
     pub role: &'static str,
     pub error: String,
 }
@@ -179,6 +190,12 @@ impl Record {
             ("criu_restore_s", Secs(self.criu_restore_s)),
             ("dump_s", Secs(self.dump_s)),
             ("frozen_bytes", Count(self.frozen_bytes)),
+            ("memory", Text(self.memory.into())),
+            ("postcopy_s", Secs(self.postcopy_s)),
+            ("bytes_before_up", Count(self.bytes_before_up)),
+            ("bytes_after_up", Count(self.bytes_after_up)),
+            ("demand_pages", Count(self.demand_pages)),
+            ("pushed_pages", Count(self.pushed_pages)),
             ("role", Text(self.role.into())),
             ("error", Text(self.error.clone())),
         ]

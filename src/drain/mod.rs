@@ -457,6 +457,7 @@ fn send_plan(args: &DrainArgs, u: &Unit, to: &str) -> Result<SendPlan, String> {
         sequential_restore: false,
         compress: args.compress,
         keep_zero_pages: false,
+        memory: crate::plan::MemoryChoice::Copy,
         output: OutputArgs {
             format: args.output.format,
             no_header: true,

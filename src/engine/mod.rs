@@ -2,6 +2,7 @@
 pub mod address;
 pub mod cpu;
 pub mod freezer;
+pub mod lazy;
 pub mod pod;
 pub mod podman;
 pub mod privileges;

@@ -344,7 +344,7 @@ pub const CRIU_WRAPPER_DIR: &str = "/run/migrate/criu";
 
 impl CriuOptions {
     /// Podman's own flags for these options; they follow the subcommand.
-    fn push(&self, a: &mut Vec<String>) {
+    pub fn push_flags(&self, a: &mut Vec<String>) {
         if self.file_locks {
             a.push("--file-locks".into());
         }
@@ -477,7 +477,7 @@ pub fn checkpoint_args(
     a.push(compress.as_str().into());
     a.push("--export".into());
     a.push(archive.display().to_string());
-    opts.push(&mut a);
+    opts.push_flags(&mut a);
     a.push(name.into());
     a
 }
@@ -492,7 +492,7 @@ pub fn restore_import_args(archive: &Path, opts: CriuOptions, pod: Option<&str>)
         a.push("--pod".into());
         a.push(pod.into());
     }
-    opts.push(&mut a);
+    opts.push_flags(&mut a);
     a
 }
 
@@ -500,7 +500,7 @@ pub fn restore_import_args(archive: &Path, opts: CriuOptions, pod: Option<&str>)
 pub fn restore_in_place_args(name: &str, opts: CriuOptions) -> Vec<String> {
     let mut a = opts.global();
     a.extend(args(["container", "restore", "--keep"]));
-    opts.push(&mut a);
+    opts.push_flags(&mut a);
     a.push(name.into());
     a
 }
@@ -863,6 +863,24 @@ impl Podman {
         ensure_wrapper(opts)?;
         let out = self.run(restore_import_args(archive, opts, pod)).await?;
         Ok(Stats::parse(&out))
+    }
+
+    /// Restores from a lazy archive through `wrapper` (see [`crate::engine::lazy`]): the
+    /// tasks start before their memory is here, CRIU's lazy-pages daemon serves it.
+    pub async fn restore_import_lazy(
+        &self,
+        archive: &Path,
+        opts: CriuOptions,
+        wrapper: &Path,
+    ) -> Result<(), PodmanError> {
+        let mut a = vec![
+            "--runtime-flag".to_string(),
+            format!("criu={}", wrapper.display()),
+        ];
+        a.extend(args(["container", "restore", "--import"]));
+        a.push(archive.display().to_string());
+        opts.push_flags(&mut a);
+        self.run(a).await.map(drop)
     }
 
     pub async fn restore_in_place(&self, name: &str, opts: CriuOptions) -> Result<(), PodmanError> {

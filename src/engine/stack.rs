@@ -389,12 +389,21 @@ pub fn stack_findings(f: &Facts, side: Side, out: &mut Vec<Finding>) {
     }
 }
 
+/// CRIU's page server can make its pipes as large as it wants.
+fn lazy_pipes_ok(f: &Facts) -> bool {
+    f.cap_sys_resource == Some(true) || f.pipe_max_size.is_some_and(|m| m >= LAZY_PIPE_BYTES)
+}
+
+/// This host can take part in a lazy migration (see [`lazy_finding`]).
+pub fn lazy_possible(f: &Facts) -> bool {
+    f.features.get("uffd-noncoop").is_some_and(|v| v == "yes") && lazy_pipes_ok(f)
+}
+
 /// Whether this host can take part in a lazy (post-copy) migration: userfaultfd for the
 /// restore, and pipes as large as CRIU's page server makes them for the dump.
 pub fn lazy_finding(f: &Facts, side: Side) -> Option<Finding> {
     let uffd = f.features.get("uffd-noncoop")?.as_str() == "yes";
-    let pipes_ok =
-        f.cap_sys_resource == Some(true) || f.pipe_max_size.is_some_and(|m| m >= LAZY_PIPE_BYTES);
+    let pipes_ok = lazy_pipes_ok(f);
     let mut missing = Vec::new();
     if !uffd {
         missing.push("userfaultfd (non-cooperative) on this kernel".to_string());

@@ -96,6 +96,7 @@ mod tests {
                 tcp_close: true,
                 after: vec![],
                 addresses: vec![],
+                lazy: None,
             }],
             data: vec![],
             down_us: 0,

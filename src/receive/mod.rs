@@ -16,6 +16,7 @@
 //! migration was in progress.
 
 mod archives;
+mod lazy;
 mod report;
 mod restore;
 mod session;

@@ -5,6 +5,7 @@ use std::path::Path;
 use std::sync::atomic::Ordering;
 
 use super::Ctx;
+use super::lazy::Window;
 use crate::progress::Ui;
 use crate::protocol::{Manifest, TargetOutcome};
 use crate::rundir::{self, RESULT_FILE};
@@ -37,10 +38,24 @@ pub(super) fn leave_result(dir: &Path, outcome: &TargetOutcome, ui: &Ui) {
 }
 
 /// The receiver's record of one migration, its times on the sender's clock.
-fn record(ctx: &Ctx, from: &Origin, m: &Manifest, o: &TargetOutcome) -> Record {
+fn record(
+    ctx: &Ctx,
+    from: &Origin,
+    m: &Manifest,
+    o: &TargetOutcome,
+    window: Option<&Window>,
+) -> Record {
     // Receiver times are moved onto the sender's clock with the sender's offset estimate.
     let to_sender = |us: i64| us - m.clock_offset_us;
+    let lazy = m.containers.iter().any(|c| c.lazy.is_some());
+    let window_failed = window.and_then(|w| w.error.clone());
     Record {
+        memory: if lazy { "lazy" } else { "copy" },
+        postcopy_s: match (window.and_then(|w| w.end_us), o.up_us) {
+            (Some(end), Some(up)) => Some(crate::timing::secs_between(up, end)),
+            _ => None,
+        },
+        bytes_after_up: window.map(|w| w.bytes),
         run_id: from.run_id.into(),
         label: from.label.into(),
         source: from.source.into(),
@@ -57,20 +72,26 @@ fn record(ctx: &Ctx, from: &Origin, m: &Manifest, o: &TargetOutcome) -> Record {
         )),
         clock_offset_us: Some(m.clock_offset_us),
         archive_bytes: Some(m.containers.iter().map(|c| c.size).sum()),
-        outcome: Some(if o.restored {
+        outcome: Some(if o.restored && window_failed.is_none() {
             Outcome::Ok
         } else {
             Outcome::Failed
         }),
         role: "receiver",
-        error: o.error.clone().unwrap_or_default(),
+        error: o.error.clone().or(window_failed).unwrap_or_default(),
         ..Default::default()
     }
 }
 
 /// Prints the record on stdout (the CSV header once per process).
-pub(super) fn print_record(ctx: &Ctx, from: &Origin<'_>, m: &Manifest, o: &TargetOutcome) {
-    let rec = record(ctx, from, m, o);
+pub(super) fn print_record(
+    ctx: &Ctx,
+    from: &Origin<'_>,
+    m: &Manifest,
+    o: &TargetOutcome,
+    window: Option<&Window>,
+) {
+    let rec = record(ctx, from, m, o, window);
     let no_header = ctx.header_done.swap(true, Ordering::SeqCst);
     let mut stdout = std::io::stdout().lock();
     if let Err(e) = rec.write(&mut stdout, ctx.format, no_header) {

@@ -7,6 +7,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use super::Ctx;
+use super::lazy::LazyRestore;
 use super::archives::verify_archives;
 use crate::engine::address;
 use crate::engine::podman::{CriuOptions, Podman, PodmanError};
@@ -27,6 +28,7 @@ pub(super) async fn restore(
     dir: &Path,
     ready_us: i64,
     ctx: &Ctx,
+    lazies: &mut Vec<LazyRestore>,
 ) -> TargetOutcome {
     let mut out = TargetOutcome {
         ready_us,
@@ -64,9 +66,11 @@ pub(super) async fn restore(
             .flat_map(|c| &c.addresses)
             .collect();
         let guard = address::guard_for(run_id, &kept, &ctx.ui).await;
-        let done = restore_wave(&podman, &wave, dir, into, ctx, &mut restored, &mut out).await;
+        let done = restore_wave(&podman, &wave, dir, into, ctx, &mut restored, &mut out, lazies).await;
         address::unguard(guard, &ctx.ui).await;
         if let Err(failed) = done {
+            // Their daemons and relays end (the source's page servers fail: its tasks run on).
+            lazies.clear();
             let mut error = undo(&podman, &failed, &restored, ctx, &mut out.left_on_target).await;
             if let (Some(spec), Some(id)) = (&manifest.pod, &pod) {
                 remove_pod(
@@ -169,7 +173,8 @@ impl WaveFailed<'_> {
 }
 
 /// Restores one wave at once; what came up is added to `restored` and its times to
-/// `out`.
+/// `out`, the lazy ones' daemons and relays to `lazies`.
+#[allow(clippy::too_many_arguments)]
 async fn restore_wave<'m>(
     podman: &Podman,
     wave: &[&'m ContainerEntry],
@@ -178,31 +183,36 @@ async fn restore_wave<'m>(
     ctx: &Ctx,
     restored: &mut Vec<&'m str>,
     out: &mut TargetOutcome,
+    lazies: &mut Vec<LazyRestore>,
 ) -> Result<(), WaveFailed<'m>> {
     let names: Vec<&str> = wave.iter().map(|c| c.name.as_str()).collect();
     ctx.ui.phase(&format!("restoring {}", names.join(", ")));
     let results = futures::future::join_all(wave.iter().map(|c| async move {
         let sw = Stopwatch::start();
-        let opts = CriuOptions {
-            file_locks: c.file_locks,
-            tcp_established: c.tcp_established,
-            tcp_close: c.tcp_close,
-            skip_in_flight: false,
-        };
-        (
-            podman
-                .restore_import(&dir.join(&c.archive), opts, pod)
-                .await,
-            sw.secs(),
-        )
+        let (r, lazy) = restore_one(podman, c, dir, pod).await;
+        (r, sw.secs(), lazy)
     }))
     .await;
     let mut failed = WaveFailed {
         failed: Vec::new(),
         taken: Vec::new(),
     };
-    for (c, (r, secs)) in wave.iter().zip(results) {
+    for (c, (r, secs, lazy)) in wave.iter().zip(results) {
+        lazies.extend(lazy);
         match r {
+            Err(Restore::Prepare(e)) => failed
+                .failed
+                .push((c.name.as_str(), format!("preparing the lazy restore of {} failed: {e}", c.name))),
+            Err(Restore::Podman(e)) if e.name_in_use(&c.name) => failed.taken.push((
+                c.name.as_str(),
+                format!(
+                    "a container named {} already exists on {}; remove it there first",
+                    c.name, ctx.hostname
+                ),
+            )),
+            Err(Restore::Podman(e)) => failed
+                .failed
+                .push((c.name.as_str(), format!("restoring {} failed: {e}", c.name))),
             Ok(stats) => {
                 restored.push(&c.name);
                 out.container_restore_s.push((c.name.clone(), secs));
@@ -211,16 +221,6 @@ async fn restore_wave<'m>(
                 }
                 ctx.ui.info(&format!("restored {} in {secs:.3}s", c.name));
             }
-            Err(e) if e.name_in_use(&c.name) => failed.taken.push((
-                c.name.as_str(),
-                format!(
-                    "a container named {} already exists on {}; remove it there first",
-                    c.name, ctx.hostname
-                ),
-            )),
-            Err(e) => failed
-                .failed
-                .push((c.name.as_str(), format!("restoring {} failed: {e}", c.name))),
         }
     }
     if failed.failed.is_empty() && failed.taken.is_empty() {
@@ -228,6 +228,42 @@ async fn restore_wave<'m>(
     } else {
         Err(failed)
     }
+}
+
+/// Why one container's restore failed.
+enum Restore {
+    Prepare(String),
+    Podman(PodmanError),
+}
+
+/// Restores one container: from its archive, or lazily (its daemon and relay returned).
+async fn restore_one(
+    podman: &Podman,
+    c: &ContainerEntry,
+    dir: &Path,
+    pod: Option<&str>,
+) -> (Result<crate::engine::podman::Stats, Restore>, Option<LazyRestore>) {
+    let opts = CriuOptions {
+        file_locks: c.file_locks,
+        tcp_established: c.tcp_established,
+        tcp_close: c.tcp_close,
+        skip_in_flight: false,
+    };
+    let archive = dir.join(&c.archive);
+    let Some(l) = c.lazy else {
+        let r = podman.restore_import(&archive, opts, pod).await;
+        return (r.map_err(Restore::Podman), None);
+    };
+    let lazy = match super::lazy::prepare(c, l, dir).await {
+        Ok(lazy) => lazy,
+        Err(e) => return (Err(Restore::Prepare(e)), None),
+    };
+    let r = podman
+        .restore_import_lazy(&archive, opts, &lazy.wrapper)
+        .await
+        .map(|()| crate::engine::podman::Stats::default())
+        .map_err(Restore::Podman);
+    (r, Some(lazy))
 }
 
 /// After a failed wave: removes whatever podman left of the failed restores and all that

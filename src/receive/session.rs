@@ -309,19 +309,35 @@ impl<'a> Session<'a> {
     /// `result.json` for a sender that lost it).
     async fn ready(mut self, manifest: Manifest, got_us: i64) -> Done {
         self.ctx.ui.info("OK received: verifying and restoring");
-        let outcome = restore::restore(&manifest, &self.run_id, &self.dir, got_us, self.ctx).await;
+        let mut lazies = Vec::new();
+        let outcome = restore::restore(
+            &manifest,
+            &self.run_id,
+            &self.dir,
+            got_us,
+            self.ctx,
+            &mut lazies,
+        )
+        .await;
         report::leave_result(&self.dir, &outcome, &self.ctx.ui);
         if let Err(e) = self.ch.send(&ToSender::Outcome(outcome.clone())).await {
             self.ctx.ui.warn(&format!(
                 "could not tell the sender the outcome ({e}); it will read {RESULT_FILE} over SSH"
             ));
         }
+        let window = match lazies.is_empty() {
+            true => None,
+            false => Some(super::lazy::watch(lazies, &self.ctx.ui).await),
+        };
         let from = report::Origin {
             run_id: &self.run_id,
             label: &self.label,
             source: &self.source_host,
         };
-        report::print_record(self.ctx, &from, &manifest, &outcome);
+        report::print_record(self.ctx, &from, &manifest, &outcome, window.as_ref());
+        if window.as_ref().is_some_and(|w| w.error.is_some()) {
+            return Done::NotRestored;
+        }
         if outcome.restored {
             Done::Restored
         } else {

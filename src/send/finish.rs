@@ -110,6 +110,11 @@ pub async fn conclude<E: Engine, T: Target, C: Clock>(
         end.target.dest().host,
         rec.downtime_s().unwrap_or_default()
     ));
+    if end.items.iter().any(|it| it.lazy.is_some())
+        && let Err(e) = end.lazy_window(rec).await
+    {
+        return Err(end.window_failed(e).await);
+    }
     end.commit(rec).await;
     Ok(())
 }

@@ -102,15 +102,23 @@ async fn checkpoint_all(
         .map(|(it, stream)| {
             let (tx, rx) = tokio::sync::oneshot::channel::<()>();
             done_rx.push(rx);
-            freeze_and_stream(
-                &Podman,
-                &run.ssh,
-                &run.remote_dir,
-                it,
-                stream,
-                tx,
-                since_down,
-            )
+            async move {
+                match &it.lazy {
+                    Some(l) => freeze_lazy(run, it, l, stream, tx, since_down).await,
+                    None => {
+                        freeze_and_stream(
+                            &Podman,
+                            &run.ssh,
+                            &run.remote_dir,
+                            it,
+                            stream,
+                            tx,
+                            since_down,
+                        )
+                        .await
+                    }
+                }
+            }
         })
         .collect();
     let dump_at = std::cell::Cell::new(None);
@@ -256,6 +264,9 @@ impl Tally {
                 tcp_close: it.opts.tcp_close,
                 after: it.after.clone(),
                 addresses: it.addresses.clone(),
+                lazy: it.lazy.as_ref().map(|l| crate::protocol::LazyEntry {
+                    session: l.session,
+                }),
             }),
             Err(e) => {
                 self.first_error.get_or_insert(
@@ -406,6 +417,94 @@ async fn freeze_and_stream(
             attempts: attempt,
             froze,
         };
+    }
+}
+
+/// A lazy container: its dump up to the page server, then the archive of all but its
+/// memory, built here and streamed to the target; the relay of its pages starts as soon
+/// as the page server listens.
+async fn freeze_lazy(
+    run: &Run<'_>,
+    it: &Item,
+    l: &super::lazy::LazyItem,
+    stream: RemoteStream<'_>,
+    dumped: tokio::sync::oneshot::Sender<()>,
+    since_down: Stopwatch,
+) -> Frozen {
+    let failed = |e: anyhow::Error| Frozen {
+        checkpoint: Err(e.context(format!("lazy checkpoint of {}", it.info.name))),
+        checkpoint_s: since_down.secs(),
+        shipped: Ok((0, String::new())),
+        shipped_s: since_down.secs(),
+        wire_bytes: 0,
+        attempts: 1,
+        froze: None,
+    };
+    let archive = match l.dump(it.opts).await {
+        Ok((_, a)) => a,
+        Err(e) => {
+            // A dump that reached its page server holds the tasks: give them back.
+            if let Err(r) = l.resume(it.info.pid, run.ui).await {
+                return failed(e.context(format!("and giving it back failed: {r}")));
+            }
+            return failed(e);
+        }
+    };
+    let first_byte = std::time::Instant::now();
+    let _ = dumped.send(());
+    let Some(program) = it.sink.clone() else {
+        let _ = l.resume(it.info.pid, run.ui).await;
+        return failed(anyhow!("the target has no migrate to relay the pages"));
+    };
+    l.start_relay(
+        run.plan.target.dest.clone(),
+        program,
+        remote_join(
+            &run.remote_dir,
+            &crate::protocol::relay_socket_name(&it.info.name),
+        ),
+        run.ui.clone(),
+    );
+    let size = archive.len() as u64;
+    let digest = crate::digest::of_bytes(&archive);
+    let (w, r) = tokio::io::duplex(4 << 20);
+    let mut sink: Box<dyn tokio::io::AsyncWrite + Unpin + Send> = if it.stream_zstd {
+        Box::new(crate::wire::FramedZstd::new(w))
+    } else {
+        Box::new(w)
+    };
+    let write = async {
+        use tokio::io::AsyncWriteExt;
+        sink.write_all(&archive).await?;
+        sink.shutdown().await
+    };
+    let shipping = async {
+        let r = stream.feed(r, SHIP_TIMEOUT).await;
+        (r, since_down.secs())
+    };
+    let (written, (shipped, shipped_s)) = tokio::join!(write, shipping);
+    let complete = std::time::Instant::now();
+    let wire_bytes = shipped.as_ref().copied().unwrap_or(0);
+    if let Err(e) = written {
+        let _ = l.resume(it.info.pid, run.ui).await;
+        return failed(anyhow!(e).context("streaming the lazy archive"));
+    }
+    Frozen {
+        checkpoint: Ok(podman::Streamed {
+            size,
+            digest: digest.clone(),
+            first_byte: Some(first_byte),
+            complete,
+            exited: complete,
+            stats: podman::Stats::default(),
+            runtime_start: None,
+        }),
+        checkpoint_s: since_down.at(complete),
+        shipped: shipped.map(|_| (size, digest)),
+        shipped_s,
+        wire_bytes,
+        attempts: 1,
+        froze: None,
     }
 }
 

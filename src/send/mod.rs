@@ -13,6 +13,7 @@
 mod dry_run;
 mod finish;
 mod freeze;
+mod lazy;
 mod prepare;
 mod rollback;
 pub mod seams;
@@ -93,6 +94,8 @@ struct Item {
     /// The container's cgroup freezer: `send` freezes it when podman starts the runtime's
     /// checkpoint, before CRIU would.
     freezer: Option<Freezer>,
+    /// Its memory moves lazily (post-copy): the page server and relay of it.
+    lazy: Option<Arc<lazy::LazyItem>>,
 }
 
 /// Runs one migration and returns its record; `Err` tells how it failed.

@@ -54,6 +54,11 @@ pub(super) async fn preflight(
     for f in report.findings.iter().filter(|f| f.level == Level::Warn) {
         ui.warn(&f.one_line());
     }
+    let lazy = match super::lazy::choose(plan, &report, ui) {
+        Ok(l) => l,
+        Err(e) => return Err(refuse_report(report, e).await),
+    };
+    rec.memory = if lazy { "lazy" } else { "copy" };
     let preflight::Report {
         infos,
         target_zstd,
@@ -96,7 +101,12 @@ pub(super) async fn preflight(
             zero_pages: target_zero_pages,
             moving,
         };
-        let items = items(plan, infos, compression, &target, &local_dir);
+        let items = items(plan, infos, compression, &target, &local_dir, lazy)?;
+        for it in &items {
+            if let Some(l) = &it.lazy {
+                l.prepare(&it.info.name, it.opts).await?;
+            }
+        }
         anyhow::Ok((offset_us, local_dir, items))
     };
     match ready.await {
@@ -213,12 +223,19 @@ fn items(
     compression: Compression,
     target: &TargetKit,
     local_dir: &std::path::Path,
-) -> Vec<Item> {
+    lazy: bool,
+) -> anyhow::Result<Vec<Item>> {
     let order = restore_order(&infos, plan.sequential_restore);
     infos
         .into_iter()
         .zip(order)
         .map(|(info, after)| {
+            let lazy = match lazy {
+                true => Some(std::sync::Arc::new(super::lazy::LazyItem::new(
+                    local_dir.join(format!("lazy-{}", info.name)),
+                )?)),
+                false => None,
+            };
             let locks = podman::holds_file_locks(info.pid).unwrap_or(true);
             // zstd travels as a stream the target decompresses as it arrives (podman
             // exports plain tar, restores plain tar: both faster); without the `zstd`
@@ -231,16 +248,22 @@ fn items(
                 compression
             };
             let archive_name = format!("{}.{}", info.name, podman_compression.extension());
-            Item {
+            anyhow::Ok(Item {
                 stream_zstd,
                 sink: target.sink.clone(),
-                drop_zero_pages: !plan.keep_zero_pages && target.zero_pages,
+                // A lazy archive holds no pages.
+                drop_zero_pages: !plan.keep_zero_pages && target.zero_pages && lazy.is_none(),
                 opts: plan.target.tcp.criu(locks),
                 local_archive: local_dir.join(&archive_name),
                 fifo: local_dir.join(format!("{}.fifo", info.name)),
                 archive_name,
-                // Without a usable freezer CRIU freezes the container itself.
-                freezer: Freezer::of_pid(info.pid).ok(),
+                // Without a usable freezer CRIU freezes the container itself. A lazy
+                // dump is left to CRIU: its tasks stay frozen through the window.
+                freezer: match lazy {
+                    None => Freezer::of_pid(info.pid).ok(),
+                    Some(_) => None,
+                },
+                lazy,
                 addresses: target
                     .moving
                     .iter()
@@ -252,7 +275,7 @@ fn items(
                     .collect(),
                 info,
                 after,
-            }
+            })
         })
         .collect()
 }

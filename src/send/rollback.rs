@@ -24,7 +24,19 @@ impl<E: Engine, T: Target, C: Clock> End<'_, E, T, C> {
             .warn(&format!("{cause:#}; rolling back on this host"));
         let mut problems = Vec::new();
         for it in checkpointed {
-            if let Err(p) = self.bring_back(it).await {
+            let back = match &it.lazy {
+                Some(l) => {
+                    self.ui.phase(&format!(
+                        "rolling back: stopping {}'s page server, its tasks run on",
+                        it.info.name
+                    ));
+                    l.resume(it.info.pid, self.ui)
+                        .await
+                        .map_err(|e| format!("{}: {e}", it.info.name))
+                }
+                None => self.bring_back(it).await,
+            };
+            if let Err(p) = back {
                 problems.push(p);
             }
         }
@@ -70,6 +82,35 @@ impl<E: Engine, T: Target, C: Clock> End<'_, E, T, C> {
         SendFailure {
             exit: Exit::RolledBack,
             error: cause.context("migration failed; the containers run on this host again"),
+        }
+    }
+
+    /// After UP, the pages did not all reach the target: its receiver stops its copy
+    /// (a container with missing pages must not run), and the source's tasks, whose
+    /// memory is whole here, run on from DOWN.
+    pub(super) async fn window_failed(&mut self, e: anyhow::Error) -> SendFailure {
+        let mut problems = Vec::new();
+        for it in self.items {
+            if let Some(l) = &it.lazy
+                && let Err(p) = l.resume(it.info.pid, self.ui).await
+            {
+                problems.push(format!("{}: {p}", it.info.name));
+            }
+        }
+        if problems.is_empty() {
+            return SendFailure {
+                exit: Exit::RolledBack,
+                error: e.context(
+                    "the post-copy window failed: the target stops its copy, the containers run on this host again from their state at DOWN (what they changed on the target since UP is lost)",
+                ),
+            };
+        }
+        SendFailure {
+            exit: Exit::Failed,
+            error: e.context(format!(
+                "the post-copy window failed, and the containers could not run on here: {}",
+                problems.join("; ")
+            )),
         }
     }
 

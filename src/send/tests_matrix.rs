@@ -338,6 +338,7 @@ fn item(name: &str, dir: &Path) -> Item {
         after: vec![],
         addresses: vec![],
         freezer: None,
+        lazy: None,
     }
 }
 
@@ -357,6 +358,7 @@ fn manifest(items: &[Item]) -> Manifest {
                 tcp_close: true,
                 after: vec![],
                 addresses: vec![],
+                lazy: None,
             })
             .collect(),
         data: vec![],

@@ -395,7 +395,12 @@ struct Shared {
     work: Notify,
     /// A stop (the wait for a tunnel watches it).
     stopped: Notify,
+    /// Sees every byte delivered to the local peer, in order (see [`RelayEnd::tap`]).
+    tap: Mutex<Option<Tap>>,
 }
+
+/// An observer of the bytes an end delivers to its local peer.
+pub type Tap = Box<dyn FnMut(&[u8]) + Send>;
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -420,6 +425,12 @@ impl Shared {
 /// Stops a running relay end on purpose (see the module's "Abort").
 #[derive(Clone)]
 pub struct AbortHandle(Arc<Shared>);
+
+impl std::fmt::Debug for AbortHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AbortHandle")
+    }
+}
 
 impl AbortHandle {
     pub fn abort(&self, reason: &str) {
@@ -497,6 +508,12 @@ impl RelayEnd {
             session,
             limits,
         }
+    }
+
+    /// Hands every byte delivered to the local peer to `tap`, in order, as it is
+    /// written (e.g. to count the page requests CRIU's daemon sends its page server).
+    pub fn tap(&self, tap: Tap) {
+        *self.shared.tap.lock().unwrap_or_else(|e| e.into_inner()) = Some(tap);
     }
 
     pub fn abort_handle(&self) -> AbortHandle {
@@ -865,12 +882,55 @@ async fn write_local(shared: &Shared, stream: &TcpStream) -> io::Result<()> {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             other => other?,
         };
+        if let Some(tap) = shared.tap.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+            tap(&buf[..n]);
+        }
         let mut st = shared.lock();
         st.inbox.drain(..n);
         st.delivered += n as u64;
         st.report.delivered = st.delivered;
         drop(st);
         shared.work.notify_one();
+    }
+}
+
+/// `migrate relay-attach SOCKET`: one tunnel of a relay, run by the source over SSH on
+/// the target. Its stdin and stdout are joined to the relay's target end, which listens
+/// on the Unix socket `SOCKET` in the run folder (the receiver opens it when the manifest
+/// arrives, so the attach waits for it a while).
+#[derive(Debug, clap::Args)]
+pub struct AttachArgs {
+    /// The relay's socket in the run folder on this host.
+    pub socket: std::path::PathBuf,
+}
+
+/// How long `relay-attach` waits for the receiver's socket to appear.
+const ATTACH_WAIT: Duration = Duration::from_secs(60);
+
+/// Runs `migrate relay-attach`; returns the exit code.
+pub async fn attach(args: AttachArgs) -> u8 {
+    let deadline = Instant::now() + ATTACH_WAIT;
+    let stream = loop {
+        match tokio::net::UnixStream::connect(&args.socket).await {
+            Ok(s) => break s,
+            Err(e) if Instant::now() < deadline => {
+                let _ = e;
+                sleep(Duration::from_millis(5)).await;
+            }
+            Err(e) => {
+                eprintln!("migrate relay-attach: {}: {e}", args.socket.display());
+                return 1;
+            }
+        }
+    };
+    let mut local = tokio::io::join(tokio::io::stdin(), tokio::io::stdout());
+    let mut stream = stream;
+    match tokio::io::copy_bidirectional(&mut local, &mut stream).await {
+        Ok(_) => 0,
+        Err(e) => {
+            eprintln!("migrate relay-attach: {e}");
+            1
+        }
     }
 }
 

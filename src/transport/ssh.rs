@@ -457,6 +457,21 @@ impl Ssh {
         c
     }
 
+    /// `program args…` on the target with its stdin and stdout as a byte stream (a relay
+    /// tunnel); it ends when the master connection or the remote program does.
+    pub fn tunnel(
+        &self,
+        program: &str,
+        args: &[String],
+    ) -> Result<tokio::process::Child, SshError> {
+        self.command(program, args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| self.spawn_failed(&display_command(program, args), e))
+    }
+
     fn spawn_failed(&self, cmd: &str, e: std::io::Error) -> SshError {
         SshError::Transport {
             dest: self.label.clone(),
