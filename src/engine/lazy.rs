@@ -50,9 +50,7 @@ pub enum LazyError {
     Exec(#[from] ExecError),
     #[error("{what}: {io}")]
     Io { what: String, io: std::io::Error },
-    #[error(
-        "the lazy checkpoint of {name} ended before its page server started: {failed}{log}"
-    )]
+    #[error("the lazy checkpoint of {name} ended before its page server started: {failed}{log}")]
     DumpEnded {
         name: String,
         failed: String,
@@ -224,7 +222,10 @@ pub fn parse_facts(json: &str) -> Result<SourceFacts, String> {
         .enumerate()
     {
         let mut subnets = Vec::new();
-        for (ip, prefix, gw) in [(&n.ip, n.prefix, &n.gateway), (&n.ipv6, n.prefix6, &n.gateway6)] {
+        for (ip, prefix, gw) in [
+            (&n.ip, n.prefix, &n.gateway),
+            (&n.ipv6, n.prefix6, &n.gateway6),
+        ] {
             if ip.is_empty() {
                 continue;
             }
@@ -550,14 +551,17 @@ fn append_bytes(b: &mut tar::Builder<Vec<u8>>, name: &str, bytes: &[u8]) -> Resu
 
 /// Unpacks the CRIU images (`checkpoint/…`) of an archive into `into`, for the daemon.
 pub fn extract_images(archive: &Path, into: &Path) -> Result<(), LazyError> {
-    let file = std::fs::File::open(archive).map_err(io(format!("opening {}", archive.display())))?;
+    let file =
+        std::fs::File::open(archive).map_err(io(format!("opening {}", archive.display())))?;
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(into)
         .map_err(io(format!("creating {}", into.display())))?;
     let mut a = tar::Archive::new(std::io::BufReader::new(file));
-    let entries = a.entries().map_err(io(format!("reading {}", archive.display())))?;
+    let entries = a
+        .entries()
+        .map_err(io(format!("reading {}", archive.display())))?;
     for e in entries {
         let mut e = e.map_err(io(format!("reading {}", archive.display())))?;
         let path = e.path().map_err(io("an archive path"))?.into_owned();
@@ -624,7 +628,9 @@ pub async fn start_daemon(images: &Path, work_dir: &Path, port: u16) -> Result<D
             let errors = std::fs::read_to_string(&log)
                 .map(|t| crate::engine::podman::criu_error_lines(&t))
                 .unwrap_or_default();
-            return Err(LazyError::Daemon(format!("{why} {errors}").trim().to_string()));
+            return Err(LazyError::Daemon(
+                format!("{why} {errors}").trim().to_string(),
+            ));
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
@@ -645,7 +651,9 @@ impl Daemon {
                 let errors = std::fs::read_to_string(&log)
                     .map(|t| crate::engine::podman::criu_error_lines(&t))
                     .unwrap_or_default();
-                Err(LazyError::Daemon(format!("{e} {errors}").trim().to_string()))
+                Err(LazyError::Daemon(
+                    format!("{e} {errors}").trim().to_string(),
+                ))
             }
         }
     }
@@ -725,7 +733,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let w = write_wrapper(dir.path(), &source_conf(4242, CriuOptions::default())).unwrap();
         let script = std::fs::read_to_string(&w).unwrap();
-        assert!(script.contains("unshare -m --propagation private"), "{script}");
+        assert!(
+            script.contains("unshare -m --propagation private"),
+            "{script}"
+        );
         assert!(script.contains("mount --bind"), "{script}");
         let conf = std::fs::read_to_string(dir.path().join("etc-criu/runc.conf")).unwrap();
         assert_eq!(conf, "lazy-pages\naddress 127.0.0.1\nport 4242\n");
@@ -765,7 +776,10 @@ mod tests {
         for chunk in stream.chunks(7) {
             p.feed(chunk);
         }
-        assert_eq!((p.demand_pages, p.pushed_pages, p.unreadable), (2, 16, false));
+        assert_eq!(
+            (p.demand_pages, p.pushed_pages, p.unreadable),
+            (2, 16, false)
+        );
         p.feed(&request(3, 0));
         assert!(p.unreadable);
     }

@@ -37,11 +37,14 @@ pub(super) struct LazyRestore {
     acceptor: JoinHandle<()>,
     abort: AbortHandle,
     pub wrapper: PathBuf,
+    socket: PathBuf,
 }
 
 impl Drop for LazyRestore {
     fn drop(&mut self) {
         self.acceptor.abort();
+        // A tunnel that comes later finds nothing and ends at once.
+        let _ = std::fs::remove_file(&self.socket);
         if !self.relay.is_finished() {
             self.abort.abort("the restore here ended");
         }
@@ -105,6 +108,7 @@ pub(super) async fn prepare(
         acceptor,
         abort,
         wrapper,
+        socket,
     })
 }
 

@@ -7,8 +7,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use super::Ctx;
-use super::lazy::LazyRestore;
 use super::archives::verify_archives;
+use super::lazy::LazyRestore;
 use crate::engine::address;
 use crate::engine::podman::{CriuOptions, Podman, PodmanError};
 use crate::progress::Ui;
@@ -66,7 +66,17 @@ pub(super) async fn restore(
             .flat_map(|c| &c.addresses)
             .collect();
         let guard = address::guard_for(run_id, &kept, &ctx.ui).await;
-        let done = restore_wave(&podman, &wave, dir, into, ctx, &mut restored, &mut out, lazies).await;
+        let done = restore_wave(
+            &podman,
+            &wave,
+            dir,
+            into,
+            ctx,
+            &mut restored,
+            &mut out,
+            lazies,
+        )
+        .await;
         address::unguard(guard, &ctx.ui).await;
         if let Err(failed) = done {
             // Their daemons and relays end (the source's page servers fail: its tasks run on).
@@ -200,9 +210,10 @@ async fn restore_wave<'m>(
     for (c, (r, secs, lazy)) in wave.iter().zip(results) {
         lazies.extend(lazy);
         match r {
-            Err(Restore::Prepare(e)) => failed
-                .failed
-                .push((c.name.as_str(), format!("preparing the lazy restore of {} failed: {e}", c.name))),
+            Err(Restore::Prepare(e)) => failed.failed.push((
+                c.name.as_str(),
+                format!("preparing the lazy restore of {} failed: {e}", c.name),
+            )),
             Err(Restore::Podman(e)) if e.name_in_use(&c.name) => failed.taken.push((
                 c.name.as_str(),
                 format!(
@@ -242,7 +253,10 @@ async fn restore_one(
     c: &ContainerEntry,
     dir: &Path,
     pod: Option<&str>,
-) -> (Result<crate::engine::podman::Stats, Restore>, Option<LazyRestore>) {
+) -> (
+    Result<crate::engine::podman::Stats, Restore>,
+    Option<LazyRestore>,
+) {
     let opts = CriuOptions {
         file_locks: c.file_locks,
         tcp_established: c.tcp_established,

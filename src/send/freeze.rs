@@ -264,9 +264,10 @@ impl Tally {
                 tcp_close: it.opts.tcp_close,
                 after: it.after.clone(),
                 addresses: it.addresses.clone(),
-                lazy: it.lazy.as_ref().map(|l| crate::protocol::LazyEntry {
-                    session: l.session,
-                }),
+                lazy: it
+                    .lazy
+                    .as_ref()
+                    .map(|l| crate::protocol::LazyEntry { session: l.session }),
             }),
             Err(e) => {
                 self.first_error.get_or_insert(

@@ -41,9 +41,7 @@ pub(super) fn choose(plan: &SendPlan, report: &Report, ui: &Ui) -> anyhow::Resul
     match plan.memory {
         MemoryChoice::Copy => Ok(false),
         MemoryChoice::Lazy => match blocker {
-            Some(why) => Err(anyhow!(
-                "--memory lazy: {why}; use --memory copy (or auto)"
-            )),
+            Some(why) => Err(anyhow!("--memory lazy: {why}; use --memory copy (or auto)")),
             None => Ok(true),
         },
         MemoryChoice::Auto => {
@@ -150,7 +148,11 @@ impl LazyItem {
     }
 
     /// Before the freeze: what the archive needs from podman, and the CRIU wrapper.
-    pub async fn prepare(&self, name: &str, opts: crate::engine::podman::CriuOptions) -> anyhow::Result<()> {
+    pub async fn prepare(
+        &self,
+        name: &str,
+        opts: crate::engine::podman::CriuOptions,
+    ) -> anyhow::Result<()> {
         engine_lazy::ensure_etc_criu()?;
         let facts = engine_lazy::source_facts(name).await?;
         let wrapper =
@@ -182,7 +184,13 @@ impl LazyItem {
     /// Connects the relay's source end to the page server and keeps tunnels coming:
     /// `relay-attach` on the target (through `program`, the receiver's binary) to the
     /// socket `remote_socket`, again after each one ends, until the relay ends.
-    pub fn start_relay(&self, dest: Destination, program: String, remote_socket: String, ui: Arc<Ui>) {
+    pub fn start_relay(
+        &self,
+        dest: Destination,
+        program: String,
+        remote_socket: String,
+        ui: Arc<Ui>,
+    ) {
         let local = SocketAddr::from((Ipv4Addr::LOCALHOST, self.port));
         let mut end = RelayEnd::source(local, self.session, Limits::default());
         let pages = Arc::new(Mutex::new(PageRequests::default()));
@@ -215,7 +223,11 @@ impl LazyItem {
             .await
             .map_err(|e| anyhow!("the relay task failed: {e}"))?;
         relay.tunnels.abort();
-        let pages = relay.pages.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let pages = relay
+            .pages
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         let report = match report {
             Ok(r) => r,
             Err(e) => {
@@ -281,7 +293,9 @@ async fn supply_tunnels(
     dest: Destination,
     program: String,
     socket: String,
-    tx: tokio::sync::mpsc::Sender<tokio::io::Join<tokio::process::ChildStdout, tokio::process::ChildStdin>>,
+    tx: tokio::sync::mpsc::Sender<
+        tokio::io::Join<tokio::process::ChildStdout, tokio::process::ChildStdin>,
+    >,
     ui: Arc<Ui>,
 ) {
     let mut tries = 0u32;
@@ -321,7 +335,10 @@ impl<E: super::seams::Engine, T: super::seams::Target, C: super::seams::Clock>
 {
     /// After UP: waits until every lazy container's pages are on the target, and puts the
     /// window's figures in the record.
-    pub(super) async fn lazy_window(&mut self, rec: &mut crate::timing::Record) -> anyhow::Result<()> {
+    pub(super) async fn lazy_window(
+        &mut self,
+        rec: &mut crate::timing::Record,
+    ) -> anyhow::Result<()> {
         self.ui
             .phase("post-copy: the service runs on the target, its pages follow");
         let mut after = 0u64;

@@ -882,7 +882,12 @@ async fn write_local(shared: &Shared, stream: &TcpStream) -> io::Result<()> {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             other => other?,
         };
-        if let Some(tap) = shared.tap.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+        if let Some(tap) = shared
+            .tap
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_mut()
+        {
             tap(&buf[..n]);
         }
         let mut st = shared.lock();
@@ -907,15 +912,26 @@ pub struct AttachArgs {
 /// How long `relay-attach` waits for the receiver's socket to appear.
 const ATTACH_WAIT: Duration = Duration::from_secs(60);
 
-/// Runs `migrate relay-attach`; returns the exit code.
+/// Runs `migrate relay-attach`; returns the exit code. Waits for the socket while the
+/// source is there (what it sends meanwhile is kept and passed on); ends when the socket
+/// refuses (the receiver is done with it), when the source goes, or when either direction
+/// ends.
 pub async fn attach(args: AttachArgs) -> u8 {
     let deadline = Instant::now() + ATTACH_WAIT;
+    let mut stdin = tokio::io::stdin();
+    let mut early = Vec::new();
+    let mut buf = vec![0u8; CHUNK];
     let stream = loop {
         match tokio::net::UnixStream::connect(&args.socket).await {
             Ok(s) => break s,
-            Err(e) if Instant::now() < deadline => {
-                let _ = e;
-                sleep(Duration::from_millis(5)).await;
+            Err(e) if e.kind() == io::ErrorKind::NotFound && Instant::now() < deadline => {
+                tokio::select! {
+                    r = stdin.read(&mut buf), if early.len() < (4 << 20) => match r {
+                        Ok(0) | Err(_) => return 0,
+                        Ok(n) => early.extend_from_slice(&buf[..n]),
+                    },
+                    _ = sleep(Duration::from_millis(5)) => {}
+                }
             }
             Err(e) => {
                 eprintln!("migrate relay-attach: {}: {e}", args.socket.display());
@@ -923,9 +939,19 @@ pub async fn attach(args: AttachArgs) -> u8 {
             }
         }
     };
-    let mut local = tokio::io::join(tokio::io::stdin(), tokio::io::stdout());
-    let mut stream = stream;
-    match tokio::io::copy_bidirectional(&mut local, &mut stream).await {
+    // Either direction ending ends the tunnel: the relay ends resume on the next one.
+    let (mut from, mut to) = stream.into_split();
+    let mut stdout = tokio::io::stdout();
+    let up = async {
+        to.write_all(&early).await?;
+        tokio::io::copy(&mut stdin, &mut to).await
+    };
+    let down = tokio::io::copy(&mut from, &mut stdout);
+    let ended = tokio::select! {
+        r = up => r,
+        r = down => r,
+    };
+    match ended {
         Ok(_) => 0,
         Err(e) => {
             eprintln!("migrate relay-attach: {e}");

@@ -615,6 +615,30 @@ impl Sender {
         after.split(':').next().unwrap().to_string()
     }
 
+    /// Waits (up to `timeout`) for the sender to end, reading the rest of its stderr;
+    /// returns its exit code.
+    pub fn wait_end(&mut self, timeout: Duration) -> Option<i32> {
+        let end = Instant::now() + timeout;
+        loop {
+            while let Ok(l) = self.lines.try_recv() {
+                self.log.push(l);
+            }
+            if let Some(st) = self.child.try_wait().unwrap() {
+                std::thread::sleep(Duration::from_millis(100));
+                while let Ok(l) = self.lines.try_recv() {
+                    self.log.push(l);
+                }
+                return st.code();
+            }
+            assert!(
+                Instant::now() < end,
+                "the sender did not end within {timeout:?}:\n{}",
+                self.log.join("\n")
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// SIGKILL: the sender gets no chance to do anything.
     pub fn kill9(&mut self) -> Instant {
         // `lab exec` execs the sender: this pid is migrate's own.
