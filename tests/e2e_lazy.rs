@@ -181,3 +181,42 @@ fn lazy_target_dying_in_the_window_stops_there_and_the_source_runs_on() {
     );
     nothing_left();
 }
+
+#[test]
+fn lazy_link_cut_in_the_window_is_waited_out_and_every_page_arrives() {
+    require_lab!();
+    let (sum, _) = fresh_hog("a", "1024");
+    let mut sender = Sender::start(
+        "a",
+        &[
+            "--to",
+            host_addr("b"),
+            "--spawn-receiver",
+            "--install-receiver",
+            "--memory",
+            "lazy",
+            "hog",
+        ],
+    );
+    sender.wait_for("post-copy:", Duration::from_secs(120));
+    std::thread::sleep(Duration::from_millis(500));
+    // Nothing passes between a and b for 8 s, in the middle of the window.
+    let cut = format!(
+        "nft add table inet lazycut && nft add chain inet lazycut o '{{ type filter hook output priority 0; }}' && nft add rule inet lazycut o ip daddr {b} drop && nft add chain inet lazycut i '{{ type filter hook input priority 0; }}' && nft add rule inet lazycut i ip saddr {b} drop",
+        b = host_addr("b")
+    );
+    let link = OnHost::apply("a", &cut, "nft delete table inet lazycut 2>/dev/null; true");
+    std::thread::sleep(Duration::from_secs(8));
+    drop(link);
+    let code = sender.wait_end(Duration::from_secs(300));
+    assert_eq!(code, Some(0), "{}", sender.log.join("\n"));
+    assert!(
+        sender.log.iter().any(|l| l.contains("tunnels")),
+        "the relay went through more than one tunnel:\n{}",
+        sender.log.join("\n")
+    );
+    let (sum_b, _) = hog_state("b").expect("the hog answers on b");
+    assert_eq!(sum_b, sum, "every page arrived: the memory on b is whole");
+    assert!(!has_hog("a"), "the hog is gone from a");
+    nothing_left();
+}
