@@ -51,7 +51,7 @@ pub fn parse(text: &str) -> Vec<Runtime> {
 }
 
 /// Podman version pairs whose archives were measured to restore both ways (runc, CRIU
-/// 4.2.1 on both sides; 2026-12-03, docs/design/debian13-host.md).
+/// 4.2.1 on both sides; docs/design/debian13-host.md).
 const MEASURED_PAIRS: &[(Release, Release)] = &[((4, 3), (5, 4))];
 
 /// A podman release, major and minor.
