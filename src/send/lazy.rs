@@ -382,3 +382,49 @@ impl<E: super::seams::Engine, T: super::seams::Target, C: super::seams::Clock>
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::stack::Facts;
+
+    const CAN: &str = "podman=4.3.1\nruntime=runc\ncriu=4.2.1\ncriu_check=ok\nfeature_uffd-noncoop=yes\npipe_max_size=4194304\ncap_eff=000001fffeffffff\n";
+
+    fn ready() -> Report {
+        Report {
+            source_stack: Some(Facts::parse(CAN)),
+            target_stack: Some(Facts::parse(CAN)),
+            target_sink: Some("/usr/local/bin/migrate".into()),
+            target_lazy: true,
+            runtimes: vec![crate::engine::runtime::Runtime {
+                container: "hog".into(),
+                runtime: "runc".into(),
+            }],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn lazy_needs_both_hosts_runc_no_pod_and_a_receiver_that_knows() {
+        assert_eq!(lazy_blocker(&ready()), None);
+        let mut r = ready();
+        r.target_stack = Some(Facts::parse(
+            &CAN.replace("pipe_max_size=4194304", "pipe_max_size=1048576"),
+        ));
+        assert!(lazy_blocker(&r).unwrap().contains("on the target"));
+        let mut r = ready();
+        r.source_stack = Some(Facts::parse(
+            &CAN.replace("uffd-noncoop=yes", "uffd-noncoop=no"),
+        ));
+        assert!(lazy_blocker(&r).unwrap().contains("on this host"));
+        let mut r = ready();
+        r.target_lazy = false;
+        assert!(lazy_blocker(&r).unwrap().contains("older build"));
+        let mut r = ready();
+        r.runtimes[0].runtime = "crun".into();
+        assert!(lazy_blocker(&r).unwrap().contains("hog runs with crun"));
+        let mut r = ready();
+        r.target_stack = None;
+        assert!(lazy_blocker(&r).unwrap().contains("unknown"));
+    }
+}
