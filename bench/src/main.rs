@@ -58,12 +58,17 @@ pub struct Opts {
     /// `none` [default: 0,256,1024; none with --quick].
     #[arg(long)]
     pub data_mb: Option<String>,
+    /// How migrate moves the hog's memory in the memory series: `copy` (method `memory`,
+    /// `send --memory copy`), `lazy` (method `lazy`, `send --memory lazy`), or both.
+    #[arg(long, default_value = "copy,lazy")]
+    pub memory_modes: String,
     /// A fresh workload for every run, so that each run moves a container started on its
     /// source (not one restored there by the run before: migrate restores a container
     /// without its untouched zero pages, and the next move of it has less to move).
     #[arg(long)]
     pub fresh: bool,
-    /// Methods: migrate, thesis, floor.
+    /// Methods: migrate (at its defaults, `--memory auto`), migrate-copy (`--memory copy`),
+    /// thesis, floor.
     #[arg(long, default_value = "migrate,thesis,floor")]
     pub methods: String,
     /// Lab host that runs the client probe.
@@ -94,6 +99,8 @@ pub struct Plan {
     pub methods: Vec<String>,
     /// Sizes of the memory series, MiB (empty: none).
     pub memory: Vec<u64>,
+    /// The memory series' methods: `memory` (copy) and/or `lazy`.
+    pub memory_methods: Vec<String>,
     /// Extra MiB in the data folder for the data series (empty: none).
     pub data: Vec<u64>,
     pub probe_host: String,
@@ -170,9 +177,20 @@ impl Opts {
         };
         let methods = list(&self.methods);
         for m in &methods {
-            if !["migrate", "thesis", "floor"].contains(&m.as_str()) {
-                bail!("unknown method '{m}' (migrate, thesis, floor)");
+            if !["migrate", "migrate-copy", "thesis", "floor"].contains(&m.as_str()) {
+                bail!("unknown method '{m}' (migrate, migrate-copy, thesis, floor)");
             }
+        }
+        let mut memory_methods = Vec::new();
+        for m in list(&self.memory_modes) {
+            memory_methods.push(match m.as_str() {
+                "copy" => "memory".to_string(),
+                "lazy" => "lazy".to_string(),
+                _ => bail!("unknown memory mode '{m}' (copy, lazy)"),
+            });
+        }
+        if !memory.is_empty() && memory_methods.is_empty() {
+            bail!("--memory-modes is empty");
         }
         let runs = self.runs.unwrap_or(if self.quick { 3 } else { 10 });
         if runs == 0
@@ -190,6 +208,7 @@ impl Opts {
             runs,
             methods,
             memory,
+            memory_methods,
             data,
             probe_host: self.probe_host.clone(),
             probe_interval: self.probe_interval.clone(),

@@ -118,7 +118,7 @@ type Setter = fn(&mut RunRow, &str);
 /// Every column of migrate's record the bench copies into its runs, with where it goes.
 /// The names are looked up in the header migrate printed; [`apply_record`] fails on a
 /// name that header lacks, so a renamed column cannot leave a bench column empty.
-const RECORD_COLUMNS: [(&str, Setter); 22] = {
+const RECORD_COLUMNS: [(&str, Setter); 26] = {
     fn num(v: &str) -> Option<f64> {
         v.trim().parse().ok()
     }
@@ -145,6 +145,10 @@ const RECORD_COLUMNS: [(&str, Setter); 22] = {
         ("archive_bytes", |r, v| r.archive_bytes = num(v)),
         ("frozen_bytes", |r, v| r.frozen_bytes = num(v)),
         ("sync_bytes", |r, v| r.sync_bytes = num(v)),
+        ("postcopy_s", |r, v| r.postcopy_s = num(v)),
+        ("bytes_after_up", |r, v| r.bytes_after_up = num(v)),
+        ("demand_pages", |r, v| r.demand_pages = num(v)),
+        ("pushed_pages", |r, v| r.pushed_pages = num(v)),
     ]
 };
 

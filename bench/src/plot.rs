@@ -27,8 +27,9 @@ struct Point {
 /// One line: its name, colour and points.
 type Series = (String, RGBColor, Vec<Point>);
 
-const METHODS: [(&str, RGBColor); 3] = [
+const METHODS: [(&str, RGBColor); 4] = [
     ("migrate", BLUE),
+    ("migrate-copy", RGBColor(230, 120, 0)),
     ("thesis", RED),
     ("floor", RGBColor(0, 140, 0)),
 ];
@@ -159,8 +160,15 @@ fn plot_memory(
             points(runs, "memory", profile, x, y),
         )
     };
+    let lazy = |name: &str, color, y: Metric| {
+        (name.to_string(), color, points(runs, "lazy", profile, x, y))
+    };
     let mut series = vec![
-        line("downtime", BLUE, &|r| r.downtime_s),
+        line("downtime (copy)", BLUE, &|r| r.downtime_s),
+        lazy("downtime (lazy)", RED, &|r| r.downtime_s),
+        lazy("post-copy window (lazy)", RGBColor(150, 0, 150), &|r| {
+            r.postcopy_s
+        }),
         line("archives complete (after DOWN)", ORANGE, &|r| {
             r.checkpoint_s
         }),

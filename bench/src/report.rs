@@ -51,6 +51,12 @@ pub struct RunRow {
     pub frozen_bytes: Option<f64>,
     /// migrate only: bytes rsync sent (pre-sync and post-sync).
     pub sync_bytes: Option<f64>,
+    /// Lazy memory: UP until the last page was on the target; bytes after UP; pages
+    /// fetched on demand and pushed.
+    pub postcopy_s: Option<f64>,
+    pub bytes_after_up: Option<f64>,
+    pub demand_pages: Option<f64>,
+    pub pushed_pages: Option<f64>,
     /// Data series: bytes in the source's data folder when it was moved.
     pub data_bytes: Option<f64>,
     pub bytes_sent: Option<f64>,
@@ -130,6 +136,13 @@ pub struct SummaryRow {
     pub presync_mean_s: Option<f64>,
     pub sync_mean_bytes: Option<f64>,
     pub data_mean_bytes: Option<f64>,
+    /// Lazy rows: the post-copy window (mean, max), bytes after UP, pages on demand and
+    /// pushed (means).
+    pub postcopy_mean_s: Option<f64>,
+    pub postcopy_max_s: Option<f64>,
+    pub after_up_mean_bytes: Option<f64>,
+    pub demand_mean_pages: Option<f64>,
+    pub pushed_mean_pages: Option<f64>,
     /// migrate rows only: mean(migrate) / mean(thesis) in the same profile and rows.
     pub downtime_ratio_migrate_thesis: Option<f64>,
     pub migration_ratio_migrate_thesis: Option<f64>,
@@ -196,6 +209,11 @@ pub fn summarize(runs: &[RunRow]) -> Vec<SummaryRow> {
                 presync_mean_s: mean(|r| r.presync_s),
                 sync_mean_bytes: mean(|r| r.sync_bytes),
                 data_mean_bytes: mean(|r| r.data_bytes),
+                postcopy_mean_s: mean(|r| r.postcopy_s),
+                postcopy_max_s: col(|r| r.postcopy_s).map(|s| s.max),
+                after_up_mean_bytes: mean(|r| r.bytes_after_up),
+                demand_mean_pages: mean(|r| r.demand_pages),
+                pushed_mean_pages: mean(|r| r.pushed_pages),
                 downtime_ratio_migrate_thesis: None,
                 migration_ratio_migrate_thesis: None,
                 outage_ratio_migrate_thesis: None,
@@ -387,6 +405,7 @@ pub fn summary_markdown(
         }
     }
     s.push_str(&memory_table(rows, links));
+    s.push_str(&lazy_table(rows, links));
     s.push_str(&data_table(rows));
     s.push_str(&bound_table(
         rows,
@@ -470,6 +489,117 @@ fn data_table(rows: &[SummaryRow]) -> String {
         );
     }
     s
+}
+
+/// Copy and lazy side by side per MiB held, and issue 16's three checks on the lazy
+/// series, each with its figures: downtime at 1 GiB ≤ 1.25 × downtime at 64 MiB, downtime
+/// at 2 GiB ≤ 1.5 s, and every post-copy window ≤ 1.5 × (memory ÷ SSH rate) + 0.5 s.
+pub fn lazy_table(rows: &[SummaryRow], links: &BTreeMap<String, f64>) -> String {
+    let lazy: Vec<&SummaryRow> = rows.iter().filter(|r| r.method == "lazy").collect();
+    if lazy.is_empty() {
+        return String::new();
+    }
+    let f = |v: Option<f64>| v.map(|x| format!("{x:.3}")).unwrap_or_else(|| "–".into());
+    let spread = |r: Option<&SummaryRow>| match r {
+        Some(r) => format!(
+            "{} ± {} ({}–{}), {}/{}",
+            f(r.downtime_mean_s),
+            f(r.downtime_std_s),
+            f(r.downtime_min_s),
+            f(r.downtime_max_s),
+            r.n_valid,
+            r.n_runs
+        ),
+        None => "–".into(),
+    };
+    let mut s = String::from(
+        "\n## Copy and lazy memory side by side (methods memory and lazy)\n\n\
+         `copy`: the memory inside the archive (`send --memory copy`); `lazy`: post-copy \
+         (`send --memory lazy`), the memory follows after UP. Downtime as mean ± sd (min–max), \
+         valid/runs. `window` = UP until the last page was on the target (mean, max); \
+         `link needs` = MiB held ÷ what SSH alone carries; `bound` = 1.5 × link needs + 0.5 s.\n\n\
+         | profile | MiB held | downtime copy | downtime lazy | window mean | window max | link needs | bound | MiB after UP | pages on demand | pages pushed |\n\
+         | --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
+    );
+    let mut checks = Vec::new();
+    for r in &lazy {
+        let copy = rows
+            .iter()
+            .find(|c| c.method == "memory" && c.profile == r.profile && c.rows == r.rows);
+        let needs = links
+            .get(&r.profile)
+            .map(|rate| r.rows as f64 * 1048576.0 / rate);
+        let bound = needs.map(|n| 1.5 * n + 0.5);
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            r.profile,
+            r.rows,
+            spread(copy),
+            spread(Some(r)),
+            f(r.postcopy_mean_s),
+            f(r.postcopy_max_s),
+            f(needs),
+            f(bound),
+            r.after_up_mean_bytes
+                .map(|b| format!("{:.1}", b / 1048576.0))
+                .unwrap_or_else(|| "–".into()),
+            r.demand_mean_pages
+                .map(|p| format!("{p:.0}"))
+                .unwrap_or_else(|| "–".into()),
+            r.pushed_mean_pages
+                .map(|p| format!("{p:.0}"))
+                .unwrap_or_else(|| "–".into()),
+        );
+        if let (Some(w), Some(b)) = (r.postcopy_max_s, bound) {
+            checks.push(verdict(
+                w <= b,
+                format!(
+                    "{} {} MiB: longest post-copy window {w:.3} s ≤ 1.5 × {:.3} s + 0.5 s = {b:.3} s",
+                    r.profile,
+                    r.rows,
+                    needs.unwrap_or_default()
+                ),
+            ));
+        }
+    }
+    for p in lazy
+        .iter()
+        .map(|r| r.profile.clone())
+        .collect::<std::collections::BTreeSet<_>>()
+    {
+        let at = |mb: u64| {
+            lazy.iter()
+                .find(|r| r.profile == p && r.rows == mb)
+                .and_then(|r| r.downtime_mean_s)
+        };
+        if let (Some(small), Some(big)) = (at(64), at(1024)) {
+            checks.push(verdict(
+                big <= 1.25 * small,
+                format!(
+                    "{p}: lazy downtime at 1 GiB {big:.3} s ≤ 1.25 × at 64 MiB {small:.3} s = {:.3} s",
+                    1.25 * small
+                ),
+            ));
+        }
+        if let Some(d) = at(2048) {
+            checks.push(verdict(
+                d <= 1.5,
+                format!("{p}: lazy downtime at 2 GiB {d:.3} s ≤ 1.5 s"),
+            ));
+        }
+    }
+    if !checks.is_empty() {
+        s.push_str("\nChecks (issue 16):\n\n");
+        for c in checks {
+            let _ = writeln!(s, "- {c}");
+        }
+    }
+    s
+}
+
+fn verdict(ok: bool, text: String) -> String {
+    format!("{}: {text}", if ok { "PASS" } else { "FAIL" })
 }
 
 /// The memory series against what the link requires: the archive ÷ the rate SSH alone
@@ -633,5 +763,49 @@ mod tests {
             ("floor", "failed")
         );
         assert_eq!(back[1].client_outage_s, None);
+    }
+
+    #[test]
+    fn lazy_table_states_each_check_with_its_figures() {
+        let cell = |method: &str, mb: u64, down: f64, window: Option<f64>| SummaryRow {
+            method: method.into(),
+            profile: "lan".into(),
+            rows: mb,
+            n_runs: 3,
+            n_valid: 3,
+            downtime_mean_s: Some(down),
+            postcopy_max_s: window,
+            postcopy_mean_s: window,
+            ..Default::default()
+        };
+        let rows = vec![
+            cell("memory", 64, 0.9, None),
+            cell("lazy", 64, 1.0, Some(1.0)),
+            cell("lazy", 1024, 1.3, Some(20.0)),
+            cell("lazy", 2048, 1.4, Some(30.0)),
+        ];
+        let links: BTreeMap<String, f64> = [("lan".to_string(), 100.0 * 1048576.0)].into();
+        let t = lazy_table(&rows, &links);
+        // 1.3 > 1.25 × 1.0: fails; 1.4 ≤ 1.5: passes.
+        assert!(
+            t.contains(
+                "FAIL: lan: lazy downtime at 1 GiB 1.300 s ≤ 1.25 × at 64 MiB 1.000 s = 1.250 s"
+            ),
+            "{t}"
+        );
+        assert!(
+            t.contains("PASS: lan: lazy downtime at 2 GiB 1.400 s ≤ 1.5 s"),
+            "{t}"
+        );
+        // 1024 MiB at 100 MiB/s: 10.24 s, bound 15.86 s; 20 s fails. 64 MiB: bound 1.46 s.
+        assert!(
+            t.contains("FAIL: lan 1024 MiB: longest post-copy window 20.000 s"),
+            "{t}"
+        );
+        assert!(
+            t.contains("PASS: lan 64 MiB: longest post-copy window 1.000 s"),
+            "{t}"
+        );
+        assert!(lazy_table(&rows[..1], &links).is_empty());
     }
 }

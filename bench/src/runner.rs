@@ -660,9 +660,11 @@ impl Bench {
                 }
             }
             for mb in self.plan.memory.clone() {
-                self.workload = None;
-                for run in 1..=self.plan.runs {
-                    self.one("memory", &profile, mb, run)?;
+                for method in self.plan.memory_methods.clone() {
+                    self.workload = None;
+                    for run in 1..=self.plan.runs {
+                        self.one(&method, &profile, mb, run)?;
+                    }
                 }
             }
             for mb in self.plan.data.clone() {
@@ -687,7 +689,7 @@ impl Bench {
         };
         let direction = format!("{src}->{dst}");
         let kind = match method {
-            "memory" => "memory",
+            "memory" | "lazy" => "memory",
             "data" => "data",
             _ => "thesis",
         };
@@ -786,7 +788,7 @@ impl Bench {
         if method != "floor" {
             self.clean_host(dst)?;
         }
-        if method == "memory" {
+        if method == "memory" || method == "lazy" {
             return self.measure_memory(src, dst, prefix, row);
         }
         // The data series: the pair with DATA_ROWS rows, its extra files must all arrive.
@@ -807,7 +809,9 @@ impl Bench {
             None
         };
         let sent = match method {
-            "migrate" | "data" => self.run_migrate(src, dst, prefix, row, &["db", "web"]),
+            "migrate" | "migrate-copy" | "data" => {
+                self.run_migrate(src, dst, prefix, row, &["db", "web"])
+            }
             "thesis" => self.run_thesis(src, dst, prefix, row),
             "floor" => self.run_floor(src, prefix, row),
             _ => unreachable!(),
@@ -941,6 +945,12 @@ impl Bench {
             "--label",
             &label,
         ];
+        // How the memory moves: the memory series names it; `migrate` is the default.
+        match row.method.as_str() {
+            "memory" | "migrate-copy" => argv.extend(["--memory", "copy"]),
+            "lazy" => argv.extend(["--memory", "lazy"]),
+            _ => {}
+        }
         // The thesis pair's data folder; the hog has none.
         if containers.contains(&"db") {
             argv.extend(["--data", "/srv/app"]);
