@@ -10,6 +10,17 @@ use common::*;
 
 const HOG_MB: &str = "256";
 
+/// `send` arguments: the hog to b (10.77.0.12) with a receiver started there, lazily.
+const LAZY_TO_B: [&str; 7] = [
+    "--to",
+    "10.77.0.12",
+    "--spawn-receiver",
+    "--install-receiver",
+    "--memory",
+    "lazy",
+    "hog",
+];
+
 /// The hog's checksum of its memory and its tick count on `host`, or `None` when it does
 /// not answer.
 fn hog_state(host: &str) -> Option<(u64, u64)> {
@@ -51,23 +62,20 @@ fn nothing_left() {
     assert!(ps.stdout.trim().is_empty(), "left behind:\n{}", ps.stdout);
 }
 
+/// A 1 GiB hog on a whose lazy move to b is in its post-copy window: its checksum and the
+/// sender.
+fn in_the_window() -> (u64, Sender) {
+    let (sum, _) = fresh_hog("a", "1024");
+    let mut sender = Sender::start("a", &LAZY_TO_B);
+    sender.wait_for("post-copy:", Duration::from_secs(120));
+    (sum, sender)
+}
+
 #[test]
 fn lazy_moves_the_hog_and_its_pages_follow_until_the_source_is_released() {
     require_lab!();
     let (sum, ticks) = fresh_hog("a", HOG_MB);
-    let out = send(
-        "a",
-        &[
-            "--to",
-            host_addr("b"),
-            "--spawn-receiver",
-            "--install-receiver",
-            "--memory",
-            "lazy",
-            "hog",
-        ],
-    )
-    .ok();
+    let out = send("a", &LAZY_TO_B).ok();
     let r = out.record();
     assert_eq!(r["outcome"], "ok", "{}", out.describe());
     assert_eq!(r["memory"], "lazy", "{}", out.describe());
@@ -108,18 +116,7 @@ fn lazy_failing_before_up_gives_the_hog_back_whole_and_reachable() {
     let id = identity("a", "hog");
     let out = {
         let _broken = BrokenCriu::install("b");
-        send(
-            "a",
-            &[
-                "--to",
-                host_addr("b"),
-                "--spawn-receiver",
-                "--install-receiver",
-                "--memory",
-                "lazy",
-                "hog",
-            ],
-        )
+        send("a", &LAZY_TO_B)
     };
     assert_eq!(out.code, Some(1), "{}", out.describe());
     assert_eq!(out.record()["outcome"], "rolled_back", "{}", out.describe());
@@ -135,20 +132,7 @@ fn lazy_failing_before_up_gives_the_hog_back_whole_and_reachable() {
 #[test]
 fn lazy_target_dying_in_the_window_stops_there_and_the_source_runs_on() {
     require_lab!();
-    let (sum, _) = fresh_hog("a", "1024");
-    let mut sender = Sender::start(
-        "a",
-        &[
-            "--to",
-            host_addr("b"),
-            "--spawn-receiver",
-            "--install-receiver",
-            "--memory",
-            "lazy",
-            "hog",
-        ],
-    );
-    sender.wait_for("post-copy:", Duration::from_secs(120));
+    let (sum, mut sender) = in_the_window();
     // The target host dies: its receiver, CRIU's daemon, the relay's tunnel end and the
     // container's processes, all at once.
     let died = Instant::now();
@@ -185,20 +169,7 @@ fn lazy_target_dying_in_the_window_stops_there_and_the_source_runs_on() {
 #[test]
 fn lazy_link_cut_in_the_window_is_waited_out_and_every_page_arrives() {
     require_lab!();
-    let (sum, _) = fresh_hog("a", "1024");
-    let mut sender = Sender::start(
-        "a",
-        &[
-            "--to",
-            host_addr("b"),
-            "--spawn-receiver",
-            "--install-receiver",
-            "--memory",
-            "lazy",
-            "hog",
-        ],
-    );
-    sender.wait_for("post-copy:", Duration::from_secs(120));
+    let (sum, mut sender) = in_the_window();
     std::thread::sleep(Duration::from_millis(500));
     // Nothing passes between a and b for 8 s, in the middle of the window.
     let cut = format!(
