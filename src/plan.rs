@@ -365,8 +365,8 @@ impl TcpPolicy {
 /// How the containers' memory moves (`--memory`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum MemoryChoice {
-    /// `lazy` where both hosts can do it and the containers hold at least
-    /// [`LAZY_AUTO_BYTES`] of resident memory together; `copy` otherwise.
+    /// `lazy` where both hosts can do it, no container is in a pod, and the containers
+    /// hold at least 256 MiB of resident memory together; `copy` otherwise.
     Auto,
     /// All of it inside the archive, while the containers are frozen.
     Copy,
