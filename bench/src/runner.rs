@@ -197,7 +197,7 @@ pub fn run(plan: Plan) -> Result<()> {
             + u64::from(plan.methods.iter().any(|m| m == "floor")));
     let total = per_rows * plan.rows.len() as u64
         + plan.runs as u64
-            * (plan.memory.len() + plan.data.len()) as u64
+            * (plan.memory.len() * plan.memory_methods.len() + plan.data.len()) as u64
             * plan.profiles.len() as u64;
     let mut b = Bench {
         lab: Lab { repo: repo.clone() },
