@@ -21,7 +21,7 @@ use crate::engine::podman::{CriuOptions, Podman};
 use crate::progress::Ui;
 use crate::protocol::{ContainerEntry, LazyEntry, relay_socket_name};
 use crate::timing::now_us;
-use crate::transport::relay::{AbortHandle, Limits, RelayEnd, RelayError, RelayReport};
+use crate::transport::relay::{AbortHandle, PAGE_RELAY, RelayEnd, RelayError, RelayReport};
 
 /// How long the target's relay waits for a tunnel before it stops the container (the
 /// source waits longer, so that it resumes only after the target has stopped).
@@ -71,7 +71,7 @@ pub(super) async fn prepare(
         .map_err(|e| e.to_string())?
         .map_err(|e| e.to_string())?;
     let local = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
-    let (port, end) = RelayEnd::target(local, lazy.session, Limits::default())
+    let (port, end) = RelayEnd::target(local, lazy.session, PAGE_RELAY)
         .await
         .map_err(|e| format!("the relay's end cannot listen: {e}"))?;
     let socket = dir.join(relay_socket_name(&c.name));

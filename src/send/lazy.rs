@@ -23,7 +23,7 @@ use crate::plan::{LAZY_AUTO_BYTES, MemoryChoice, SendPlan};
 use crate::preflight::Report;
 use crate::progress::Ui;
 use crate::timing::Stopwatch;
-use crate::transport::relay::{Limits, RelayEnd, RelayError, RelayReport};
+use crate::transport::relay::{PAGE_RELAY, RelayEnd, RelayError, RelayReport};
 use crate::transport::ssh::{Destination, Ssh};
 
 /// How long the source's relay waits for a tunnel before it gives the pages up (the
@@ -192,7 +192,7 @@ impl LazyItem {
         ui: Arc<Ui>,
     ) {
         let local = SocketAddr::from((Ipv4Addr::LOCALHOST, self.port));
-        let mut end = RelayEnd::source(local, self.session, Limits::default());
+        let mut end = RelayEnd::source(local, self.session, PAGE_RELAY);
         let pages = Arc::new(Mutex::new(PageRequests::default()));
         let counter = pages.clone();
         end.tap(Box::new(move |b| {

@@ -77,6 +77,14 @@ pub struct Limits {
     pub silence: Duration,
 }
 
+/// The limits of a lazy migration's page relay (both ends must use the same). The buffer
+/// is small on purpose: a page a task faults on queues behind whatever pushed pages are
+/// already on their way, so every MiB held here is latency added to a page fault.
+pub const PAGE_RELAY: Limits = Limits {
+    buffer: 4 << 20,
+    silence: Duration::from_secs(5),
+};
+
 impl Default for Limits {
     fn default() -> Self {
         Limits {
