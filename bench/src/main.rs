@@ -318,6 +318,17 @@ mod tests {
                 .is_err()
         );
         assert!(Cli::try_parse_from(["bench"]).unwrap().opts.plan().is_err());
+        // The memory series' modes: copy is method memory, lazy method lazy.
+        assert_eq!(full.memory_methods, vec!["memory", "lazy"]);
+        let modes = |m: &str| {
+            Cli::try_parse_from(["bench", "--out", "x", "--memory-modes", m])
+                .unwrap()
+                .opts
+                .plan()
+        };
+        assert_eq!(modes("lazy").unwrap().memory_methods, vec!["lazy"]);
+        assert!(modes("auto").is_err());
+        assert!(modes("").is_err());
         assert!(
             Cli::try_parse_from(["bench", "--out", "x", "--hosts", "d,c"])
                 .unwrap()

@@ -118,7 +118,7 @@ type Setter = fn(&mut RunRow, &str);
 /// Every column of migrate's record the bench copies into its runs, with where it goes.
 /// The names are looked up in the header migrate printed; [`apply_record`] fails on a
 /// name that header lacks, so a renamed column cannot leave a bench column empty.
-const RECORD_COLUMNS: [(&str, Setter); 26] = {
+const RECORD_COLUMNS: [(&str, Setter); 28] = {
     fn num(v: &str) -> Option<f64> {
         v.trim().parse().ok()
     }
@@ -145,7 +145,9 @@ const RECORD_COLUMNS: [(&str, Setter); 26] = {
         ("archive_bytes", |r, v| r.archive_bytes = num(v)),
         ("frozen_bytes", |r, v| r.frozen_bytes = num(v)),
         ("sync_bytes", |r, v| r.sync_bytes = num(v)),
+        ("memory", |r, v| r.memory = v.trim().into()),
         ("postcopy_s", |r, v| r.postcopy_s = num(v)),
+        ("bytes_before_up", |r, v| r.bytes_before_up = num(v)),
         ("bytes_after_up", |r, v| r.bytes_after_up = num(v)),
         ("demand_pages", |r, v| r.demand_pages = num(v)),
         ("pushed_pages", |r, v| r.pushed_pages = num(v)),
@@ -278,6 +280,29 @@ mod tests {
         assert_eq!(
             (row.downtime_s, row.frozen_bytes),
             (Some(1.5), Some(1024.0))
+        );
+
+        // A lazy move's columns.
+        for (k, v) in [
+            ("memory", "lazy"),
+            ("postcopy_s", "13.912345"),
+            ("bytes_before_up", "284672"),
+            ("bytes_after_up", "1077350400"),
+            ("demand_pages", "9"),
+            ("pushed_pages", "262863"),
+        ] {
+            rec.insert(k.into(), v.into());
+        }
+        apply_record(&rec, &mut row).unwrap();
+        assert_eq!(row.memory, "lazy");
+        assert_eq!(row.postcopy_s, Some(13.912345));
+        assert_eq!(
+            (row.bytes_before_up, row.bytes_after_up),
+            (Some(284672.0), Some(1077350400.0))
+        );
+        assert_eq!(
+            (row.demand_pages, row.pushed_pages),
+            (Some(9.0), Some(262863.0))
         );
 
         rec.remove("criu_frozen_s");

@@ -22,7 +22,8 @@ pub struct RunRow {
     pub direction: String,
     pub source: String,
     pub target: String,
-    /// ok | failed | rolled_back | refused | state_lost | not_serving | source_leftover | error
+    /// ok | failed | rolled_back | refused | state_lost | not_serving | source_leftover |
+    /// wrong_memory (memory series: migrate's record names another mode than asked) | error
     pub outcome: String,
     pub start_ts: String,
     pub down_ts: String,
@@ -51,9 +52,13 @@ pub struct RunRow {
     pub frozen_bytes: Option<f64>,
     /// migrate only: bytes rsync sent (pre-sync and post-sync).
     pub sync_bytes: Option<f64>,
-    /// Lazy memory: UP until the last page was on the target; bytes after UP; pages
-    /// fetched on demand and pushed.
+    /// migrate only: how it moved the memory, from its record: "copy" or "lazy" (empty in
+    /// sets from before the column).
+    pub memory: String,
+    /// Lazy memory: UP until the last page was on the target; bytes before and after UP;
+    /// pages fetched on demand and pushed.
     pub postcopy_s: Option<f64>,
+    pub bytes_before_up: Option<f64>,
     pub bytes_after_up: Option<f64>,
     pub demand_pages: Option<f64>,
     pub pushed_pages: Option<f64>,
@@ -136,9 +141,11 @@ pub struct SummaryRow {
     pub presync_mean_s: Option<f64>,
     pub sync_mean_bytes: Option<f64>,
     pub data_mean_bytes: Option<f64>,
-    /// Lazy rows: the post-copy window (mean, max), bytes after UP, pages on demand and
-    /// pushed (means).
+    /// Lazy rows: the post-copy window (mean, sample sd, min, max), bytes after UP, pages
+    /// on demand and pushed (means).
     pub postcopy_mean_s: Option<f64>,
+    pub postcopy_std_s: Option<f64>,
+    pub postcopy_min_s: Option<f64>,
     pub postcopy_max_s: Option<f64>,
     pub after_up_mean_bytes: Option<f64>,
     pub demand_mean_pages: Option<f64>,
@@ -175,6 +182,7 @@ pub fn summarize(runs: &[RunRow]) -> Vec<SummaryRow> {
             let [dm, ds, dmin, dmax] = parts(col(|r| r.downtime_s));
             let [mm, ms, mmin, mmax] = parts(col(|r| r.migration_time_s));
             let [om, os, omin, omax] = parts(col(|r| r.client_outage_s));
+            let [wm, ws, wmin, wmax] = parts(col(|r| r.postcopy_s));
             let mean = |f: fn(&RunRow) -> Option<f64>| col(f).map(|s| s.mean);
             SummaryRow {
                 method: method.clone(),
@@ -209,8 +217,10 @@ pub fn summarize(runs: &[RunRow]) -> Vec<SummaryRow> {
                 presync_mean_s: mean(|r| r.presync_s),
                 sync_mean_bytes: mean(|r| r.sync_bytes),
                 data_mean_bytes: mean(|r| r.data_bytes),
-                postcopy_mean_s: mean(|r| r.postcopy_s),
-                postcopy_max_s: col(|r| r.postcopy_s).map(|s| s.max),
+                postcopy_mean_s: wm,
+                postcopy_std_s: ws,
+                postcopy_min_s: wmin,
+                postcopy_max_s: wmax,
                 after_up_mean_bytes: mean(|r| r.bytes_after_up),
                 demand_mean_pages: mean(|r| r.demand_pages),
                 pushed_mean_pages: mean(|r| r.pushed_pages),
@@ -366,7 +376,8 @@ pub fn summary_markdown(
     let phased: Vec<&SummaryRow> = rows
         .iter()
         .filter(|r| {
-            ["migrate", "memory", "data"].contains(&r.method.as_str()) && r.dump_mean_s.is_some()
+            ["migrate", "migrate-copy", "memory", "lazy", "data"].contains(&r.method.as_str())
+                && r.dump_mean_s.is_some()
         })
         .collect();
     if !phased.is_empty() {
@@ -377,7 +388,7 @@ pub fn summary_markdown(
              `post-sync` is the rsync of the data folders, started at `dump`. From \"OK\": `control` \
              until the target's answer, of which `verify` (size and BLAKE3 digest of the archives) and \
              `restore` (podman restore of all containers, in parallel). `CRIU frozen` and `CRIU restore` \
-             are CRIU's own figures inside podman's. For method memory the rows column is the MiB held; for method data, the MiB of extra files in the data folder.\n\n",
+             are CRIU's own figures inside podman's. For methods memory and lazy the rows column is the MiB held; for method data, the MiB of extra files in the data folder.\n\n",
         );
         s.push_str("| profile | rows / MiB | method | downtime | dump | archives | shipped | post-sync | control | verify | restore | CRIU frozen | CRIU restore | archive MiB |\n");
         s.push_str("| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n");
@@ -516,9 +527,9 @@ pub fn lazy_table(rows: &[SummaryRow], links: &BTreeMap<String, f64>) -> String 
         "\n## Copy and lazy memory side by side (methods memory and lazy)\n\n\
          `copy`: the memory inside the archive (`send --memory copy`); `lazy`: post-copy \
          (`send --memory lazy`), the memory follows after UP. Downtime as mean ± sd (min–max), \
-         valid/runs. `window` = UP until the last page was on the target (mean, max); \
+         valid/runs. `window` = UP until the last page was on the target (mean ± sd, min–max); \
          `link needs` = MiB held ÷ what SSH alone carries; `bound` = 1.5 × link needs + 0.5 s.\n\n\
-         | profile | MiB held | downtime copy | downtime lazy | window mean | window max | link needs | bound | MiB after UP | pages on demand | pages pushed |\n\
+         | profile | MiB held | downtime copy | downtime lazy | window | window min–max | link needs | bound | MiB after UP | pages on demand | pages pushed |\n\
          | --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
     );
     let mut checks = Vec::new();
@@ -532,12 +543,13 @@ pub fn lazy_table(rows: &[SummaryRow], links: &BTreeMap<String, f64>) -> String 
         let bound = needs.map(|n| 1.5 * n + 0.5);
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {}–{} | {} | {} | {} | {} | {} |",
             r.profile,
             r.rows,
             spread(copy),
             spread(Some(r)),
-            f(r.postcopy_mean_s),
+            pm(r.postcopy_mean_s, r.postcopy_std_s),
+            f(r.postcopy_min_s),
             f(r.postcopy_max_s),
             f(needs),
             f(bound),
@@ -551,8 +563,8 @@ pub fn lazy_table(rows: &[SummaryRow], links: &BTreeMap<String, f64>) -> String 
                 .map(|p| format!("{p:.0}"))
                 .unwrap_or_else(|| "–".into()),
         );
-        if let (Some(w), Some(b)) = (r.postcopy_max_s, bound) {
-            checks.push(verdict(
+        checks.push(match (r.postcopy_max_s, bound) {
+            (Some(w), Some(b)) => verdict(
                 w <= b,
                 format!(
                     "{} {} MiB: longest post-copy window {w:.3} s ≤ 1.5 × {:.3} s + 0.5 s = {b:.3} s",
@@ -560,34 +572,57 @@ pub fn lazy_table(rows: &[SummaryRow], links: &BTreeMap<String, f64>) -> String 
                     r.rows,
                     needs.unwrap_or_default()
                 ),
-            ));
-        }
+            ),
+            (None, _) => not_measured(format!(
+                "{} {} MiB: post-copy window ≤ 1.5 × link needs + 0.5 s: no valid lazy run \
+                 with a window ({}/{} valid)",
+                r.profile, r.rows, r.n_valid, r.n_runs
+            )),
+            (Some(_), None) => not_measured(format!(
+                "{} {} MiB: post-copy window ≤ 1.5 × link needs + 0.5 s: the link of {} \
+                 was not measured",
+                r.profile, r.rows, r.profile
+            )),
+        });
     }
     for p in lazy
         .iter()
         .map(|r| r.profile.clone())
         .collect::<std::collections::BTreeSet<_>>()
     {
-        let at = |mb: u64| {
-            lazy.iter()
-                .find(|r| r.profile == p && r.rows == mb)
-                .and_then(|r| r.downtime_mean_s)
+        let cell = |mb: u64| lazy.iter().find(|r| r.profile == p && r.rows == mb);
+        let at = |mb: u64| cell(mb).and_then(|r| r.downtime_mean_s);
+        // Why a size has no figure: not in the series, or no valid run.
+        let missing = |mb: u64| match cell(mb) {
+            None => format!("no lazy run with {mb} MiB (add it to --memory)"),
+            Some(r) => format!(
+                "no valid lazy run with {mb} MiB ({}/{})",
+                r.n_valid, r.n_runs
+            ),
         };
-        if let (Some(small), Some(big)) = (at(64), at(1024)) {
-            checks.push(verdict(
+        checks.push(match (at(64), at(1024)) {
+            (Some(small), Some(big)) => verdict(
                 big <= 1.25 * small,
                 format!(
                     "{p}: lazy downtime at 1 GiB {big:.3} s ≤ 1.25 × at 64 MiB {small:.3} s = {:.3} s",
                     1.25 * small
                 ),
-            ));
-        }
-        if let Some(d) = at(2048) {
-            checks.push(verdict(
+            ),
+            (small, _) => not_measured(format!(
+                "{p}: lazy downtime at 1 GiB ≤ 1.25 × at 64 MiB: {}",
+                missing(if small.is_none() { 64 } else { 1024 })
+            )),
+        });
+        checks.push(match at(2048) {
+            Some(d) => verdict(
                 d <= 1.5,
                 format!("{p}: lazy downtime at 2 GiB {d:.3} s ≤ 1.5 s"),
-            ));
-        }
+            ),
+            None => not_measured(format!(
+                "{p}: lazy downtime at 2 GiB ≤ 1.5 s: {}",
+                missing(2048)
+            )),
+        });
     }
     if !checks.is_empty() {
         s.push_str("\nChecks (issue 16):\n\n");
@@ -600,6 +635,12 @@ pub fn lazy_table(rows: &[SummaryRow], links: &BTreeMap<String, f64>) -> String 
 
 fn verdict(ok: bool, text: String) -> String {
     format!("{}: {text}", if ok { "PASS" } else { "FAIL" })
+}
+
+/// A check whose figures the set does not have (the size was not in the series, none of
+/// its runs was valid, or the link was not measured): said so, never passed.
+fn not_measured(text: String) -> String {
+    format!("NOT MEASURED: {text}")
 }
 
 /// The memory series against what the link requires: the archive ÷ the rate SSH alone
@@ -807,5 +848,47 @@ mod tests {
             "{t}"
         );
         assert!(lazy_table(&rows[..1], &links).is_empty());
+        // Every check is there: none of them is NOT MEASURED here.
+        assert_eq!(
+            t.matches("PASS: ").count() + t.matches("FAIL: ").count(),
+            5,
+            "{t}"
+        );
+        assert!(!t.contains("NOT MEASURED"), "{t}");
+    }
+
+    #[test]
+    fn lazy_table_says_which_checks_it_could_not_make() {
+        let lazy = |mb: u64, outcome: &str, down: f64, window: f64| RunRow {
+            method: "lazy".into(),
+            profile: "lan".into(),
+            rows: mb,
+            outcome: outcome.into(),
+            downtime_s: Some(down),
+            postcopy_s: Some(window),
+            ..Default::default()
+        };
+        // 64 and 256 MiB only; 256's one run failed; windows 0.2 and 0.4 s at 64 MiB.
+        let runs = vec![
+            lazy(64, "ok", 0.8, 0.2),
+            lazy(64, "ok", 1.0, 0.4),
+            lazy(256, "failed", 0.9, 1.0),
+        ];
+        let rows = summarize(&runs);
+        let l = rows.iter().find(|r| r.rows == 64).unwrap();
+        assert_eq!((l.postcopy_min_s, l.postcopy_max_s), (Some(0.2), Some(0.4)));
+        assert!((l.postcopy_mean_s.unwrap() - 0.3).abs() < 1e-12);
+        assert!((l.postcopy_std_s.unwrap() - 0.02f64.sqrt()).abs() < 1e-12);
+        let t = lazy_table(&rows, &BTreeMap::new());
+        for line in [
+            "NOT MEASURED: lan 64 MiB: post-copy window ≤ 1.5 × link needs + 0.5 s: the link of lan was not measured",
+            "NOT MEASURED: lan 256 MiB: post-copy window ≤ 1.5 × link needs + 0.5 s: no valid lazy run with a window (0/1 valid)",
+            "NOT MEASURED: lan: lazy downtime at 1 GiB ≤ 1.25 × at 64 MiB: no lazy run with 1024 MiB (add it to --memory)",
+            "NOT MEASURED: lan: lazy downtime at 2 GiB ≤ 1.5 s: no lazy run with 2048 MiB (add it to --memory)",
+        ] {
+            assert!(t.contains(line), "{line}\n{t}");
+        }
+        assert!(t.contains("| 0.300 ± 0.141 | 0.200–0.400 |"), "{t}");
+        assert!(!t.contains("PASS") && !t.contains("FAIL"), "{t}");
     }
 }

@@ -199,6 +199,9 @@ pub fn run(plan: Plan) -> Result<()> {
         + plan.runs as u64
             * (plan.memory.len() * plan.memory_methods.len() + plan.data.len()) as u64
             * plan.profiles.len() as u64;
+    if !plan.memory.is_empty() && plan.memory_methods.iter().any(|m| m == "lazy") {
+        lazy_preflight();
+    }
     let mut b = Bench {
         lab: Lab { repo: repo.clone() },
         migrate: migrate.display().to_string(),
@@ -544,7 +547,16 @@ impl Bench {
         self.plan.probe_all || !matches!(method, "thesis" | "floor")
     }
 
-    fn start_probe(&self, prefix: &Path, memory: bool) -> Result<Bg> {
+    /// Seconds one run's `migrate send` (and its probe) may take: [`send_budget_s`] for
+    /// the memory series, 900 for the rest.
+    fn budget_s(&self, row: &RunRow) -> u64 {
+        match row.method.as_str() {
+            "memory" | "lazy" => send_budget_s(row.rows, self.link.get(&row.profile).copied()),
+            _ => 900,
+        }
+    }
+
+    fn start_probe(&self, prefix: &Path, memory: bool, budget_s: u64) -> Result<Bg> {
         let ph = &self.plan.probe_host;
         self.sh(ph, &format!("rm -f {STOP_FILE}"), 10)?;
         let mut args: Vec<String> = self.probe_cmd.clone();
@@ -559,7 +571,7 @@ impl Bench {
             "--interval",
             &self.plan.probe_interval,
             "--duration",
-            "900s",
+            &format!("{budget_s}s"),
             "--until-file",
             STOP_FILE,
         ] {
@@ -570,7 +582,7 @@ impl Bench {
         let mut bg = self.lab.spawn(
             ph,
             &argv,
-            960,
+            budget_s + 60,
             &prefix.with_extension("probe.json"),
             &prefix.with_extension("probe.err"),
         )?;
@@ -803,7 +815,7 @@ impl Bench {
         // The plain podman methods (thesis, floor) fail on a probe connection half-open at
         // the dump (no skip-in-flight for them): they run without a client unless --probe-all.
         let probe = if self.probes(method) {
-            Some(self.start_probe(prefix, false)?)
+            Some(self.start_probe(prefix, false, 900)?)
         } else {
             row.probe_tool = "none".into();
             None
@@ -884,7 +896,11 @@ impl Bench {
             .hog_state(src, Duration::from_secs(30))?
             .ok_or_else(|| anyhow!("hog on {src} does not answer"))?;
         row.counter_before = Some(ticks);
-        let probe = self.start_probe(prefix, true)?;
+        // With lazy, `send` returns only when the post-copy window is over (every page on
+        // the target, the source released): the checks below see the whole memory, and
+        // the probe runs through the window (an outage the client sees while the pages
+        // come counts against the reported downtime like any other).
+        let probe = self.start_probe(prefix, true, self.budget_s(row))?;
         let sent = self.run_migrate(src, dst, prefix, row, &["hog"]);
         let after = self.hog_state(dst, Duration::from_secs(if sent.is_ok() { 30 } else { 3 }))?;
         lab::sleep(Duration::from_millis(200))?;
@@ -911,6 +927,14 @@ impl Bench {
                 problems.push(format!("left on {src}: {}", left.join(" ")));
                 "source_leftover"
             }
+            Some(_) if row.memory != memory_asked(&row.method) => {
+                problems.push(format!(
+                    "migrate's record says memory '{}', the run asked --memory {}",
+                    row.memory,
+                    memory_asked(&row.method)
+                ));
+                "wrong_memory"
+            }
             Some(_) => "ok",
         }
         .into();
@@ -929,7 +953,7 @@ impl Bench {
         let mut recv = self.lab.spawn(
             dst,
             &[&self.migrate, "receive"],
-            900,
+            self.budget_s(row),
             &prefix.with_extension("receive.out"),
             &prefix.with_extension("receive.err"),
         )?;
@@ -956,7 +980,7 @@ impl Bench {
             argv.extend(["--data", "/srv/app"]);
         }
         argv.extend(containers);
-        let out = self.lab.run(src, &argv, 900)?;
+        let out = self.lab.run(src, &argv, self.budget_s(row))?;
         fs::write(prefix.with_extension("send.out"), &out.stdout)?;
         fs::write(prefix.with_extension("send.err"), &out.stderr)?;
         let code = out.status.code().unwrap_or(-1);
@@ -1103,7 +1127,7 @@ echo "DOWNTIME_S=$(s $t0 $t3)"; rm -rf "$f"; echo RESULT=ok
         let mut s = format!(
             "# migrate vs the thesis method: benchmark results\n\n\
              - started: {} (UTC), took {:.0} s\n- mode: {}\n- hosts: {} <-> {} (runs alternate: odd {}->{}, even back), probe on {} every {} ({})\n\
-             - profiles: {}\n- rows: {}\n- memory series (MiB held by the hog): {}\n- data series (extra MiB in the data folder, 10000 rows): {}\n- runs per case: {}{}\n- methods: {}\n\n\
+             - profiles: {}\n- rows: {}\n- memory series (MiB held by the hog): {}, methods {}\n- data series (extra MiB in the data folder, 10000 rows): {}\n- runs per case: {}{}\n- methods: {}\n\n\
              Profiles (tc netem on each host's eth0 egress): lan = none; cloud = `{}`; wan = `{}`.\n\n\
              Definitions: migrate's downtime and migration time are those of its own record; thesis: \
              downtime = UP_TIMESTAMP - DOWN_TIMESTAMP, migration time = sending script total + receiving \
@@ -1115,7 +1139,11 @@ echo "DOWNTIME_S=$(s $t0 $t3)"; rm -rf "$f"; echo RESULT=ok
              (testdata/workloads/memory), a Perl process holding N MiB of random bytes read from \
              /dev/urandom (touched, incompressible), moved by `migrate send` with no data folder; the \
              run is valid when the checksum of its memory on the target equals the one before and its \
-             tick count went on; the probe asks its /health.\n\n",
+             tick count went on; the probe asks its /health. Method memory passes `--memory copy` \
+             (the memory in the archive, moved while the hog is frozen), method lazy `--memory \
+             lazy` (post-copy: the hog runs on the target from UP, its pages follow, and `send` \
+             returns when the last page is there); a run counts only when migrate's record names \
+             the mode asked.\n\n",
             started.format("%Y-%m-%d %H:%M:%S"),
             took.as_secs_f64(),
             if p.quick { "quick" } else { "full" },
@@ -1133,6 +1161,7 @@ echo "DOWNTIME_S=$(s $t0 $t3)"; rm -rf "$f"; echo RESULT=ok
                 .collect::<Vec<_>>()
                 .join(", "),
             sizes(&p.memory),
+            p.memory_methods.join(", "),
             sizes(&p.data),
             p.runs,
             if p.fresh {
@@ -1146,7 +1175,7 @@ echo "DOWNTIME_S=$(s $t0 $t3)"; rm -rf "$f"; echo RESULT=ok
         );
         s.push_str(&format!(
             "Flags: migrate send runs with its defaults (`--data /srv/app` and the containers, \
-             nothing else: `--tcp close`, so CRIU gets tcp-close and skip-in-flight from migrate \
+             nothing else besides `--memory` in the memory series and for migrate-copy: `--tcp close`, so CRIU gets tcp-close and skip-in-flight from migrate \
              itself for that command); the bench sets no CRIU configuration of its own. The thesis \
              and floor methods are plain podman commands, as the thesis ran them: checkpoint and \
              restore with `--tcp-established`, CRIU without skip-in-flight (podman 4.3 has no flag \
@@ -1170,6 +1199,39 @@ echo "DOWNTIME_S=$(s $t0 $t3)"; rm -rf "$f"; echo RESULT=ok
             s.push_str(&format!("- {k}: {v}\n"));
         }
         s
+    }
+}
+
+/// The `--memory` a memory-series method passes to `migrate send`.
+fn memory_asked(method: &str) -> &'static str {
+    if method == "lazy" { "lazy" } else { "copy" }
+}
+
+/// Seconds one memory run's `migrate send` may take: 900, or more when moving MIB over
+/// the link at `rate` (bytes/s, if measured) takes a fair share of that (wan carries
+/// 1 GiB in about 3 minutes; copy moves it while down, lazy after UP).
+fn send_budget_s(mib: u64, rate: Option<f64>) -> u64 {
+    let need = rate
+        .filter(|r| *r > 0.0)
+        .map_or(0.0, |r| (mib << 20) as f64 / r);
+    900.max((4.0 * need).ceil() as u64 + 300)
+}
+
+/// Lazy memory needs page-server pipes of 4 MiB: CAP_SYS_RESOURCE, which the lab's hosts
+/// lack, or the machine-wide `fs.pipe-max-size` at least that (scripts/lab up raises it).
+/// Warns when it is lower: `migrate send --memory lazy` then refuses every run (exit 2).
+fn lazy_preflight() {
+    const NEED: u64 = 4 << 20;
+    match fs::read_to_string("/proc/sys/fs/pipe-max-size")
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+    {
+        Some(v) if v >= NEED => {}
+        v => eprintln!(
+            "bench: WARNING: fs.pipe-max-size is {}, lazy memory needs {NEED} \
+             (`sysctl -w fs.pipe-max-size={NEED}`); the lazy runs will be refused",
+            v.map_or_else(|| "unreadable".to_string(), |v| v.to_string())
+        ),
     }
 }
 
@@ -1298,5 +1360,18 @@ mod tests {
         );
         assert!(netem_args("mars").is_err());
         assert!(tbf_args("wan").unwrap().contains("rate 45mbit"));
+    }
+
+    #[test]
+    fn a_memory_run_gets_time_for_its_bytes_on_the_link() {
+        assert_eq!(send_budget_s(1024, None), 900);
+        // lan: 1 GiB at 300 MiB/s, 3.4 s: the 900 s floor.
+        assert_eq!(send_budget_s(1024, Some(300.0 * 1048576.0)), 900);
+        // wan: 2 GiB at 5.625 MB/s, 381.8 s: 4 × that + 300 s.
+        assert_eq!(send_budget_s(2048, Some(5.625e6)), 1828);
+        assert_eq!(
+            (memory_asked("memory"), memory_asked("lazy")),
+            ("copy", "lazy")
+        );
     }
 }
