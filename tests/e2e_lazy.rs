@@ -37,6 +37,18 @@ fn hog_state(host: &str) -> Option<(u64, u64)> {
     Some((field("sum")?, field("ticks")?))
 }
 
+/// Removes the hog from a and b when a test ends, passed or not: later suites (drain
+/// empties a whole host) must not find it.
+struct HogGone;
+
+impl Drop for HogGone {
+    fn drop(&mut self) {
+        for h in ["a", "b"] {
+            lab(&["hog", "down", h]);
+        }
+    }
+}
+
 fn fresh_hog(host: &str, mb: &str) -> (u64, u64) {
     for h in ["a", "b"] {
         lab(&["hog", "down", h]);
@@ -74,6 +86,7 @@ fn in_the_window() -> (u64, Sender) {
 #[test]
 fn lazy_moves_the_hog_and_its_pages_follow_until_the_source_is_released() {
     require_lab!();
+    let _gone = HogGone;
     let (sum, ticks) = fresh_hog("a", HOG_MB);
     let out = send("a", &LAZY_TO_B).ok();
     let r = out.record();
@@ -112,6 +125,7 @@ fn lazy_moves_the_hog_and_its_pages_follow_until_the_source_is_released() {
 #[test]
 fn lazy_failing_before_up_gives_the_hog_back_whole_and_reachable() {
     require_lab!();
+    let _gone = HogGone;
     let (sum, ticks) = fresh_hog("a", "64");
     let id = identity("a", "hog");
     let out = {
@@ -132,6 +146,7 @@ fn lazy_failing_before_up_gives_the_hog_back_whole_and_reachable() {
 #[test]
 fn lazy_target_dying_in_the_window_stops_there_and_the_source_runs_on() {
     require_lab!();
+    let _gone = HogGone;
     let (sum, mut sender) = in_the_window();
     // The target host dies: its receiver, CRIU's daemon, the relay's tunnel end and the
     // container's processes, all at once.
@@ -169,6 +184,7 @@ fn lazy_target_dying_in_the_window_stops_there_and_the_source_runs_on() {
 #[test]
 fn lazy_link_cut_in_the_window_is_waited_out_and_every_page_arrives() {
     require_lab!();
+    let _gone = HogGone;
     let (sum, mut sender) = in_the_window();
     std::thread::sleep(Duration::from_millis(500));
     // Nothing passes between a and b for 8 s, in the middle of the window.
