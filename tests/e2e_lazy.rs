@@ -58,7 +58,7 @@ fn fresh_hog(host: &str, mb: &str) -> (u64, u64) {
 }
 
 fn has_hog(host: &str) -> bool {
-    all_containers(host).iter().any(|c| c == "hog")
+    on(host, &["podman", "container", "exists", "hog"]).code == Some(0)
 }
 
 /// No CRIU (dump, page server, lazy-pages daemon) and no relay tunnel is left behind.

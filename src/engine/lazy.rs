@@ -672,6 +672,8 @@ pub struct PageRequests {
     pub pushed_pages: u64,
     /// The stream held something that is not a page request; counting stopped.
     pub unreadable: bool,
+    /// The daemon said goodbye (PS_IOV_CLOSE): every page it wanted was served.
+    pub closed: bool,
 }
 
 impl PageRequests {
@@ -692,7 +694,8 @@ impl PageRequests {
             match cmd & 0xffff {
                 PS_IOV_GET if nr == 1 => self.demand_pages += 1,
                 PS_IOV_GET => self.pushed_pages += nr,
-                // The daemon's goodbye (PS_IOV_CLOSE) and the like.
+                // The daemon's goodbye: PS_IOV_CLOSE, PS_IOV_FORCE_CLOSE.
+                0x1023 | 0x1024 => self.closed = true,
                 c if c >= 0x1000 => {}
                 _ => {
                     self.unreadable = true;
@@ -780,6 +783,7 @@ mod tests {
             (p.demand_pages, p.pushed_pages, p.unreadable),
             (2, 16, false)
         );
+        assert!(p.closed, "the goodbye was seen");
         p.feed(&request(3, 0));
         assert!(p.unreadable);
     }

@@ -198,6 +198,15 @@ impl LazyItem {
         end.tap(Box::new(move |b| {
             counter.lock().unwrap_or_else(|e| e.into_inner()).feed(b)
         }));
+        // The target's daemon dying closes its connection as cleanly as a finished one;
+        // the page server must not take that end for a finished transfer.
+        let said_goodbye = pages.clone();
+        end.guard_end(Box::new(move || {
+            said_goodbye
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .closed
+        }));
         let abort = end.abort_handle();
         let (tx, mut rx) = tokio::sync::mpsc::channel(1);
         let task = tokio::spawn(async move { end.run(&mut rx, SOURCE_OUTAGE).await });

@@ -405,7 +405,13 @@ struct Shared {
     stopped: Notify,
     /// Sees every byte delivered to the local peer, in order (see [`RelayEnd::tap`]).
     tap: Mutex<Option<Tap>>,
+    /// Whether the other end's end of stream may reach the local peer as end-of-file
+    /// (see [`RelayEnd::guard_end`]).
+    end_ok: Mutex<Option<EndGuard>>,
 }
+
+/// Says whether an end of stream may be passed on as a clean end-of-file now.
+pub type EndGuard = Box<dyn Fn() -> bool + Send>;
 
 /// An observer of the bytes an end delivers to its local peer.
 pub type Tap = Box<dyn FnMut(&[u8]) + Send>;
@@ -522,6 +528,14 @@ impl RelayEnd {
     /// written (e.g. to count the page requests CRIU's daemon sends its page server).
     pub fn tap(&self, tap: Tap) {
         *self.shared.tap.lock().unwrap_or_else(|e| e.into_inner()) = Some(tap);
+    }
+
+    /// Passes the other end's end of stream on to the local peer only when `guard` says
+    /// so; otherwise the relay stops as if the other end had aborted (the local connection
+    /// is reset). A page server takes an end-of-file for a finished transfer: only the
+    /// daemon's own goodbye makes one safe.
+    pub fn guard_end(&self, guard: EndGuard) {
+        *self.shared.end_ok.lock().unwrap_or_else(|e| e.into_inner()) = Some(guard);
     }
 
     pub fn abort_handle(&self) -> AbortHandle {
@@ -876,6 +890,18 @@ async fn write_local(shared: &Shared, stream: &TcpStream) -> io::Result<()> {
             return std::future::pending().await;
         }
         if shut {
+            let allowed = shared
+                .end_ok
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_ref()
+                .is_none_or(|ok| ok());
+            if !allowed {
+                shared.stop(Stop::PeerAborted(
+                    "the other end closed before its transfer was complete".into(),
+                ));
+                return std::future::pending().await;
+            }
             socket2::SockRef::from(stream).shutdown(Shutdown::Write)?;
             shared.lock().local_shut = true;
             shared.work.notify_one();
